@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Set-up and entry points, standard library only, so they work on a fresh machine (Linux, macOS, Windows).
+
+    python3 run.py repro [dvc repro args]   run the pipeline (`dvc repro`) on the committed params
+    python3 run.py test [pytest args]       run the test suite
+    python3 run.py dvc ARGS...              any other dvc command inside the project's environment
+
+Each creates the virtual environment .venv from requirements.txt on first use and reuses it afterwards;
+it re-installs only when requirements.txt changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
+STAMP = VENV / ".requirements.sha256"
+
+
+def ensure_venv() -> None:
+    wanted = hashlib.sha256((ROOT / "requirements.txt").read_bytes()).hexdigest()
+    if PYTHON.exists() and STAMP.exists() and STAMP.read_text().strip() == wanted:
+        return
+    if not PYTHON.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    print("installing requirements.txt (first run only)", flush=True)
+    subprocess.run([str(PYTHON), "-m", "pip", "install", "-q", "-r", str(ROOT / "requirements.txt")], check=True)
+    STAMP.write_text(wanted)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in {"repro", "test", "dvc"}:
+        print(__doc__, file=sys.stderr)
+        return 2
+    ensure_venv()
+    env = dict(os.environ)
+    # Stages run as `python -m stages.<name>`: the environment's python must come first on PATH.
+    env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    command, rest = argv[0], argv[1:]
+    if command == "repro":
+        cmd = [str(PYTHON), "-m", "dvc", "repro", *rest]
+    elif command == "dvc":
+        cmd = [str(PYTHON), "-m", "dvc", *rest]
+    else:
+        cmd = [str(PYTHON), "-m", "pytest", "-q", *(rest or ["tests"])]
+    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
