@@ -1,0 +1,110 @@
+"""Batched greedy generation gives the same sentences as one prompt at a time, stopping each on its own."""
+
+import pytest
+import torch
+
+from stages import generation
+from stages.generation import end_token_ids, generate
+from stages.model_sources import load_model, load_tokenizer
+
+PROMPTS = [
+    "Describe the table.\nTable: <page_title> Alice </page_title>",
+    "Hi",
+    "Write one sentence about the highlighted cells of this fairly long table: "
+    "<cell> 1998 <col_header> Year </col_header> </cell> <cell> Paris <col_header> City </col_header> </cell>",
+    "Table: <cell> 42 </cell>",
+    "A somewhat longer prompt than the short ones, to force left padding inside the batch.",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    torch.set_num_threads(2)
+    # fp32 on CPU: equality of batched and sequential decoding is then not blurred by bf16 rounding.
+    model = load_model(tiny_model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    return model, load_tokenizer(tiny_model_dir)
+
+
+def sequential(model, tokenizer, prompts, max_new_tokens):
+    return [generate(model, tokenizer, [p], max_new_tokens, batch_size=1, device="cpu", progress=False)[0]
+            for p in prompts]
+
+
+def test_end_tokens_are_eos_and_end_of_turn(tiny):
+    _, tokenizer = tiny
+    assert end_token_ids(tokenizer) == [1, 106]
+
+
+def test_batched_equals_one_at_a_time(tiny):
+    model, tokenizer = tiny
+    batched = generate(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3, device="cpu", progress=False)
+    assert batched == sequential(model, tokenizer, PROMPTS, 12)
+    assert len(batched) == len(PROMPTS)
+    assert len(set(batched)) > 1, "a random model still answers different prompts differently"
+
+
+def test_each_sequence_stops_at_its_own_end_token(tiny, monkeypatch):
+    model, tokenizer = tiny
+    # Find a token the model emits early for one prompt but never for another, and declare it an end
+    # token: the first answer must then be cut there while the other runs to max_new_tokens in the batch.
+    free = [generate(model, tokenizer, [p], 10, 1, "cpu", progress=False) for p in PROMPTS[:2]]
+    ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in PROMPTS[:2]]
+    runs = []
+    for p_ids in ids:
+        out = model.generate(input_ids=torch.tensor([p_ids]), do_sample=False, max_new_tokens=10,
+                             eos_token_id=[1, 106], pad_token_id=0)
+        runs.append(out[0, len(p_ids):].tolist())
+    first, other = runs
+    at = next((k for k in range(1, len(first)) if first[k] not in first[:k] and first[k] not in other), None)
+    if at is None:
+        pytest.skip("this random model emits no token usable as an artificial stop")
+    stop = first[at]
+    monkeypatch.setattr(generation, "end_token_ids", lambda tok: [1, 106, stop])
+
+    both = generate(model, tokenizer, PROMPTS[:2], max_new_tokens=10, batch_size=2, device="cpu", progress=False)
+    cut = first[:at]
+    assert both[0] == tokenizer.decode(cut, skip_special_tokens=True).strip()
+    assert both[1] == free[1][0]
+    assert both == sequential(model, tokenizer, PROMPTS[:2], 10)
+
+
+def test_order_is_restored_when_sorting_by_length(tiny):
+    model, tokenizer = tiny
+    prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[1]]
+    out = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=2, device="cpu", progress=False)
+    assert out[0] == out[2]
+    assert out[1] == generate(model, tokenizer, [PROMPTS[2]], 6, 1, "cpu", progress=False)[0]
+
+
+def test_output_has_no_end_tokens_or_outer_whitespace():
+    class FakeTokenizer:
+        def decode(self, ids, skip_special_tokens):
+            return "".join({5: " hello", 6: " world ", 1: "<eos>"}[i] for i in ids)
+
+    assert generation._decode(FakeTokenizer(), [5, 6, 1, 5, 0], {1, 106}) == "hello world"
+    assert generation._decode(FakeTokenizer(), [1, 5], {1, 106}) == ""
+
+
+def test_rejects_bad_arguments(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="batch_size"):
+        generate(model, tokenizer, ["x"], 4, 0, "cpu")
+    assert generate(model, tokenizer, [], 4, 2, "cpu") == []
+
+
+# Stand-in until tests/conftest.py provides the shared `tiny_model_dir` fixture.
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from stages.model_sources import resolve_model
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=262144, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16,
+                              layer_types=["sliding_attention", "full_attention"],
+                              bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    path = tmp_path_factory.mktemp("tiny-gemma3")
+    Gemma3ForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    load_tokenizer(resolve_model("packaged")).save_pretrained(path)
+    return path
