@@ -1,0 +1,294 @@
+"""Stage 4: generate a sentence for every validation example and score it with the official ToTTo metrics.
+
+    python -m stages.evaluate [--params FILE]
+
+Reads params.yaml (eval.*, model.name; TOTTO_PARAMS or --params point at another file) and
+data/processed/validation.jsonl. The fine-tuned model is models/merged (eval.model: merged) or the base
+model with models/adapter on top (eval.model: adapter). With eval.compare_base the untuned base model
+answers the same prompts, so every run shows its gain. Writes
+  metrics/predictions.jsonl     one line per example: id, prompt, prediction (base_prediction), references,
+                                overlap, PARENT of each prediction, highlighted cells and table size;
+  metrics/eval.json             summaries (overall / overlap / non_overlap), gain over the base, speed;
+  metrics/plots/by_highlighted.csv, metrics/plots/by_table_size.csv   BLEU and PARENT F per bucket.
+Bad input or settings end with one clear line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stages import model_sources
+from stages.generation import generate
+from stages.params import PARAMS_FILE, load_params
+from stages.totto_metrics import NOT_COMPUTED, SUBSETS, compute_metrics, plot_tables
+
+VALIDATION_FILE = Path("data/processed/validation.jsonl")
+MERGED_DIR = Path("models/merged")
+ADAPTER_DIR = Path("models/adapter")
+PREDICTIONS_FILE = Path("metrics/predictions.jsonl")
+EVAL_FILE = Path("metrics/eval.json")
+PLOTS_DIR = Path("metrics/plots")
+PLOT_FILES = {"by_highlighted_cells": "by_highlighted.csv", "by_table_size": "by_table_size.csv"}
+MODEL_KINDS = ("merged", "adapter")
+
+
+class EvalError(Exception):
+    """Bad input or settings, reported as one line without a traceback."""
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    params = load_params(args.params)
+    cfg = params["eval"]
+    if cfg["model"] not in MODEL_KINDS:
+        raise EvalError(f"eval.model must be one of {MODEL_KINDS}, got {cfg['model']!r}")
+    if int(cfg.get("num_threads", 0) or 0) > 0:
+        torch.set_num_threads(int(cfg["num_threads"]))
+    records = read_processed(VALIDATION_FILE, int(cfg["max_examples"]))
+    prompts = [r["prompt"] for r in records]
+    check_finetuned_files(cfg["model"])  # fail before the slow loading starts
+
+    device = model_sources.pick_device(cfg["device"])
+    dtype = model_sources.pick_dtype(device)
+    base_dir = model_sources.resolve_model(params["model"]["name"])
+    model = load_finetuned(cfg["model"], base_dir, device, dtype)
+    tokenizer = model_sources.load_tokenizer(base_dir)  # the one preprocess built the prompts with
+    bleurt = cfg.get("bleurt_checkpoint") or None
+    gen_args = dict(max_new_tokens=int(cfg["max_new_tokens"]), batch_size=int(cfg["batch_size"]), device=device)
+
+    start = time.perf_counter()
+    predictions = generate(model, tokenizer, prompts, **gen_args)
+    seconds = time.perf_counter() - start
+    del model
+    summary, per_example = compute_metrics(predictions, records, bleurt_checkpoint=bleurt)
+
+    base_predictions = base_summary = base_per_example = base_seconds = None
+    if cfg["compare_base"]:
+        base = model_sources.load_model(base_dir, quantization="none", dtype=dtype, device=device)
+        start = time.perf_counter()
+        base_predictions = generate(base, tokenizer, prompts, **gen_args)
+        base_seconds = time.perf_counter() - start
+        del base
+        base_summary, base_per_example = compute_metrics(base_predictions, records, bleurt_checkpoint=bleurt)
+
+    write_jsonl(PREDICTIONS_FILE, prediction_rows(records, predictions, per_example,
+                                                  base_predictions, base_per_example))
+    result = {
+        "finetuned": summary,
+        "base": base_summary,
+        "gain": gain(summary, base_summary),
+        "bleurt": bleurt_report(summary, base_summary) if bleurt else NOT_COMPUTED,
+        "examples": len(records),
+        "model": {"kind": cfg["model"], "base": params["model"]["name"], "device": str(device), "dtype": str(dtype)},
+        "generation": {
+            "examples_per_s": len(records) / seconds if seconds > 0 else None,
+            "seconds": seconds,
+            "base_seconds": base_seconds,
+            "batch_size": gen_args["batch_size"],
+            "max_new_tokens": gen_args["max_new_tokens"],
+        },
+    }
+    write_json(EVAL_FILE, result)
+    write_plots(PLOTS_DIR, records, predictions, per_example, base_predictions, base_per_example)
+    print_summary(result)
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path(os.environ.get("TOTTO_PARAMS", PARAMS_FILE)),
+                        help="params file (default: $TOTTO_PARAMS or params.yaml)")
+    return parser.parse_args(argv)
+
+
+def read_processed(path: Path, max_examples: int = 0) -> list[dict]:
+    """Processed records of `path` (the first `max_examples`, all when 0); bad lines name file and line."""
+    if not path.is_file():
+        raise EvalError(f"{path.as_posix()}: no such file (run the preprocess stage first)")
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise EvalError(f"{path.as_posix()}:{line_no}: invalid JSON ({err.msg})") from None
+            for field in ("id", "prompt", "references", "table", "highlighted_cells"):
+                if field not in record:
+                    raise EvalError(f"{path.as_posix()}:{line_no}: field {field!r}: missing")
+            if not isinstance(record["prompt"], str):
+                raise EvalError(f"{path.as_posix()}:{line_no}: field 'prompt': expected str")
+            records.append(record)
+            if max_examples > 0 and len(records) == max_examples:
+                break
+    if not records:
+        raise EvalError(f"{path.as_posix()}: no examples to evaluate")
+    return records
+
+
+def check_finetuned_files(kind: str) -> None:
+    if kind == "merged" and not (MERGED_DIR / "config.json").is_file():
+        raise EvalError(f"{MERGED_DIR.as_posix()}: no merged model (run the merge stage, or set eval.model: adapter)")
+    if kind == "adapter" and not (ADAPTER_DIR / "adapter_config.json").is_file():
+        raise EvalError(f"{ADAPTER_DIR.as_posix()}: no adapter_config.json (run the train stage)")
+
+
+def load_finetuned(kind: str, base_dir: Path, device: torch.device, dtype: torch.dtype):
+    """models/merged as saved by the merge stage, or the base model with models/adapter applied."""
+    check_finetuned_files(kind)
+    if kind == "merged":
+        return model_sources.load_model(MERGED_DIR, quantization="none", dtype=dtype, device=device)
+    return load_with_adapter(ADAPTER_DIR, base_dir, device, dtype)
+
+
+def load_with_adapter(adapter_dir: Path, base_dir: Path, device: torch.device, dtype: torch.dtype):
+    """Base model (bf16, not quantised: inference needs no NF4) with the LoRA adapter on top."""
+    from peft import PeftModel
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise EvalError(f"{adapter_dir.as_posix()}: no adapter_config.json (run the train stage)")
+    check_adapter_base(adapter_dir, base_dir)
+    base = model_sources.load_model(base_dir, quantization="none", dtype=dtype, device=device)
+    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False).to(device)
+
+
+def adapter_base_name(adapter_dir: Path) -> str | None:
+    """The base model name the adapter was trained on (training_info.json), None if not recorded."""
+    info_file = adapter_dir / "training_info.json"
+    if not info_file.is_file():
+        return None
+    info = json.loads(info_file.read_text(encoding="utf-8"))
+    return (info.get("base_model") or {}).get("name")
+
+
+def check_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
+    """Refuse an adapter trained on other base weights: its outputs would be meaningless."""
+    info_file = adapter_dir / "training_info.json"
+    if not info_file.is_file():
+        return
+    info = json.loads(info_file.read_text(encoding="utf-8"))
+    expected = (info.get("base_model") or {}).get("weights_sha256")
+    if expected and expected != model_sources.weights_sha256(base_dir):
+        raise EvalError(f"{info_file.as_posix()}: field 'base_model.weights_sha256': the adapter was trained on "
+                        f"other weights than {base_dir.as_posix()}")
+
+
+def prediction_rows(records, predictions, per_example, base_predictions=None, base_per_example=None) -> list[dict]:
+    rows = []
+    for i, record in enumerate(records):
+        row = {
+            "id": record["id"],
+            "prompt": record["prompt"],
+            "prediction": predictions[i],
+            "references": record["references"],
+            "overlap": record.get("overlap"),
+            "parent": per_example[i],
+            "num_highlighted": len(record["highlighted_cells"]),
+            "table_cells": sum(len(row) for row in record["table"]),
+        }
+        if base_predictions is not None:
+            row["base_prediction"] = base_predictions[i]
+            row["base_parent"] = base_per_example[i]
+        rows.append(row)
+    return rows
+
+
+def gain(summary: dict, base_summary: dict | None) -> dict | None:
+    """Fine-tuned minus base, BLEU and PARENT F per subset (None where a subset is empty)."""
+    if base_summary is None:
+        return None
+    out = {}
+    for subset in SUBSETS:
+        out[subset] = {}
+        for key in ("bleu", "parent_f"):
+            tuned, base = summary[subset][key], base_summary[subset][key]
+            out[subset][key] = None if tuned is None or base is None else tuned - base
+    return out
+
+
+def bleurt_report(summary: dict, base_summary: dict | None) -> dict:
+    return {
+        "finetuned": {s: summary[s]["bleurt"] for s in SUBSETS},
+        "base": None if base_summary is None else {s: base_summary[s]["bleurt"] for s in SUBSETS},
+    }
+
+
+def write_plots(folder: Path, records, predictions, per_example, base_predictions=None, base_per_example=None):
+    """CSV per breakdown: bucket, count, bleu, parent_f (+ base_bleu, base_parent_f with the base model)."""
+    tables = plot_tables(predictions, records, per_example)
+    base_tables = None if base_predictions is None else plot_tables(base_predictions, records, base_per_example)
+    for name, file_name in PLOT_FILES.items():
+        rows = [dict(row) for row in tables[name]]
+        if base_tables is not None:
+            base_rows = {row["bucket"]: row for row in base_tables[name]}
+            for row in rows:  # same examples, so the same buckets
+                row["base_bleu"] = base_rows[row["bucket"]]["bleu"]
+                row["base_parent_f"] = base_rows[row["bucket"]]["parent_f"]
+        columns = ["bucket", "count", "bleu", "parent_f"] + (["base_bleu", "base_parent_f"] if base_tables else [])
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        write_atomic(folder / file_name, buffer.getvalue())
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def print_summary(result: dict) -> None:
+    def line(label, summary):
+        o = summary["overall"]
+        return f"  {label:<10} BLEU {o['bleu']:.2f}  PARENT P/R/F {o['parent_precision']:.4f} / " \
+               f"{o['parent_recall']:.4f} / {o['parent_f']:.4f}"
+
+    gen = result["generation"]
+    print(f"evaluate: {result['examples']} examples, {gen['seconds']:.1f} s generation "
+          f"({gen['examples_per_s']:.2f} examples/s)")
+    print(line("fine-tuned", result["finetuned"]))
+    if result["base"] is not None:
+        print(line("base", result["base"]))
+    print(f"  -> {PREDICTIONS_FILE.as_posix()}, {EVAL_FILE.as_posix()}, {PLOTS_DIR.as_posix()}/")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    try:
+        main(argv)
+    except (EvalError, FileNotFoundError, ValueError) as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

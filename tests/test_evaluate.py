@@ -1,0 +1,147 @@
+"""The evaluate stage end to end on a tiny model: every output file, with the keys the contract names."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from stages import evaluate
+from stages.model_sources import load_model, load_tokenizer
+from stages.totto_metrics import SUBSETS
+
+
+def cell(value, header=False):
+    return {"value": value, "is_header": header, "column_span": 1, "row_span": 1}
+
+
+def record(i: int, overlap, highlighted: int, rows: int) -> dict:
+    """A processed validation record (the data contract) with a table of `rows` x 2 cells."""
+    table = [[cell("Year", True), cell("Team", True)]] + [[cell(str(1990 + r)), cell(f"Club {r}")] for r in range(rows)]
+    cells = [[1 + r // 2, r % 2] for r in range(highlighted)]
+    prompt = f"Write one sentence describing the highlighted cells of this table.\n\n<cell> {i} </cell>\n\nSentence:\n"
+    return {
+        "id": str(100 + i), "table": table, "highlighted_cells": cells,
+        "page_title": f"Season {i}", "section_title": "Results", "section_text": "",
+        "references": [f"In {1990 + i}, Club {i} won the season.", f"Club {i} won in {1990 + i}."],
+        "overlap": overlap, "question": None, "source_file": "validation.jsonl", "line": i + 1,
+        "prompt": prompt, "completion": f"In {1990 + i}, Club {i} won the season.<eos>",
+        "target": f"In {1990 + i}, Club {i} won the season.", "prompt_tokens": 30, "completion_tokens": 14,
+        "truncated": False, "num_highlighted": highlighted, "table_cells": 2 * rows + 2,
+    }
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, tiny_model_dir):
+    """A project folder holding params.yaml, a processed validation file and a 'merged' model."""
+    records = [record(0, True, 1, 2), record(1, False, 2, 3), record(2, True, 3, 30), record(3, None, 6, 60),
+               record(4, False, 1, 5)]
+    (tmp_path / "data" / "processed").mkdir(parents=True)
+    (tmp_path / "data" / "processed" / "validation.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "merged")
+    params = {
+        "model": {"name": str(tiny_model_dir)},
+        "eval": {"model": "merged", "compare_base": True, "batch_size": 2, "max_new_tokens": 6, "max_examples": 0,
+                 "bleurt_checkpoint": "", "device": "cpu", "num_threads": 2},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, params, records
+
+
+def set_params(folder, params):
+    (folder / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+
+
+def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_model_dir):
+    folder, _, records = project
+    result = evaluate.main([])
+
+    rows = [json.loads(line) for line in (folder / "metrics" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    for row, rec in zip(rows, records):
+        assert {"id", "prompt", "prediction", "base_prediction", "references", "overlap", "parent",
+                "base_parent"} <= set(row)
+        assert row["prompt"] == rec["prompt"] and row["references"] == rec["references"]
+        assert row["overlap"] == rec["overlap"]
+        assert set(row["parent"]) == {"parent_precision", "parent_recall", "parent_f"}
+        assert isinstance(row["prediction"], str)
+    # The 'merged' model is the base model itself here, so both must answer identically.
+    assert [r["prediction"] for r in rows] == [r["base_prediction"] for r in rows]
+
+    saved = json.loads((folder / "metrics" / "eval.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert set(saved) >= {"finetuned", "base", "gain", "bleurt", "examples", "generation"}
+    assert saved["examples"] == 5 and saved["bleurt"] == "not computed"
+    assert saved["finetuned"]["overall"]["count"] == 5
+    assert saved["finetuned"]["overlap"]["count"] == 2 and saved["finetuned"]["non_overlap"]["count"] == 2
+    for subset in SUBSETS:
+        assert saved["gain"][subset] == {"bleu": 0.0, "parent_f": 0.0}
+    assert saved["generation"]["seconds"] > 0 and saved["generation"]["examples_per_s"] > 0
+
+    # A prediction is the model's own greedy continuation of the prompt, cut at the end token.
+    model = load_model(tiny_model_dir, dtype=torch.bfloat16, device=torch.device("cpu"))
+    tokenizer = load_tokenizer(tiny_model_dir)
+    ids = tokenizer(records[1]["prompt"], add_special_tokens=True, return_tensors="pt")["input_ids"]
+    out = model.generate(input_ids=ids, do_sample=False, max_new_tokens=6, eos_token_id=[1, 106], pad_token_id=0)
+    assert rows[1]["prediction"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    with open(folder / "metrics" / "plots" / "by_highlighted.csv", newline="") as fh:
+        by_highlighted = list(csv.DictReader(fh))
+    assert [r["bucket"] for r in by_highlighted] == ["1", "2", "3", "5+"]
+    assert [int(r["count"]) for r in by_highlighted] == [2, 1, 1, 1]
+    assert set(by_highlighted[0]) == {"bucket", "count", "bleu", "parent_f", "base_bleu", "base_parent_f"}
+    with open(folder / "metrics" / "plots" / "by_table_size.csv", newline="") as fh:
+        by_size = list(csv.DictReader(fh))
+    assert sum(int(r["count"]) for r in by_size) == 5
+    assert [r["bucket"] for r in by_size] == ["1-50", "51-100", "101-200"]
+
+
+def test_adapter_without_base_and_max_examples(project, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    folder, params, _ = project
+    torch.manual_seed(0)
+    base = load_model(tiny_model_dir, dtype=torch.bfloat16, device=torch.device("cpu"))
+    # Random (not zero) LoRA B weights, so the adapter changes the answers.
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           init_lora_weights=False))
+    lora.save_pretrained(folder / "models" / "adapter", safe_serialization=True)
+    from stages.model_sources import weights_sha256
+    (folder / "models" / "adapter" / "training_info.json").write_text(json.dumps(
+        {"base_model": {"name": str(tiny_model_dir), "weights_sha256": weights_sha256(tiny_model_dir)}}))
+    shutil.rmtree(folder / "models" / "merged")
+    params["eval"].update(model="adapter", compare_base=False, max_examples=3)
+    set_params(folder, params)
+
+    result = evaluate.main([])
+    assert result["base"] is None and result["gain"] is None and result["examples"] == 3
+    rows = [json.loads(line) for line in (folder / "metrics" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("base_prediction" not in r for r in rows)
+    with open(folder / "metrics" / "plots" / "by_highlighted.csv", newline="") as fh:
+        assert next(csv.reader(fh)) == ["bucket", "count", "bleu", "parent_f"]
+
+    # The same adapter on other base weights is refused.
+    (folder / "models" / "adapter" / "training_info.json").write_text(json.dumps(
+        {"base_model": {"name": "x", "weights_sha256": "0" * 64}}))
+    with pytest.raises(evaluate.EvalError, match="weights_sha256"):
+        evaluate.main([])
+
+
+def test_missing_inputs_are_clear_errors(project, capsys):
+    folder, params, _ = project
+    shutil.rmtree(folder / "models" / "merged")
+    assert evaluate.cli([]) == 2
+    assert "models/merged" in capsys.readouterr().err
+
+    (folder / "data" / "processed" / "validation.jsonl").write_text('{"id": "1", "prompt": "x"}\n')
+    assert evaluate.cli([]) == 2
+    assert "validation.jsonl:1: field 'references'" in capsys.readouterr().err
+
+    params["eval"]["model"] = "quantised"
+    set_params(folder, params)
+    assert evaluate.cli([]) == 2
+    assert "eval.model" in capsys.readouterr().err
