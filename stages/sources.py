@@ -167,9 +167,14 @@ def read_hf_gem(
         path = Path(explicit)
         if not path.is_file():
             raise FileNotFoundError(f"data.{split}_file={explicit!r}: no such file")
-        # The same mapping as for the hub, so a local GEM file exercises it for real.
-        rows = datasets.load_dataset("json", data_files=str(path), split="train")
         label = path.as_posix()
+        # The same mapping as for the hub, so a local GEM file exercises it for real.
+        try:
+            rows = datasets.load_dataset("json", data_files=str(path), split="train")
+        except Exception as err:  # datasets reads the file as a whole: no line to point at
+            raise BadRecordError(
+                label, 0, "<file>", f"datasets' json builder cannot read it ({type(err).__name__}: {err})", "corrupt_file"
+            ) from err
     else:
         try:
             rows = datasets.load_dataset(dataset, split=split)

@@ -151,6 +151,14 @@ def test_gem_train_file_repeats_one_example_the_duplicate_is_named_or_counted():
     assert examples[0]["overlap"] is None
 
 
+def test_unreadable_gem_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "gem.json"
+    path.write_bytes(b'[{"example_id": "1", "table": [\xff')
+    with pytest.raises(BadRecordError, match="json builder cannot read it") as err:
+        load_split({"source": "hf:GEM/totto", "train_file": str(path)}, "train")
+    assert (err.value.file, err.value.field, err.value.reason) == (path.as_posix(), "<file>", "corrupt_file")
+
+
 def test_gem_mapping_accepts_the_column_layout_that_datasets_may_return():
     record = {
         "example_id": "42", "overlap_subset": "True", "references": [],
