@@ -1,0 +1,164 @@
+"""Token-budget micro-batching, collation and the completion-only loss of the train stage.
+
+Why a loss of our own: Gemma 3's vocabulary is 262,144 wide, so the vocabulary head dominates the cost of
+a step if logits are computed for every token (a 1k-token sequence materialises 1 GiB of fp32 logits).
+Only completion tokens carry loss, so we run the model body to hidden states, gather the positions whose
+*next* token is a completion token, and apply the head there only, in chunks, with the gradient of the
+hidden states computed in the forward pass (nothing vocabulary-wide is kept for backward).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # target of a position that carries no loss
+
+
+def encode_record(tokenizer, record: dict) -> tuple[list[int], int]:
+    """(input ids, number of prompt ids) of a processed record, as the data contract defines them:
+    prompt with special tokens (BOS once) followed by the completion without special tokens."""
+    prompt_ids = tokenizer(record["prompt"], add_special_tokens=True).input_ids
+    completion_ids = tokenizer(record["completion"], add_special_tokens=False).input_ids
+    if not completion_ids:
+        raise ValueError(f"record {record.get('id')!r}: empty completion (nothing to learn)")
+    return prompt_ids + completion_ids, len(prompt_ids)
+
+
+def plan_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Split one effective batch into micro-batches of at most `token_budget` tokens, padding included.
+
+    Examples are sorted by length (longest first) so that neighbours pad little; a micro-batch costs
+    (number of examples) x (its longest example). An example longer than the budget runs alone.
+    Returns lists of indices into `lengths`."""
+    if token_budget < 1:
+        raise ValueError(f"token budget must be positive, got {token_budget}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]  # sorted: the first is the longest
+        if current and (len(current) + 1) * longest > token_budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (ids, prompt_len) examples into input_ids, attention_mask and targets.
+
+    targets[b, t] is the id that position t must predict (ids[t + 1]) where that id is a completion
+    token, else IGNORE: the shift is done here once, so the loss needs no shifting."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for b, (ids, prompt_len) in enumerate(examples):
+        if not 0 < prompt_len < len(ids):
+            raise ValueError(f"example {b}: prompt length {prompt_len} leaves no completion in {len(ids)} ids")
+        n = len(ids)
+        input_ids[b, :n] = torch.tensor(ids)
+        attention_mask[b, :n] = 1
+        # position t predicts token t+1; completion tokens are ids[prompt_len:]
+        targets[b, prompt_len - 1 : n - 1] = torch.tensor(ids[prompt_len:])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum of cross-entropy of (hidden @ weight.T) against targets, chunked over positions.
+
+    The gradient w.r.t. hidden is computed chunk by chunk during the forward pass (softmax - onehot) @ W,
+    so the vocabulary-wide logits never outlive their chunk. The head weight must be frozen (it is: the
+    head is tied to the embeddings and LoRA does not train it)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, softcap):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]
+            y = targets[start : start + chunk_size]
+            raw = (h @ weight.T).float()
+            logits = torch.tanh(raw / softcap) * softcap if softcap else raw
+            log_z = torch.logsumexp(logits, dim=-1)
+            total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad_hidden is not None:
+                grad = torch.exp(logits - log_z[:, None])  # softmax
+                grad[torch.arange(len(y), device=y.device), y] -= 1.0
+                if softcap:  # d/dz [c * tanh(z / c)] = 1 - tanh^2
+                    grad *= 1.0 - (logits / softcap) ** 2
+                grad_hidden[start : start + chunk_size] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None
+
+
+def completion_loss(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head_weight: torch.Tensor,
+    *,
+    softcap: float | None = None,
+    chunk_size: int = 4096,
+) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over completion positions, number of those positions).
+
+    hidden: [batch, time, dim] final hidden states (after the final norm); targets from `collate`.
+    The caller divides by the completion-token count of the whole effective batch."""
+    if head_weight.requires_grad:
+        raise ValueError("completion_loss assumes a frozen vocabulary head (LoRA does not train it)")
+    mask = targets != IGNORE
+    picked = hidden[mask]  # [n, dim]: only the positions that carry loss reach the head
+    wanted = targets[mask]
+    if picked.shape[0] == 0:
+        return hidden.sum() * 0.0, 0
+    loss = _HeadCrossEntropy.apply(picked, head_weight, wanted, chunk_size, softcap or 0.0)
+    return loss, int(picked.shape[0])
+
+
+def naive_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The reference: full logits at every position, summed cross-entropy where targets are set."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def activation_bytes_per_token(config, dtype_bytes: int = 2) -> int:
+    """Rough bytes kept for backward per token of a micro-batch (frozen base, LoRA on all 7 linears).
+
+    Counted per decoder layer from what autograd saves: the norm inputs/outputs (~14 x hidden), the
+    q/k/v/attention tensors before and after norm/rope (~6 x (heads + kv_heads) x head_dim), the MLP
+    gate/up/activation/product and down input (~6 x intermediate); attention is memory-efficient (sdpa),
+    so no seq^2 term. This is an estimate used to size micro-batches, not an exact account."""
+    per_layer = (
+        14 * config.hidden_size
+        + 6 * (config.num_attention_heads + config.num_key_value_heads) * config.head_dim
+        + 6 * config.intermediate_size
+    )
+    return config.num_hidden_layers * per_layer * dtype_bytes
+
+
+def budget_for_memory(
+    token_budget: int,
+    max_memory_gb: float,
+    *,
+    fixed_bytes: int,
+    bytes_per_token: int,
+) -> int:
+    """Lower `token_budget` so that fixed_bytes (weights, optimiser, head chunk) plus activations fit
+    under max_memory_gb (0 = no cap). Raises if even one token does not fit."""
+    if not max_memory_gb:
+        return token_budget
+    free = max_memory_gb * 2**30 - fixed_bytes
+    if free < bytes_per_token:
+        raise ValueError(
+            f"train.max_memory_gb={max_memory_gb}: the model alone needs about {fixed_bytes / 2**30:.2f} GiB"
+        )
+    return max(1, min(token_budget, math.floor(free / bytes_per_token)))

@@ -1,0 +1,516 @@
+"""Train stage: LoRA / QLoRA (NF4) fine-tuning of the base model on data/processed/train.jsonl.
+
+    python -m stages.train [--params params.yaml]
+
+A nanoGPT-style loop rather than HF Trainer, because the vocabulary head dominates: logits are computed
+only at completion positions (stages.batching.completion_loss). One optimiser step sees a fixed number
+of examples (train.effective_batch) split into micro-batches under a token budget; the loss of a step is
+the summed cross-entropy divided by the completion tokens of the whole effective batch, so accumulation
+gives the same gradient as one big batch. Checkpoints every train.save_steps let an interrupted run
+resume with the same step count and data order.
+
+Outputs: models/adapter/ (+ training_info.json), checkpoints/, metrics/train.json, metrics/train/ (dvclive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from stages import model_sources
+from stages.batching import (
+    activation_bytes_per_token,
+    budget_for_memory,
+    collate,
+    completion_loss,
+    encode_record,
+    plan_micro_batches,
+)
+from stages.params import PARAMS_FILE, load_params
+
+TRAIN_FILE = Path("data/processed/train.jsonl")
+ADAPTER_DIR = Path("models/adapter")
+CHECKPOINT_DIR = Path("checkpoints")
+METRICS_DIR = Path("metrics")
+KEEP_CHECKPOINTS = 2
+# Settings that do not change what is computed (only how fast, or how often we log/save): a checkpoint
+# written under other values of these is still a valid resume point.
+NOT_IN_RUN_KEY = {"logging_steps", "save_steps", "device", "num_threads", "micro_batch_tokens", "max_memory_gb"}
+# Dense bf16 peak FLOP/s per device, for MFU (train.peak_flops overrides; unknown devices get no MFU).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+HEAD_CHUNK_BYTES = 2**27  # fp32 logits of one loss chunk (128 positions of Gemma's 262,144 vocabulary)
+
+
+# ----------------------------------------------------------------------------------------------- I/O
+def read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not JSON ({err})") from err
+            for field in ("prompt", "completion"):
+                if not isinstance(record.get(field), str) or not record[field]:
+                    raise ValueError(f"{path}:{line_no}: field {field!r} missing or not a non-empty string")
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def records_sha256(records: list[dict]) -> str:
+    """Identity of in-memory training data (what the loop reads: prompt and completion, in order)."""
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(json.dumps([r["prompt"], r["completion"]], ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Put the finished folder `tmp` at `target`; a reader never sees a half-written `target`."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def peak_memory_gb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    try:
+        import resource  # not on Windows
+    except ImportError:
+        return float("nan"), "unavailable"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20), "cpu_max_rss"
+
+
+# ------------------------------------------------------------------------------------------- schedule
+def steps_per_epoch(n_examples: int, effective_batch: int) -> int:
+    return math.ceil(n_examples / effective_batch)
+
+
+def total_steps(cfg: dict, n_examples: int) -> int:
+    if cfg["max_steps"] > 0:
+        return int(cfg["max_steps"])
+    return steps_per_epoch(n_examples, cfg["effective_batch"]) * int(cfg["epochs"])
+
+
+def batch_indices(step: int, n_examples: int, effective_batch: int, seed: int) -> list[int]:
+    """Examples of optimiser step `step` (0-based): a seeded shuffle per epoch, a function of the step
+    alone so that a resumed run reads exactly what the uninterrupted one would have."""
+    per_epoch = steps_per_epoch(n_examples, effective_batch)
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return order[position * effective_batch : (position + 1) * effective_batch]
+
+
+# ---------------------------------------------------------------------------------------------- model
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """model_sources.pick_dtype (bf16 where supported, never fp16), except on a CPU without native bf16
+    (no AVX512-BF16/AMX): there bf16 matmuls are emulated, measured ~80x slower than fp32 on an AVX2
+    EPYC, so fp32 is used (said on stdout and recorded as stats["dtype"])."""
+    dtype = model_sources.pick_dtype(device)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        try:
+            native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        except (AttributeError, RuntimeError):
+            native = False
+        if not native:
+            print("train: this CPU has no native bf16 matmul; computing in float32")
+            return torch.float32
+    return dtype
+
+
+def build_model(params: dict, model_dir: Path, device: torch.device, dtype: torch.dtype):
+    """Base model (NF4 or bf16), frozen, with fresh LoRA adapters from params (seeded by the caller)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    cfg, lora = params["train"], params["lora"]
+    model = model_sources.load_model(model_dir, quantization=cfg["quantization"], dtype=dtype, device=device)
+    model.config.use_cache = False
+    if cfg["quantization"] == "nf4" and cfg.get("nf4_fp32_upcast", True):
+        # peft's recipe: freeze, cast the non-quantised weights (norms, embeddings = tied head) to fp32.
+        # Gradient checkpointing is not forced here: the loop enables it only if the memory cap needs it.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.requires_grad_(False)
+    config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=list(lora["target_modules"]),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)  # adapter weights in fp32 (peft's autocast_adapter_dtype)
+
+
+def linear_params(config) -> int:
+    """Weights of the decoder's linear layers (the matmuls every token goes through)."""
+    h, a, kv, i = (
+        config.hidden_size,
+        config.num_attention_heads * config.head_dim,
+        config.num_key_value_heads * config.head_dim,
+        config.intermediate_size,
+    )
+    return config.num_hidden_layers * (2 * h * a + 2 * h * kv + 3 * h * i)
+
+
+def train_flops(config, lengths: list[int], label_tokens: int) -> float:
+    """FLOPs of one optimiser step with a frozen base (LoRA's own FLOPs are negligible):
+    linears 4·N·tokens (forward 2N, backward only the input gradient 2N, no weight gradient);
+    attention 3 × forward, forward = 4·layers·(heads·head_dim)·len² per sequence (QKᵀ and AV, causal
+    half not subtracted, as nanoGPT); head 4·vocab·hidden per completion token (logits + input grad)."""
+    attn = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * sum(n * n for n in lengths)
+    head = 4 * config.vocab_size * config.hidden_size * label_tokens
+    return 4 * linear_params(config) * sum(lengths) + attn + head
+
+
+def peak_flops(cfg: dict, device: torch.device) -> float | None:
+    if cfg.get("peak_flops"):
+        return float(cfg["peak_flops"])
+    if device.type != "cuda":
+        return None  # MFU is reported on CUDA only
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def run_key(params: dict, base_sha256: str, data_sha256: str) -> str:
+    """What a checkpoint must match to be resumed from: the math of the run, not its speed knobs."""
+    train_cfg = {k: v for k, v in params["train"].items() if k not in NOT_IN_RUN_KEY}
+    blob = json.dumps([train_cfg, params["lora"], base_sha256, data_sha256], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def save_checkpoint(folder: Path, step: int, key: str, model, optimizer, scheduler, extra: dict) -> None:
+    """checkpoints/step-NNNNNN/, written in a temp folder then renamed: a half-written one never exists."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=folder))
+    adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(adapter, tmp / "adapter.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    write_json(tmp / "state.json", {"step": step, "run_key": key, **extra})
+    os.replace(tmp, folder / f"step-{step:06d}")
+    for old in sorted(folder.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(folder: Path, key: str) -> Path | None:
+    """Latest complete checkpoint of this run; those of another run are removed (never resumable)."""
+    found = None
+    for ckpt in sorted(folder.glob("step-*")):
+        state = ckpt / "state.json"
+        if state.is_file() and json.loads(state.read_text())["run_key"] == key:
+            found = ckpt
+        else:
+            print(f"train: removing checkpoint {ckpt} of another run (other params, data or base model)")
+            shutil.rmtree(ckpt, ignore_errors=True)
+    for tmp in folder.glob(".tmp-step-*"):  # left by a crash mid-write
+        shutil.rmtree(tmp, ignore_errors=True)
+    return found
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, device: torch.device) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors", device=str(device)))
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
+    return json.loads((ckpt / "state.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------- the loop
+def accumulate_gradients(
+    decoder, head_weight, examples: list[tuple[list[int], int]], token_budget: int, pad_id: int,
+    device: torch.device, softcap: float | None = None,
+) -> float:
+    """Forward and backward one effective batch in micro-batches; returns the step's mean loss.
+
+    Each micro-batch's summed loss is divided by the completion tokens of the WHOLE effective batch, so
+    the accumulated gradient equals that of one big batch (a per-micro-batch mean would weight the
+    tokens of short micro-batches more)."""
+    label_tokens = sum(len(ids) - p for ids, p in examples)
+    total = 0.0
+    for micro in plan_micro_batches([len(ids) for ids, _ in examples], token_budget):
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in micro], pad_id).items()}
+        hidden = decoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+        loss_sum, _ = completion_loss(hidden, batch["targets"], head_weight, softcap=softcap)
+        (loss_sum / label_tokens).backward()
+        total += loss_sum.item()
+    return total / label_tokens
+
+
+def train(
+    params: dict,
+    train_records: list[dict],
+    adapter_dir: Path | None = ADAPTER_DIR,
+    *,
+    checkpoint_dir: Path | None = CHECKPOINT_DIR,
+    metrics_dir: Path | None = METRICS_DIR,
+    model_dir: Path | None = None,
+    data_sha256: str | None = None,
+    on_step: Callable[[int], None] | None = None,
+    progress: bool = True,
+    tokenizer=None,
+) -> dict:
+    """Train LoRA adapters on `train_records` (processed records: prompt, completion) and return stats.
+
+    adapter_dir / checkpoint_dir / metrics_dir may be None to skip those outputs (benchmarks).
+    model_dir overrides params model.name (tests); tokenizer, if given, must be that model's (saves
+    loading it again: seconds). on_step(step) is called after every optimiser step
+    (1-based), after any checkpoint of that step; an exception from it stops the run like a crash."""
+    from transformers import get_scheduler
+
+    cfg = params["train"]
+    start_time = time.perf_counter()
+    device = model_sources.pick_device(cfg.get("device", "auto"))
+    dtype = compute_dtype(device)
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg["num_threads"]))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    model_dir = Path(model_dir) if model_dir else model_sources.resolve_model(params["model"]["name"])
+    base_sha256 = model_sources.weights_sha256(model_dir)
+    data_sha256 = data_sha256 or records_sha256(train_records)
+    key = run_key(params, base_sha256, data_sha256)
+
+    tokenizer = tokenizer or model_sources.load_tokenizer(model_dir)
+    examples = [encode_record(tokenizer, r) for r in train_records]
+    n_examples = len(examples)
+    n_steps = total_steps(cfg, n_examples)
+    effective_batch = int(cfg["effective_batch"])
+
+    torch.manual_seed(int(cfg["seed"]))  # LoRA init and dropout
+    model = build_model(params, model_dir, device, dtype)
+    base = model.get_base_model()
+    decoder, head = base.get_decoder(), base.get_output_embeddings().weight
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+
+    # Micro-batch token budget; under a memory cap, lower it by the estimate of stages.batching, and
+    # only if not even the longest example fits, recompute activations (gradient checkpointing).
+    budget = int(cfg["micro_batch_tokens"])
+    checkpointing = False
+    if cfg.get("max_memory_gb"):
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        fixed = weight_bytes + n_trainable * 4 * 3 + 3 * HEAD_CHUNK_BYTES  # + grads and Adam moments
+        act_bytes = 2 if dtype == torch.bfloat16 else 4
+        per_token = activation_bytes_per_token(base.config, act_bytes)
+        budget = budget_for_memory(budget, cfg["max_memory_gb"], fixed_bytes=fixed, bytes_per_token=per_token)
+        longest = max(len(ids) for ids, _ in examples)
+        if budget < longest:
+            checkpointing = True
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            per_token = base.config.num_hidden_layers * base.config.hidden_size * act_bytes + (
+                per_token // base.config.num_hidden_layers
+            )
+            budget = budget_for_memory(
+                int(cfg["micro_batch_tokens"]), cfg["max_memory_gb"], fixed_bytes=fixed, bytes_per_token=per_token
+            )
+        print(f"train: max_memory_gb={cfg['max_memory_gb']} -> micro_batch_tokens={budget}, gradient checkpointing={checkpointing}")
+
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=float(cfg["learning_rate"]),
+        weight_decay=float(cfg["weight_decay"]),
+        fused=device.type == "cuda",
+    )
+    scheduler = get_scheduler(
+        cfg["lr_scheduler"],
+        optimizer,
+        num_warmup_steps=math.ceil(float(cfg["warmup_ratio"]) * n_steps),
+        num_training_steps=n_steps,
+    )
+
+    start_step, state = 0, {}
+    ckpt = find_checkpoint(Path(checkpoint_dir), key) if checkpoint_dir else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, device)
+        start_step = state["step"]
+        print(f"train: resuming from {ckpt} (step {start_step} of {n_steps})")
+
+    live = None
+    if metrics_dir is not None:
+        from dvclive import Live
+
+        # dvcyaml=False: plots are declared in the project's dvc.yaml, dvclive must not rewrite it.
+        live = Live(dir=str(Path(metrics_dir) / "train"), resume=start_step > 0, dvcyaml=False, save_dvc_exp=False)
+
+    peak = peak_flops(cfg, device)
+    logging_steps, save_steps = int(cfg["logging_steps"]), int(cfg["save_steps"])
+    done_samples = state.get("samples", 0)
+    done_tokens = state.get("tokens", 0)
+    train_seconds = state.get("train_seconds", 0.0)
+    loss_value = state.get("loss", float("nan"))
+    window = {"tokens": 0, "samples": 0, "flops": 0.0, "seconds": 0.0}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    model.train()
+    bar = tqdm(range(start_step, n_steps), initial=start_step, total=n_steps, desc="train", disable=not progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        chosen = [examples[i] for i in batch_indices(step, n_examples, effective_batch, int(cfg["seed"]))]
+        lengths = [len(ids) for ids, _ in chosen]
+        label_tokens = sum(len(ids) - p for ids, p in chosen)
+        step_loss = accumulate_gradients(decoder, head, chosen, budget, pad_id, device, softcap)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(cfg["max_grad_norm"])).item()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+
+        loss_value = step_loss
+        done_samples += len(chosen)
+        done_tokens += sum(lengths)
+        train_seconds += seconds
+        window["tokens"] += sum(lengths)
+        window["samples"] += len(chosen)
+        window["flops"] += train_flops(base.config, lengths, label_tokens)
+        window["seconds"] += seconds
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        if live is not None and ((step + 1) % logging_steps == 0 or step + 1 == n_steps):
+            live.step = step + 1
+            live.log_metric("loss", loss_value)
+            live.log_metric("learning_rate", lr)
+            live.log_metric("grad_norm", grad_norm)
+            live.log_metric("tokens_per_s", window["tokens"] / window["seconds"])
+            live.log_metric("samples_per_s", window["samples"] / window["seconds"])
+            if peak:
+                live.log_metric("mfu", window["flops"] / window["seconds"] / peak)
+            live.next_step()
+            window = {"tokens": 0, "samples": 0, "flops": 0.0, "seconds": 0.0}
+        # also at the last step: a rerun after a later crash (or a deleted output) skips the training
+        if checkpoint_dir is not None and ((step + 1) % save_steps == 0 or step + 1 == n_steps):
+            extra = {"samples": done_samples, "tokens": done_tokens, "train_seconds": train_seconds,
+                     "loss": loss_value, "epoch": (step + 1) // steps_per_epoch(n_examples, effective_batch),
+                     "next_batch_in_epoch": (step + 1) % steps_per_epoch(n_examples, effective_batch)}
+            save_checkpoint(Path(checkpoint_dir), step + 1, key, model, optimizer, scheduler, extra)
+        if on_step is not None:
+            on_step(step + 1)
+    bar.close()
+
+    peak_gb, peak_kind = peak_memory_gb(device)
+    stats = {
+        "steps": n_steps,
+        "resumed_from_step": start_step,
+        "samples": done_samples,
+        "tokens": done_tokens,
+        "final_loss": loss_value,
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - start_time,
+        "tokens_per_s": done_tokens / train_seconds if train_seconds else float("nan"),
+        "samples_per_s": done_samples / train_seconds if train_seconds else float("nan"),
+        "peak_memory_gb": peak_gb,
+        "peak_memory_kind": peak_kind,
+        "micro_batch_tokens": budget,
+        "gradient_checkpointing": checkpointing,
+        "trainable_params": n_trainable,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if live is not None:
+        live.end()
+        write_json(Path(metrics_dir) / "train.json", stats)
+    if adapter_dir is not None:
+        info = {
+            "base_model": {"name": params["model"]["name"], "weights_sha256": base_sha256},
+            "data_sha256": data_sha256,
+            "params": {"train": params["train"], "lora": params["lora"], "model": params["model"]},
+            **stats,
+        }
+        save_adapter(model, tokenizer, Path(adapter_dir), info)
+    return stats
+
+
+def save_adapter(model, tokenizer, adapter_dir: Path, info: dict) -> None:
+    """models/adapter/: adapter_model.safetensors, adapter_config.json, tokenizer, training_info.json."""
+    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}-", dir=adapter_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "training_info.json", info)
+        replace_dir(tmp, adapter_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default params.yaml)")
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    records = read_jsonl(TRAIN_FILE)
+    stats = train(params, records, ADAPTER_DIR, data_sha256=sha256_file(TRAIN_FILE))
+    print(
+        f"train: {stats['steps']} steps, {stats['samples']} samples in {stats['wall_seconds']:.1f} s "
+        f"({stats['tokens_per_s']:.0f} tokens/s), final loss {stats['final_loss']:.4f} -> {ADAPTER_DIR}"
+    )
+
+
+if __name__ == "__main__":
+    main()

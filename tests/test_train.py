@@ -1,0 +1,147 @@
+"""The train stage (stages/train.py) on a tiny random Gemma 3 with the real tokenizer, on CPU."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages import train as train_stage
+from stages.batching import encode_record
+from stages.params import load_params
+from stages.train import accumulate_gradients, batch_indices, build_model, read_jsonl, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    torch.set_num_threads(2)  # the CPU is shared
+
+
+def small_params(**train_overrides) -> dict:
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["train"].update(
+        quantization="none", effective_batch=4, max_steps=4, save_steps=2, logging_steps=1,
+        learning_rate=1e-2, warmup_ratio=0.0, device="cpu", micro_batch_tokens=128,
+    )
+    params["train"].update(train_overrides)
+    return params
+
+
+def test_the_data_order_is_a_seeded_shuffle_per_epoch():
+    epoch0 = [i for step in range(3) for i in batch_indices(step, 10, 4, seed=7)]
+    assert sorted(epoch0) == list(range(10))  # 3 steps (4 + 4 + 2) cover the epoch once
+    assert batch_indices(3, 10, 4, seed=7) != batch_indices(0, 10, 4, seed=7)  # next epoch reshuffled
+    assert batch_indices(1, 10, 4, seed=7) == batch_indices(1, 10, 4, seed=7)
+
+
+def test_a_few_steps_reduce_the_loss_on_a_repeated_batch(tiny_model_dir, real_tokenizer, processed_dir, tmp_path):
+    records = read_jsonl(processed_dir / "train.jsonl")[:4]  # effective batch 4: every step sees all 4
+    params = small_params(max_steps=6, save_steps=100)
+    stats = train(params, records, None, checkpoint_dir=None, metrics_dir=tmp_path, model_dir=tiny_model_dir, tokenizer=real_tokenizer,
+                  progress=False)
+    with open(tmp_path / "train" / "plots" / "metrics" / "loss.tsv") as fh:
+        losses = [float(row["loss"]) for row in csv.DictReader(fh, delimiter="\t")]
+    assert len(losses) == 6
+    assert losses[-1] < losses[0] - 0.1
+    summary = json.loads((tmp_path / "train.json").read_text())
+    assert summary["steps"] == 6 and summary["samples"] == 24 and summary["final_loss"] == stats["final_loss"]
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tiny_model_dir, real_tokenizer, processed_dir):
+    params = small_params()
+    params["lora"]["dropout"] = 0.0  # deterministic forward
+    examples = [encode_record(real_tokenizer, r) for r in read_jsonl(processed_dir / "train.jsonl")[:6]]
+    torch.manual_seed(0)
+    model = build_model(params, tiny_model_dir, torch.device("cpu"), torch.float32)
+    for name, p in model.named_parameters():  # LoRA B starts at zero; make the test see all gradients
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    base = model.get_base_model()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def gradients(token_budget):
+        model.zero_grad(set_to_none=True)
+        loss = accumulate_gradients(base.get_decoder(), base.lm_head.weight, examples, token_budget, 0,
+                                    torch.device("cpu"))
+        return loss, [p.grad.clone() for p in trainable]
+
+    big_loss, big = gradients(token_budget=100_000)  # one padded micro-batch
+    small_loss, small = gradients(token_budget=1)  # every example alone, no padding at all
+    assert big_loss == pytest.approx(small_loss, rel=1e-5)
+    for a, b in zip(small, big):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
+
+
+def test_an_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_model_dir, real_tokenizer, processed_dir, tmp_path):
+    records = read_jsonl(processed_dir / "train.jsonl")  # 12 records, effective batch 4: 3 steps an epoch
+    params = small_params(max_steps=5, save_steps=2)  # crosses an epoch; dropout on (RNG state restored)
+
+    def run(folder, on_step=None):
+        return train(params, records, folder / "adapter", checkpoint_dir=folder / "ckpt",
+                     metrics_dir=folder / "metrics", model_dir=tiny_model_dir, tokenizer=real_tokenizer, on_step=on_step, progress=False)
+
+    whole = run(tmp_path / "whole")
+
+    def crash(step):
+        if step == 3:  # after the checkpoint of step 2 and one more (lost) step
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", on_step=crash)
+    assert not (tmp_path / "resumed" / "adapter").exists()
+    resumed = run(tmp_path / "resumed")
+
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == whole["steps"] == 5
+    assert resumed["samples"] == whole["samples"]
+    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) == 2 * 7 * 2  # A and B, 7 modules, 2 layers
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    # only the last 2 checkpoints are kept
+    assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").iterdir()) == ["step-000004", "step-000005"]
+
+    info = json.loads((tmp_path / "whole" / "adapter" / "training_info.json").read_text())
+    assert info["steps"] == 5 and info["base_model"]["weights_sha256"]
+    assert info["data_sha256"] == train_stage.records_sha256(records)
+    assert (tmp_path / "whole" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "whole" / "adapter" / "tokenizer.json").is_file()
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(tiny_model_dir, real_tokenizer, processed_dir, tmp_path):
+    records = read_jsonl(processed_dir / "train.jsonl")[:4]
+    kwargs = dict(checkpoint_dir=tmp_path / "ckpt", metrics_dir=None, model_dir=tiny_model_dir, tokenizer=real_tokenizer, progress=False)
+    train(small_params(max_steps=2, save_steps=1), records, None, **kwargs)
+    stats = train(small_params(max_steps=2, save_steps=1, learning_rate=2e-2), records, None, **kwargs)
+    assert stats["resumed_from_step"] == 0
+
+
+def test_lora_on_the_real_gemma3_270m_config_has_1898496_parameters(packaged_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    params = load_params(REPO / "params.yaml")["lora"]
+    config = AutoConfig.from_pretrained(packaged_model_dir)
+    with torch.device("meta"):  # shapes only, no memory
+        model = AutoModelForCausalLM.from_config(config)
+    lora = LoraConfig(r=8, lora_alpha=params["alpha"], target_modules=params["target_modules"],
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 1_898_496  # 7.6 MB in fp32
+
+
+def test_nf4_quantised_training_runs_a_step_on_cpu(tiny_model_dir, real_tokenizer, processed_dir):
+    pytest.importorskip("bitsandbytes")
+    records = read_jsonl(processed_dir / "train.jsonl")[:4]
+    stats = train(small_params(quantization="nf4", max_steps=1), records, None, checkpoint_dir=None,
+                  metrics_dir=None, model_dir=tiny_model_dir, tokenizer=real_tokenizer, progress=False)
+    assert stats["steps"] == 1 and stats["trainable_params"] > 0
+    assert torch.isfinite(torch.tensor(stats["final_loss"]))
