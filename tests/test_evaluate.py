@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,19 @@ def record(i: int, overlap, highlighted: int, rows: int) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(autouse=True)
+def tokenizer_loaded_once(monkeypatch, tiny_model_dir, tokenizer):
+    """The 262k-entry tokenizer takes seconds to load: every stage run here reuses the module's copy."""
+    real = evaluate.model_sources.load_tokenizer
+    monkeypatch.setattr(evaluate.model_sources, "load_tokenizer",
+                        lambda folder: tokenizer if Path(folder) == Path(tiny_model_dir) else real(folder))
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch, tiny_model_dir):
     """A project folder holding params.yaml, a processed validation file and a 'merged' model."""
@@ -56,7 +70,7 @@ def set_params(folder, params):
     (folder / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
 
 
-def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_model_dir):
+def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_model_dir, tokenizer):
     folder, _, records = project
     result = evaluate.main([])
 
@@ -84,7 +98,6 @@ def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_mod
 
     # A prediction is the model's own greedy continuation of the prompt, cut at the end token.
     model = load_model(tiny_model_dir, dtype=torch.bfloat16, device=torch.device("cpu"))
-    tokenizer = load_tokenizer(tiny_model_dir)
     ids = tokenizer(records[1]["prompt"], add_special_tokens=True, return_tensors="pt")["input_ids"]
     out = model.generate(input_ids=ids, do_sample=False, max_new_tokens=6, eos_token_id=[1, 106], pad_token_id=0)
     assert rows[1]["prediction"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -1,5 +1,7 @@
 """Batched greedy generation gives the same sentences as one prompt at a time, stopping each on its own."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -18,11 +20,28 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
+def short_window_model_dir(tmp_path_factory, tiny_model_dir):
+    """The shared tiny model with an 8-token sliding window: most prompts here are longer, so the
+    sliding-window layers see left padding the way the real model (window 512) does on long tables."""
+    from transformers import AutoConfig, Gemma3ForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.sliding_window = 8
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-gemma3-window-8")
+    Gemma3ForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    for file in tiny_model_dir.glob("*"):
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(file, folder / file.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(short_window_model_dir):
     torch.set_num_threads(2)
     # fp32 on CPU: equality of batched and sequential decoding is then not blurred by bf16 rounding.
-    model = load_model(tiny_model_dir, dtype=torch.float32, device=torch.device("cpu"))
-    return model, load_tokenizer(tiny_model_dir)
+    model = load_model(short_window_model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    return model, load_tokenizer(short_window_model_dir)
 
 
 def sequential(model, tokenizer, prompts, max_new_tokens):
@@ -91,20 +110,3 @@ def test_rejects_bad_arguments(tiny):
         generate(model, tokenizer, ["x"], 4, 0, "cpu")
     assert generate(model, tokenizer, [], 4, 2, "cpu") == []
 
-
-# Stand-in until tests/conftest.py provides the shared `tiny_model_dir` fixture.
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    from stages.model_sources import resolve_model
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=262144, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16,
-                              layer_types=["sliding_attention", "full_attention"],
-                              bos_token_id=2, eos_token_id=1, pad_token_id=0)
-    path = tmp_path_factory.mktemp("tiny-gemma3")
-    Gemma3ForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    load_tokenizer(resolve_model("packaged")).save_pretrained(path)
-    return path

@@ -1,0 +1,271 @@
+"""Write one sentence about the highlighted cells of a table, with the fine-tuned model.
+
+    python -m stages.infer [FILE|-] (--model models/merged | --adapter models/adapter [--base NAME])
+                           [--batch FILE.jsonl] [--max-new-tokens N] [--linearization MODE]
+
+Input: FILE holds one JSON object (it may span several lines); `-` or no FILE reads it from stdin.
+--batch FILE.jsonl holds one object per line and prints one sentence per line, in order. Each object is
+  * a ToTTo example (official schema: example_id, table, highlighted_cells, table_page_title,
+    table_section_title, optional table_section_text; sentence_annotations are not needed), or
+  * a simple table:
+        {"title": "...", "section": "...", "header": ["Year", "Team"],
+         "rows": [["1998", "Ajax"], ["1999", "PSV"]], "highlight": [[1, 0], [1, 1]]}
+    `rows` are the body rows only: highlight [r, c] is row r of `rows` (0 = the first row under the
+    header) and column c. `title`, `section` and `header` may be left out; values are strings or numbers.
+    With data.include_question (FeTaQA models) a "question" string is required.
+
+The prompt is built exactly as the preprocess stage builds it (same linearisation, params.yaml
+data.linearization unless --linearization, same prompt template); if it is longer than data.max_length
+minus --max-new-tokens, the end of the table text is cut, as preprocess does, and a warning says so.
+The model: --model is a merged model folder; --adapter a LoRA adapter folder whose base model is
+named in its training_info.json (or given with --base). Bad input ends with one line naming the file,
+line and field, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from stages import model_sources
+from stages.evaluate import EvalError, adapter_base_name, load_with_adapter
+from stages.generation import generate
+from stages.linearize import MODES, linearize
+from stages.params import PARAMS_FILE, load_params
+from stages.preprocess import fit_prompt
+from stages.sources import _FieldError, _from_totto  # the one ToTTo record validator, shared with preprocess
+
+SIMPLE_KEYS = {"title", "section", "header", "rows", "highlight", "question"}
+
+
+class InputError(Exception):
+    """Bad input or arguments, reported as one line without a traceback."""
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    args = parse_args(argv)
+    params = load_params(args.params)
+    mode = args.linearization or params["data"].get("linearization", "subtable")
+    if mode not in MODES:
+        raise InputError(f"--linearization must be one of {MODES}, got {mode!r}")
+    include_question = bool(params["data"].get("include_question", False))
+    budget = int(params["data"]["max_length"]) - args.max_new_tokens
+
+    examples = read_inputs(args)  # all input is checked before the model is loaded
+    device = model_sources.pick_device(args.device)
+    dtype = model_sources.pick_dtype(device)
+    model, tokenizer = load(args, device, dtype)
+
+    prompts = [make_prompt(tokenizer, example, where, mode, include_question, budget) for where, example in examples]
+    sentences = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, device,
+                         progress=len(prompts) > 1)
+    for sentence in sentences:
+        print(sentence.replace("\n", " "), flush=True)  # one line per input, whatever the model wrote
+    return sentences
+
+
+def make_prompt(tokenizer, example: dict, where: str, mode: str, include_question: bool, budget: int) -> str:
+    """The model input for one example, built as stages.preprocess builds it (table text cut to `budget`)."""
+    question = example.get("question") if include_question else None
+    if include_question and not question:
+        raise InputError(f"{where}: field 'question': required by this model (data.include_question: true)")
+    prompt, _, truncated = fit_prompt(tokenizer, linearize(example, mode), question, budget)
+    if prompt is None:
+        raise InputError(f"{where}: the prompt cannot fit in data.max_length - --max-new-tokens = {budget} tokens")
+    if truncated:
+        print(f"infer: warning: {where}: table text cut to fit {budget} tokens", file=sys.stderr)
+    return prompt
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stages.infer", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[4:]))
+    parser.add_argument("file", nargs="?", default=None, help="JSON file with one table ('-' or none: stdin)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="merged model folder (e.g. models/merged)")
+    which.add_argument("--adapter", type=Path, help="LoRA adapter folder (e.g. models/adapter)")
+    parser.add_argument("--base", help="base model of --adapter (default: from its training_info.json)")
+    parser.add_argument("--batch", type=Path, help="JSON lines file, one table per line")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length cap (default 64)")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples generated together (default 16)")
+    parser.add_argument("--linearization", choices=MODES, help="table text mode (default: params data.linearization)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    parser.add_argument("--params", type=Path, default=Path(os.environ.get("TOTTO_PARAMS", PARAMS_FILE)),
+                        help="params file (default: $TOTTO_PARAMS or params.yaml)")
+    args = parser.parse_args(argv)
+    if args.batch is not None and args.file is not None:
+        parser.error("give either FILE or --batch, not both")
+    if args.base is not None and args.adapter is None:
+        parser.error("--base only goes with --adapter")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        parser.error("--max-new-tokens and --batch-size must be at least 1")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Input
+
+
+def read_inputs(args) -> list[tuple[str, dict]]:
+    """(location, normalised example) for every input table."""
+    if args.batch is not None:
+        path = args.batch
+        text = read_text(path)
+        examples = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{path.as_posix()}:{line_no}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            examples.append((where, to_example(obj, where, path.as_posix(), line_no)))
+        if not examples:
+            raise InputError(f"{path.as_posix()}: no tables (the file is empty)")
+        return examples
+
+    label = "<stdin>" if args.file in (None, "-") else Path(args.file).as_posix()
+    text = sys.stdin.read() if args.file in (None, "-") else read_text(Path(args.file))
+    if not text.strip():
+        raise InputError(f"{label}: empty input (expected one JSON object)")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{label}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+    return [(label, to_example(obj, label, label, 1))]
+
+
+def read_text(path: Path) -> str:
+    if not path.is_file():
+        raise InputError(f"{path.as_posix()}: no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path.as_posix()}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def to_example(obj, where: str, source_file: str, line: int) -> dict:
+    """A normalised example (stages.sources contract) from a ToTTo record or a simple table."""
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    try:
+        if "table" in obj:
+            example = _from_totto(obj, require_references=False)
+        elif "rows" in obj:
+            example = simple_to_example(obj)
+        else:
+            raise _FieldError("<record>", "expected a ToTTo example (with 'table') or a simple table "
+                                          "(with 'rows', 'highlight', optional 'title', 'section', 'header')",
+                              "unknown_format")
+    except _FieldError as err:
+        raise InputError(f"{where}: field {err.field!r}: {err.message}") from None
+    example["source_file"], example["line"] = source_file, line
+    return example
+
+
+def simple_to_example(obj: dict) -> dict:
+    """{"title", "section", "header", "rows", "highlight"(, "question")} -> normalised example."""
+    unknown = sorted(set(obj) - SIMPLE_KEYS)
+    if unknown:
+        raise _FieldError(unknown[0], f"unknown field (expected {sorted(SIMPLE_KEYS)})", "unknown_field")
+    title = _text_field(obj, "title")
+    section = _text_field(obj, "section")
+    header = obj.get("header") or []
+    if not isinstance(header, list):
+        raise _FieldError("header", f"expected a list of column names, got {type(header).__name__}", "wrong_type")
+    rows = obj.get("rows")
+    if not isinstance(rows, list) or not rows:
+        raise _FieldError("rows", "expected a non-empty list of rows (lists of cell values)", "wrong_type")
+    table = []
+    if header:
+        table.append([_cell(v, True, f"header[{c}]") for c, v in enumerate(header)])
+    for r, row in enumerate(rows):
+        if not isinstance(row, list) or not row:
+            raise _FieldError(f"rows[{r}]", "expected a non-empty list of cell values", "wrong_type")
+        table.append([_cell(v, False, f"rows[{r}][{c}]") for c, v in enumerate(row)])
+
+    highlight = obj.get("highlight")
+    if not isinstance(highlight, list) or not highlight:
+        raise _FieldError("highlight", "expected a non-empty list of [row, column] pairs", "wrong_type")
+    offset = 1 if header else 0  # rows are counted without the header row
+    cells = []
+    for i, pair in enumerate(highlight):
+        if (not isinstance(pair, list) or len(pair) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
+            raise _FieldError(f"highlight[{i}]", f"expected [row, column] integers, got {pair!r}", "wrong_type")
+        r, c = pair
+        if not 0 <= r < len(rows):
+            raise _FieldError(f"highlight[{i}]", f"row {r} outside rows 0..{len(rows) - 1} "
+                                                 "(rows are counted without the header)", "out_of_range")
+        if not 0 <= c < len(rows[r]):
+            raise _FieldError(f"highlight[{i}]", f"column {c} outside row {r}'s columns 0..{len(rows[r]) - 1}",
+                              "out_of_range")
+        cells.append([r + offset, c])
+
+    question = obj.get("question")
+    if question is not None and not isinstance(question, str):
+        raise _FieldError("question", f"expected str, got {type(question).__name__}", "wrong_type")
+    return {"id": "input", "table": table, "highlighted_cells": cells, "page_title": title,
+            "section_title": section, "section_text": "", "references": [], "overlap": None,
+            "question": question}
+
+
+def _text_field(obj: dict, key: str) -> str:
+    value = obj.get(key, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _FieldError(key, f"expected str, got {type(value).__name__}", "wrong_type")
+    return value
+
+
+def _cell(value, is_header: bool, field: str) -> dict:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _FieldError(field, f"expected a string or number, got {type(value).__name__}", "wrong_type")
+    return {"value": str(value), "is_header": is_header, "column_span": 1, "row_span": 1}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+
+
+def load(args, device, dtype):
+    """(model, tokenizer) for --model or --adapter."""
+    if args.model is not None:
+        folder = args.model
+        if not (folder / "config.json").is_file():
+            raise InputError(f"--model {folder.as_posix()}: no config.json (not a model folder; run the merge stage?)")
+        if not (folder / "tokenizer_config.json").is_file():
+            raise InputError(f"--model {folder.as_posix()}: no tokenizer files")
+        model = model_sources.load_model(folder, quantization="none", dtype=dtype, device=device)
+        return model, model_sources.load_tokenizer(folder)
+
+    folder = args.adapter
+    if not (folder / "adapter_config.json").is_file():
+        raise InputError(f"--adapter {folder.as_posix()}: no adapter_config.json (not an adapter folder)")
+    base_name = args.base or adapter_base_name(folder)
+    if not base_name:
+        raise InputError(f"--adapter {folder.as_posix()}: training_info.json names no base model "
+                         "(field 'base_model.name'); give it with --base")
+    base_dir = model_sources.resolve_model(base_name)
+    model = load_with_adapter(folder, base_dir, device, dtype)
+    tok_dir = folder if (folder / "tokenizer_config.json").is_file() else base_dir
+    return model, model_sources.load_tokenizer(tok_dir)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    try:
+        main(argv)
+    except (InputError, EvalError, FileNotFoundError) as err:
+        print(f"infer: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

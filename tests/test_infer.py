@@ -1,0 +1,179 @@
+"""The inference CLI: both input forms, stdin, batch, adapter, and clear errors (exit 2) on bad input."""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages import infer
+from stages.generation import generate
+from stages.linearize import linearize
+from stages.model_sources import load_model, load_tokenizer
+from stages.params import load_params
+from stages.preprocess import build_record
+from stages.prompts import completion_end
+from stages.sources import read_totto_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DEV = REPO / "data" / "demo" / "dev.jsonl"
+PARAMS = REPO / "params.yaml"  # data.linearization, data.max_length of the project
+
+SIMPLE = {"title": "1998 FIFA World Cup", "section": "Final", "header": ["Team", "Goals"],
+          "rows": [["France", 3], ["Brazil", 0]], "highlight": [[0, 0], [0, 1]]}
+
+
+@pytest.fixture(scope="module")
+def totto_line():
+    return DEMO_DEV.read_text(encoding="utf-8").splitlines()[0]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def tokenizer_loaded_once(monkeypatch, tiny_model_dir, tokenizer):
+    """The 262k-entry tokenizer takes seconds to load: every CLI run here reuses the module's copy."""
+    real = infer.model_sources.load_tokenizer
+
+    def load(folder):
+        return tokenizer if Path(folder) == Path(tiny_model_dir) else real(folder)
+
+    monkeypatch.setattr(infer.model_sources, "load_tokenizer", load)
+
+
+def run(capsys, *argv):
+    status = infer.cli([*map(str, argv), "--params", str(PARAMS), "--device", "cpu", "--max-new-tokens", "8"])
+    out, err = capsys.readouterr()
+    return status, out.splitlines(), err
+
+
+def expected(model_dir, tokenizer, examples):
+    """What the CLI must print: greedy sentences for the prompts preprocess would build."""
+    model = load_model(model_dir, dtype=torch.bfloat16, device=torch.device("cpu"))
+    data = load_params(PARAMS)["data"]
+    prompts = [infer.make_prompt(tokenizer, ex, "test", data["linearization"], False, data["max_length"] - 8)
+               for ex in examples]
+    return generate(model, tokenizer, prompts, 8, 4, "cpu", progress=False)
+
+
+def test_simple_table_rows_are_counted_without_the_header():
+    example = infer.to_example(SIMPLE, "t.json", "t.json", 1)
+    assert [c["value"] for c in example["table"][0]] == ["Team", "Goals"]
+    assert all(c["is_header"] for c in example["table"][0])
+    assert example["highlighted_cells"] == [[1, 0], [1, 1]]  # row 0 of `rows` is table row 1
+    assert example["table"][1][1]["value"] == "3"
+    assert linearize(example).startswith("<page_title> 1998 FIFA World Cup </page_title> <section_title> Final")
+    assert "<cell> France <col_header> Team </col_header>" in linearize(example)
+    headless = infer.to_example({"rows": [["a", "b"]], "highlight": [[0, 1]]}, "t.json", "t.json", 1)
+    assert headless["highlighted_cells"] == [[0, 1]] and headless["page_title"] == ""
+
+
+def test_prompt_is_the_one_preprocess_builds(tokenizer, totto_line, tmp_path):
+    path = tmp_path / "dev.jsonl"
+    path.write_text(totto_line + "\n", encoding="utf-8")
+    via_sources = read_totto_jsonl(path)[0]
+    example = infer.to_example(json.loads(totto_line), "x", "x", 1)
+    for mode in ("subtable", "full_table"):
+        record = build_record(tokenizer, via_sources, linearize(via_sources, mode), None,
+                              completion_end(tokenizer), 1024)
+        budget = 1024 - record["completion_tokens"]  # preprocess leaves room for the target
+        assert infer.make_prompt(tokenizer, example, "x", mode, False, budget) == record["prompt"]
+
+
+def test_long_table_is_cut_to_the_budget_with_a_warning(tokenizer, totto_line, capsys):
+    example = infer.to_example(json.loads(totto_line), "x", "x", 1)
+    prompt = infer.make_prompt(tokenizer, example, "x", "full_table", False, 40)
+    assert len(tokenizer(prompt, add_special_tokens=True)["input_ids"]) <= 40
+    assert "table text cut" in capsys.readouterr().err
+
+
+def test_file_stdin_and_batch_print_one_sentence_per_table(tiny_model_dir, tokenizer, totto_line, tmp_path,
+                                                           capsys, monkeypatch):
+    simple_file = tmp_path / "table.json"
+    simple_file.write_text(json.dumps(SIMPLE, indent=2), encoding="utf-8")  # one object over several lines
+    batch = tmp_path / "tables.jsonl"
+    batch.write_text(json.dumps(SIMPLE) + "\n\n" + totto_line + "\n", encoding="utf-8")
+    want = expected(tiny_model_dir, tokenizer, [infer.to_example(SIMPLE, "", "", 1),
+                                                infer.to_example(json.loads(totto_line), "", "", 1)])
+
+    status, out, err = run(capsys, simple_file, "--model", tiny_model_dir)
+    assert (status, out) == (0, [want[0]]), err
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(totto_line))
+    status, out, err = run(capsys, "-", "--model", tiny_model_dir)
+    assert (status, out) == (0, [want[1]]), err
+
+    status, out, err = run(capsys, "--batch", batch, "--model", tiny_model_dir, "--batch-size", "2")
+    assert (status, out) == (0, want), err
+
+
+def test_adapter_takes_its_base_from_training_info(tiny_model_dir, tokenizer, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = load_model(tiny_model_dir, dtype=torch.bfloat16, device=torch.device("cpu"))
+    adapter = tmp_path / "adapter"
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(SIMPLE), encoding="utf-8")
+
+    status, _, err = run(capsys, table, "--adapter", adapter)
+    assert status == 2 and "give it with --base" in err
+
+    (adapter / "training_info.json").write_text(json.dumps({"base_model": {"name": str(tiny_model_dir)}}))
+    status, out, err = run(capsys, table, "--adapter", adapter)
+    # A fresh LoRA adapter (B = 0) changes nothing: the base model's sentence.
+    assert (status, out) == (0, expected(tiny_model_dir, tokenizer, [infer.to_example(SIMPLE, "", "", 1)])), err
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"rows": [["a"]], "highlight": [[3, 0]]}', "field 'highlight[0]': row 3 outside rows 0..0"),
+    ('{"rows": [["a"]], "highlight": [[0, 1]]}', "field 'highlight[0]': column 1 outside"),
+    ('{"rows": [["a"]], "highlight": [["0", 0]]}', "field 'highlight[0]': expected [row, column] integers"),
+    ('{"rows": [["a", null]], "highlight": [[0, 0]]}', "field 'rows[0][1]': expected a string or number"),
+    ('{"rows": [], "highlight": [[0, 0]]}', "field 'rows'"),
+    ('{"rows": [["a"]], "highlight": [[0, 0]], "colour": 1}', "field 'colour': unknown field"),
+    ('{"title": "x"}', "expected a ToTTo example"),
+    ('{"table": [], "highlighted_cells": []}', "field 'example_id'"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"rows": [["a"]],\n "highlight": [[0, 0]', "table.json:2: invalid JSON"),
+    ('', "empty input"),
+])
+def test_bad_single_input_is_exit_2_with_file_and_field(tmp_path, capsys, content, message):
+    table = tmp_path / "table.json"
+    table.write_text(content, encoding="utf-8")
+    status, out, err = run(capsys, table, "--model", tmp_path)  # input is checked before any model loads
+    assert status == 2 and out == []
+    assert "table.json" in err and message in err, err
+    assert "Traceback" not in err
+
+
+def test_bad_batch_line_names_its_line(tmp_path, capsys):
+    batch = tmp_path / "tables.jsonl"
+    batch.write_text(json.dumps(SIMPLE) + "\n" + '{"rows": [["a"]], "highlight": [[0, 5]]}' + "\n")
+    status, _, err = run(capsys, "--batch", batch, "--model", tmp_path)
+    assert status == 2 and "tables.jsonl:2: field 'highlight[0]'" in err
+
+    batch.write_text(json.dumps(SIMPLE) + "\n{not json\n")
+    status, _, err = run(capsys, "--batch", batch, "--model", tmp_path)
+    assert status == 2 and "tables.jsonl:2: invalid JSON" in err
+
+
+def test_missing_files_and_models_are_exit_2(tmp_path, capsys):
+    status, _, err = run(capsys, tmp_path / "nope.json", "--model", tmp_path)
+    assert status == 2 and "nope.json: no such file" in err
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(SIMPLE))
+    status, _, err = run(capsys, table, "--model", tmp_path / "no-model")
+    assert status == 2 and "no config.json" in err
+    status, _, err = run(capsys, table, "--adapter", tmp_path)
+    assert status == 2 and "no adapter_config.json" in err
