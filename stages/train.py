@@ -47,7 +47,10 @@ METRICS_DIR = Path("metrics")
 KEEP_CHECKPOINTS = 2
 # Settings that do not change what is computed (only how fast, or how often we log/save): a checkpoint
 # written under other values of these is still a valid resume point.
-NOT_IN_RUN_KEY = {"logging_steps", "save_steps", "device", "num_threads", "micro_batch_tokens", "max_memory_gb"}
+NOT_IN_RUN_KEY = {
+    "logging_steps", "save_steps", "device", "num_threads", "micro_batch_tokens", "cpu_micro_batch_tokens",
+    "max_memory_gb", "peak_flops",
+}
 # Dense bf16 peak FLOP/s per device, for MFU (train.peak_flops overrides; unknown devices get no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 HEAD_CHUNK_BYTES = 2**27  # fp32 logits of one loss chunk (128 positions of Gemma's 262,144 vocabulary)
@@ -150,7 +153,7 @@ def compute_dtype(device: torch.device) -> torch.dtype:
         except (AttributeError, RuntimeError):
             native = False
         if not native:
-            print("train: this CPU has no native bf16 matmul; computing in float32")
+            print("note: this CPU has no native bf16 matmul; computing in float32")
             return torch.float32
     return dtype
 
@@ -348,13 +351,17 @@ def train(
 
     # Micro-batch token budget; under a memory cap, lower it by the estimate of stages.batching, and
     # only if not even the longest example fits, recompute activations (gradient checkpointing).
+    # CPUs run faster with small micro-batches (cache-sized matmuls); GPUs want large ones.
     budget = int(cfg["micro_batch_tokens"])
+    if device.type == "cpu" and cfg.get("cpu_micro_batch_tokens"):
+        budget = int(cfg["cpu_micro_batch_tokens"])
     checkpointing = False
     if cfg.get("max_memory_gb"):
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         fixed = weight_bytes + n_trainable * 4 * 3 + 3 * HEAD_CHUNK_BYTES  # + grads and Adam moments
         act_bytes = 2 if dtype == torch.bfloat16 else 4
         per_token = activation_bytes_per_token(base.config, act_bytes)
+        budget_before_cap = budget
         budget = budget_for_memory(budget, cfg["max_memory_gb"], fixed_bytes=fixed, bytes_per_token=per_token)
         longest = max(len(ids) for ids, _ in examples)
         if budget < longest:
@@ -364,7 +371,7 @@ def train(
                 per_token // base.config.num_hidden_layers
             )
             budget = budget_for_memory(
-                int(cfg["micro_batch_tokens"]), cfg["max_memory_gb"], fixed_bytes=fixed, bytes_per_token=per_token
+                budget_before_cap, cfg["max_memory_gb"], fixed_bytes=fixed, bytes_per_token=per_token
             )
         print(f"train: max_memory_gb={cfg['max_memory_gb']} -> micro_batch_tokens={budget}, gradient checkpointing={checkpointing}")
 

@@ -28,7 +28,7 @@ def small_params(**train_overrides) -> dict:
     params = copy.deepcopy(load_params(REPO / "params.yaml"))
     params["train"].update(
         quantization="none", effective_batch=4, max_steps=4, save_steps=2, logging_steps=1,
-        learning_rate=1e-2, warmup_ratio=0.0, device="cpu", micro_batch_tokens=128,
+        learning_rate=1e-2, warmup_ratio=0.0, device="cpu", micro_batch_tokens=128, cpu_micro_batch_tokens=128,
     )
     params["train"].update(train_overrides)
     return params
