@@ -25,7 +25,7 @@ import torch
 
 from stages import model_sources
 from stages.params import PARAMS_FILE, load_params
-from stages.train import ADAPTER_DIR, compute_dtype, read_jsonl, replace_dir, write_json
+from stages.train import ADAPTER_DIR, read_jsonl, replace_dir, write_json
 
 VALIDATION_FILE = Path("data/processed/validation.jsonl")
 MERGED_DIR = Path("models/merged")
@@ -129,7 +129,7 @@ def merge(
 
         # 2. verify the model as saved against base + adapter in fp32. Computed in bf16 where the device
         #    has native bf16, else in fp32 from the saved weights (the saved values are what is checked).
-        run_dtype = compute_dtype(device) if save_dtype == torch.bfloat16 else torch.float32
+        run_dtype = model_sources.pick_dtype(device) if save_dtype == torch.bfloat16 else torch.float32
         reference = base_with_adapter()
         saved = model_sources.load_model(tmp, quantization="none", dtype=run_dtype, device=device).eval()
         result = compare_logits(reference, saved, prompt_ids, device)

@@ -142,22 +142,6 @@ def batch_indices(step: int, n_examples: int, effective_batch: int, seed: int) -
 
 
 # ---------------------------------------------------------------------------------------------- model
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """model_sources.pick_dtype (bf16 where supported, never fp16), except on a CPU without native bf16
-    (no AVX512-BF16/AMX): there bf16 matmuls are emulated, measured ~80x slower than fp32 on an AVX2
-    EPYC, so fp32 is used (said on stdout and recorded as stats["dtype"])."""
-    dtype = model_sources.pick_dtype(device)
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        try:
-            native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        except (AttributeError, RuntimeError):
-            native = False
-        if not native:
-            print("note: this CPU has no native bf16 matmul; computing in float32")
-            return torch.float32
-    return dtype
-
-
 def build_model(params: dict, model_dir: Path, device: torch.device, dtype: torch.dtype):
     """Base model (NF4 or bf16), frozen, with fresh LoRA adapters from params (seeded by the caller)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -324,7 +308,7 @@ def train(
     cfg = params["train"]
     start_time = time.perf_counter()
     device = model_sources.pick_device(cfg.get("device", "auto"))
-    dtype = compute_dtype(device)
+    dtype = model_sources.pick_dtype(device)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
     if device.type == "cuda":

@@ -1,0 +1,72 @@
+"""Results files and the BENCHMARKS.md rows shared by the benchmarks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+BENCHMARKS_MD = Path("BENCHMARKS.md")
+
+
+def environment() -> dict:
+    import peft
+    import transformers
+
+    env = {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
+    for name in ("bitsandbytes", "trl", "liger_kernel"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception:  # not installed on this host: recorded as absent
+            env[name] = None
+    return env
+
+
+def write_results(out_dir: Path, kind: str, results: list[dict], meta: dict) -> Path:
+    env = environment()
+    date = dt.date.today().isoformat()
+    gpu = env["gpu"].replace(" ", "-").replace("/", "-")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{date}-{gpu}-{kind}.json"
+    path.write_text(json.dumps({"date": date, "kind": kind, "env": env, **meta, "results": results}, indent=2) + "\n")
+    append_markdown(path)
+    print(f"wrote {path}")
+    return path
+
+
+def append_markdown(results_file: Path, md: Path = BENCHMARKS_MD) -> None:
+    """Append one table (one row per run) for a results file to BENCHMARKS.md."""
+    doc = json.loads(Path(results_file).read_text())
+    env = doc["env"]
+    versions = ", ".join(f"{k} {v}" for k, v in env.items() if k not in {"gpu"} and v)
+    lines = [f"\n### {doc['date']} · {doc['kind']} · {env['gpu']}\n",
+             f"`{doc.get('command', '')}` — results file `{Path(results_file).name}`; {versions}\n"]
+    rows = doc["results"]
+    if doc["kind"] == "train":
+        lines.append("| run | samples/s | tokens/s | step time (s) | peak allocated (GiB) | final loss |")
+        lines.append("|---|---|---|---|---|---|")
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | |")
+            else:
+                lines.append(f"| {r['name']} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                             f"{r['step_time_s']:.3f} | {r['peak_allocated_gib']:.2f} | {r['final_loss']:.4f} |")
+    else:
+        keys = [k for k in rows[0] if k != "name" and not isinstance(rows[0][k], (list, dict))]
+        lines.append("| run | " + " | ".join(keys) + " |")
+        lines.append("|---" * (len(keys) + 1) + "|")
+        for r in rows:
+            cells = [f"{r.get(k):.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    with open(md, "a", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")

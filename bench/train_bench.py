@@ -1,0 +1,117 @@
+"""Training throughput: the original recipe, a plain Trainer, TRL + Liger, and the project's train stage,
+in one process, on one GPU, on the same processed data, each for a fixed number of optimiser steps with
+an effective batch of 16.
+
+    python -m bench.train_bench --data PROCESSED_TRAIN.jsonl [--only NAME ...] [--steps N]
+
+Writes bench/results/<date>-<gpu>-train.json and appends rows to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench import common
+from stages import model_sources
+from stages.params import load_params
+from stages.train import read_jsonl, train
+
+
+def run_project(name, params, records, model_dir, *, quant, steps, warmup, extra=None):
+    """The train stage's own loop (stages.train.train) with outputs off; throughput after `warmup` steps."""
+    p = copy.deepcopy(params)
+    p["train"].update({"quantization": quant, "max_steps": steps + warmup, "device": "cuda", "logging_steps": 1})
+    p["train"].update(extra or {})
+    stamps = []
+
+    def on_step(step):
+        stamps.append((step, time.perf_counter()))
+
+    torch.cuda.reset_peak_memory_stats()
+    stats = train(p, records, None, checkpoint_dir=None, metrics_dir=None, model_dir=model_dir,
+                  on_step=on_step, progress=False)
+    # tokens and samples of the measured steps: the same batches the loop drew (stages.train.batch_indices)
+    from stages.batching import encode_record
+    from stages.train import batch_indices
+
+    tok = model_sources.load_tokenizer(model_dir)
+    lengths = [len(encode_record(tok, r)[0]) for r in records]
+    eff = int(p["train"]["effective_batch"])
+    measured = [batch_indices(s, len(records), eff, int(p["train"]["seed"])) for s in range(warmup, steps + warmup)]
+    elapsed = stamps[-1][1] - stamps[warmup - 1][1]
+    tokens = sum(lengths[i] for batch in measured for i in batch)
+    samples = sum(len(b) for b in measured)
+    return {
+        "name": name,
+        "steps_measured": steps,
+        "step_time_s": elapsed / steps,
+        "samples_per_s": samples / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "final_loss": stats["final_loss"],
+        "micro_batch_tokens": stats["micro_batch_tokens"],
+        "gradient_checkpointing": stats["gradient_checkpointing"],
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="processed train.jsonl (stages.preprocess output)")
+    parser.add_argument("--model", default="packaged", help="model.name (default: the packaged Gemma 3 270M)")
+    parser.add_argument("--steps", type=int, default=30, help="measured optimiser steps per run")
+    parser.add_argument("--only", nargs="*", help="run only these names")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+
+    from bench.baselines import run_hf_trainer, run_trl_liger
+
+    params = load_params()
+    records = read_jsonl(args.data)
+    model_dir = model_sources.resolve_model(args.model)
+    tokenizer = model_sources.load_tokenizer(model_dir)
+    lora, lr = params["lora"], float(params["train"]["learning_rate"])
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    short = max(4, args.steps // 5)  # the original recipe is ~30x slower: fewer steps
+    runs = {
+        "original_recipe": lambda: run_hf_trainer(
+            "original_recipe", model_dir, tokenizer, records, steps=short, warmup=1, batch=1, accum=16,
+            grad_ckpt=True, attn="eager", quant="nf4", lora=lora, lr=lr, out_dir=work / "a"),
+        "plain_trainer_b16": lambda: run_hf_trainer(
+            "plain_trainer_b16", model_dir, tokenizer, records, steps=args.steps, warmup=2, batch=16, accum=1,
+            grad_ckpt=False, attn="sdpa", quant="nf4", lora=lora, lr=lr, out_dir=work / "b"),
+        "trl_liger_b16": lambda: run_trl_liger(
+            "trl_liger_b16", model_dir, tokenizer, records, steps=args.steps, warmup=2, batch=16, quant="nf4",
+            lora=lora, lr=lr, out_dir=work / "c"),
+        "project_nf4": lambda: run_project("project_nf4", params, records, model_dir, quant="nf4",
+                                           steps=args.steps * 3, warmup=3),
+        "project_bf16": lambda: run_project("project_bf16", params, records, model_dir, quant="none",
+                                            steps=args.steps * 3, warmup=3),
+        "project_nf4_5gb": lambda: run_project("project_nf4_5gb", params, records, model_dir, quant="nf4",
+                                               steps=args.steps * 3, warmup=3, extra={"max_memory_gb": 5}),
+    }
+    results = []
+    for name, fn in runs.items():
+        if args.only and name not in args.only:
+            continue
+        print(f"== {name}", flush=True)
+        try:
+            res = fn()
+        except Exception as err:  # one failing baseline must not hide the others; the error is recorded
+            res = {"name": name, "error": f"{type(err).__name__}: {err}"}
+        print(json.dumps({k: v for k, v in res.items() if k != "loss_curve"}), flush=True)
+        results.append(res)
+        torch.cuda.empty_cache()
+    common.write_results(args.out, "train", results, {"data": str(args.data), "records": len(records),
+                                                      "command": "python -m bench.train_bench " + " ".join(sys.argv[1:])})
+
+
+if __name__ == "__main__":
+    main()
