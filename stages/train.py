@@ -291,6 +291,7 @@ def train(
     *,
     checkpoint_dir: Path | None = CHECKPOINT_DIR,
     metrics_dir: Path | None = METRICS_DIR,
+    dvclive: bool = True,
     model_dir: Path | None = None,
     data_sha256: str | None = None,
     on_step: Callable[[int], None] | None = None,
@@ -300,6 +301,7 @@ def train(
     """Train LoRA adapters on `train_records` (processed records: prompt, completion) and return stats.
 
     adapter_dir / checkpoint_dir / metrics_dir may be None to skip those outputs (benchmarks).
+    dvclive=False keeps metrics/train.json but skips the per-step dvclive log (hosts without dvc).
     model_dir overrides params model.name (tests); tokenizer, if given, must be that model's (saves
     loading it again: seconds). on_step(step) is called after every optimiser step
     (1-based), after any checkpoint of that step; an exception from it stops the run like a crash."""
@@ -380,7 +382,7 @@ def train(
         print(f"train: resuming from {ckpt} (step {start_step} of {n_steps})")
 
     live = None
-    if metrics_dir is not None:
+    if metrics_dir is not None and dvclive:
         from dvclive import Live
 
         # dvcyaml=False: plots are declared in the project's dvc.yaml, dvclive must not rewrite it.
@@ -463,6 +465,7 @@ def train(
     }
     if live is not None:
         live.end()
+    if metrics_dir is not None:
         write_json(Path(metrics_dir) / "train.json", stats)
     if adapter_dir is not None:
         info = {
@@ -492,11 +495,13 @@ def save_adapter(model, tokenizer, adapter_dir: Path, info: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default params.yaml)")
+    parser.add_argument("--no-dvclive", action="store_true",
+                        help="skip the per-step dvclive log (for GPU hosts without dvc); metrics/train.json is kept")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
     records = read_jsonl(TRAIN_FILE)
-    stats = train(params, records, ADAPTER_DIR, data_sha256=sha256_file(TRAIN_FILE))
+    stats = train(params, records, ADAPTER_DIR, data_sha256=sha256_file(TRAIN_FILE), dvclive=not args.no_dvclive)
     print(
         f"train: {stats['steps']} steps, {stats['samples']} samples in {stats['wall_seconds']:.1f} s "
         f"({stats['tokens_per_s']:.0f} tokens/s), final loss {stats['final_loss']:.4f} -> {ADAPTER_DIR}"
