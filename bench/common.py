@@ -61,6 +61,25 @@ def append_markdown(results_file: Path, md: Path = BENCHMARKS_MD) -> None:
             else:
                 lines.append(f"| {r['name']} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
                              f"{r['step_time_s']:.3f} | {r['peak_allocated_gib']:.2f} | {r['final_loss']:.4f} |")
+    elif doc["kind"].startswith("recipe"):
+        lines.append("| run | stage wall times (s) | train tokens/s | train peak (GiB) | final loss | "
+                     "BLEU (base → tuned) | PARENT F (base → tuned) |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in rows:
+            st = r["stages"]
+            walls = ", ".join(f"{k} {v['wall_seconds']:.1f}" for k, v in st.items())
+            tr = st.get("train", {}).get("metrics", {})
+            ev = st.get("evaluate", {}).get("metrics", {})
+
+            def pair(key, digits):
+                tuned = (ev.get("finetuned") or {}).get("overall", {}).get(key)
+                base = (ev.get("base") or {}).get("overall", {}).get(key)
+                fmt = (lambda x: "–" if x is None else f"{x:.{digits}f}")
+                return f"{fmt(base)} → {fmt(tuned)}" if ev else ""
+
+            lines.append(f"| {r['name']} | {walls} | {tr.get('tokens_per_s', float('nan')):,.0f} | "
+                         f"{tr.get('peak_memory_gb', float('nan')):.2f} | {tr.get('final_loss', float('nan')):.4f} | "
+                         f"{pair('bleu', 1)} | {pair('parent_f', 3)} |")
     else:
         keys = [k for k in rows[0] if k != "name" and not isinstance(rows[0][k], (list, dict))]
         lines.append("| run | " + " | ".join(keys) + " |")

@@ -275,9 +275,10 @@ def accumulate_gradients(
     total = 0.0
     for micro in plan_micro_batches([len(ids) for ids, _ in examples], token_budget):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in micro], pad_id).items()}
-        hidden = decoder(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).last_hidden_state
+        # Right padding under causal attention: a real token never attends to the pads after it, so
+        # the padding mask changes nothing that carries loss; leaving it out lets sdpa take its fused
+        # causal kernel instead of a masked one.
+        hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
         loss_sum, _ = completion_loss(hidden, batch["targets"], head_weight, softcap=softcap)
         (loss_sum / label_tokens).backward()
         total += loss_sum.item()
@@ -386,7 +387,9 @@ def train(
         from dvclive import Live
 
         # dvcyaml=False: plots are declared in the project's dvc.yaml, dvclive must not rewrite it.
-        live = Live(dir=str(Path(metrics_dir) / "train"), resume=start_step > 0, dvcyaml=False, save_dvc_exp=False)
+        # A fresh log every run: DVC deletes the old one before the stage runs, so a resumed run replays
+        # the history kept in its checkpoint and the plot always covers every step.
+        live = Live(dir=str(Path(metrics_dir) / "train"), dvcyaml=False, save_dvc_exp=False)
 
     peak = peak_flops(cfg, device)
     logging_steps, save_steps = int(cfg["logging_steps"]), int(cfg["save_steps"])
@@ -395,6 +398,10 @@ def train(
     train_seconds = state.get("train_seconds", 0.0)
     loss_value = state.get("loss", float("nan"))
     window = {"tokens": 0, "samples": 0, "flops": 0.0, "seconds": 0.0}
+    history = list(state.get("history", []))  # logged rows so far, kept in checkpoints
+    if live is not None:
+        for row in history:
+            log_row(live, row)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     model.train()
@@ -423,20 +430,19 @@ def train(
         window["flops"] += train_flops(base.config, lengths, label_tokens)
         window["seconds"] += seconds
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if live is not None and ((step + 1) % logging_steps == 0 or step + 1 == n_steps):
-            live.step = step + 1
-            live.log_metric("loss", loss_value)
-            live.log_metric("learning_rate", lr)
-            live.log_metric("grad_norm", grad_norm)
-            live.log_metric("tokens_per_s", window["tokens"] / window["seconds"])
-            live.log_metric("samples_per_s", window["samples"] / window["seconds"])
+        if (step + 1) % logging_steps == 0 or step + 1 == n_steps:
+            row = {"step": step + 1, "loss": loss_value, "learning_rate": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": window["tokens"] / window["seconds"],
+                   "samples_per_s": window["samples"] / window["seconds"]}
             if peak:
-                live.log_metric("mfu", window["flops"] / window["seconds"] / peak)
-            live.next_step()
+                row["mfu"] = window["flops"] / window["seconds"] / peak
+            history.append(row)
+            if live is not None:
+                log_row(live, row)
             window = {"tokens": 0, "samples": 0, "flops": 0.0, "seconds": 0.0}
         # also at the last step: a rerun after a later crash (or a deleted output) skips the training
         if checkpoint_dir is not None and ((step + 1) % save_steps == 0 or step + 1 == n_steps):
-            extra = {"samples": done_samples, "tokens": done_tokens, "train_seconds": train_seconds,
+            extra = {"history": history, "samples": done_samples, "tokens": done_tokens, "train_seconds": train_seconds,
                      "loss": loss_value, "epoch": (step + 1) // steps_per_epoch(n_examples, effective_batch),
                      "next_batch_in_epoch": (step + 1) % steps_per_epoch(n_examples, effective_batch)}
             save_checkpoint(Path(checkpoint_dir), step + 1, key, model, optimizer, scheduler, extra)
@@ -476,6 +482,14 @@ def train(
         }
         save_adapter(model, tokenizer, Path(adapter_dir), info)
     return stats
+
+
+def log_row(live, row: dict) -> None:
+    live.step = row["step"]
+    for name, value in row.items():
+        if name != "step":
+            live.log_metric(name, value)
+    live.next_step()
 
 
 def save_adapter(model, tokenizer, adapter_dir: Path, info: dict) -> None:

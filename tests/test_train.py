@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,7 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_model_di
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed", on_step=crash)
     assert not (tmp_path / "resumed" / "adapter").exists()
+    shutil.rmtree(tmp_path / "resumed" / "metrics")  # as `dvc repro` deletes outputs before a rerun
     resumed = run(tmp_path / "resumed")
 
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == whole["steps"] == 5
@@ -105,6 +107,13 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_model_di
     assert a.keys() == b.keys() and len(a) == 2 * 7 * 2  # A and B, 7 modules, 2 layers
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    # the loss curve of the resumed run still covers every step, with the uninterrupted run's values
+    def curve(folder):
+        with open(folder / "metrics" / "train" / "plots" / "metrics" / "loss.tsv", newline="") as fh:
+            return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh, delimiter="\t")]
+
+    assert [s for s, _ in curve(tmp_path / "resumed")] == [1, 2, 3, 4, 5]
+    assert [v for _, v in curve(tmp_path / "resumed")] == pytest.approx([v for _, v in curve(tmp_path / "whole")])
     # only the last 2 checkpoints are kept
     assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").iterdir()) == ["step-000004", "step-000005"]
 

