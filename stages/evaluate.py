@@ -21,13 +21,13 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from stages import model_sources
+from stages.atomic_io import write_atomic, write_json, write_jsonl
 from stages.generation import generate
 from stages.params import PARAMS_FILE, load_params
 from stages.totto_metrics import NOT_COMPUTED, SUBSETS, compute_metrics, plot_tables
@@ -242,28 +242,6 @@ def write_plots(folder: Path, records, predictions, per_example, base_prediction
         for row in rows:
             writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
         write_atomic(folder / file_name, buffer.getvalue())
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def print_summary(result: dict) -> None:

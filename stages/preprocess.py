@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
+from stages.atomic_io import write_json, write_jsonl
 from stages.linearize import linearize
 from stages.model_sources import load_tokenizer, resolve_model
 from stages.params import PARAMS_FILE, load_params
@@ -147,28 +146,6 @@ def split_metrics(report: LoadReport, records: list[dict], truncated: int) -> di
         "truncated": truncated,
         "max_tokens": max((r["prompt_tokens"] + r["completion_tokens"] for r in records), default=0),
     }
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def write_json(path: Path, obj) -> None:
-    _write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def print_summary(data: dict, mode: str, metrics: dict, out_dir: Path) -> None:

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from stages import model_sources
+from stages.atomic_io import write_json as _write_json
 from stages.batching import (
     activation_bytes_per_token,
     budget_for_memory,
@@ -93,10 +94,7 @@ def records_sha256(records: list[dict]) -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    _write_json(path, obj, sort_keys=True)
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
