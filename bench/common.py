@@ -52,7 +52,7 @@ def append_markdown(results_file: Path, md: Path = BENCHMARKS_MD) -> None:
     lines = [f"\n### {doc['date']} · {doc['kind']} · {env['gpu']}\n",
              f"`{doc.get('command', '')}` — results file `{Path(results_file).name}`; {versions}\n"]
     rows = doc["results"]
-    if doc["kind"] == "train":
+    if doc["kind"].startswith("train"):
         lines.append("| run | samples/s | tokens/s | step time (s) | peak allocated (GiB) | final loss |")
         lines.append("|---|---|---|---|---|---|")
         for r in rows:

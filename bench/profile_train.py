@@ -1,0 +1,119 @@
+"""Where the train stage's step time goes on a GPU, and what the cheap levers change (issue #6).
+
+    python -m bench.profile_train --data PROCESSED_TRAIN.jsonl --out OUT [--steps N]
+
+1. torch.profiler over a few steps of stages.train.train (NF4, the default settings): the top operators
+   by self CUDA time and by self CPU time, and the GPU-busy fraction of the step (kernel time / wall time),
+   written to OUT/profile-<variant>.txt.
+2. Throughput of variants of the same loop (micro-batch token budgets, nf4_fp32_upcast off, bf16,
+   torch.compile of each decoder layer), each measured like bench/train_bench.py's project rows;
+   written to bench/results/<date>-<gpu>-train-variants.json and BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench import common
+from bench.train_bench import run_project
+from stages import model_sources
+from stages import train as train_stage
+from stages.params import load_params
+from stages.train import read_jsonl
+
+
+def profile(params, records, model_dir, out: Path, name: str, extra: dict) -> dict:
+    from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
+
+    p = copy.deepcopy(params)
+    p["train"].update({"max_steps": 8, "device": "cuda", **extra})
+    sched = schedule(wait=2, warmup=2, active=4)
+    stamps = []
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=sched) as prof:
+        def on_step(step):
+            stamps.append(time.perf_counter())
+            prof.step()
+
+        train_stage.train(p, records, None, checkpoint_dir=None, metrics_dir=None, model_dir=model_dir,
+                          on_step=on_step, progress=False)
+    events = prof.key_averages()
+    wall = stamps[-1] - stamps[3]  # the 4 active steps
+    cuda_total = sum(e.self_device_time_total for e in events) / 1e6
+    text = [f"variant {name} {extra}: 4 active steps, wall {wall:.3f} s, self CUDA time {cuda_total:.3f} s "
+            f"(GPU busy {cuda_total / wall:.0%}), kernels launched "
+            f"{sum(e.count for e in events if e.device_type.name == 'CUDA')}",
+            events.table(sort_by="self_device_time_total", row_limit=30),
+            events.table(sort_by="self_cpu_time_total", row_limit=30)]
+    (out / f"profile-{name}.txt").write_text("\n\n".join(text))
+    print(text[0], flush=True)
+    return {"name": f"profile_{name}", "wall_4_steps_s": wall, "cuda_busy_s": cuda_total,
+            "gpu_busy_fraction": cuda_total / wall}
+
+
+def compile_layers(build_model):
+    """build_model wrapper that compiles every decoder layer in place (nn.Module.compile)."""
+    def wrapped(params, model_dir, device, dtype):
+        model = build_model(params, model_dir, device, dtype)
+        for layer in model.get_base_model().get_decoder().layers:
+            layer.compile(dynamic=True)
+        return model
+    return wrapped
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--skip-profile", action="store_true")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    params = load_params()
+    records = read_jsonl(args.data)
+    model_dir = model_sources.resolve_model("packaged")
+    profiles, results = [], []
+    if not args.skip_profile:
+        for name, extra in (("nf4", {}), ("bf16", {"quantization": "none"})):
+            try:
+                profiles.append(profile(params, records, model_dir, args.out, name, extra))
+            except Exception as err:  # recorded; the throughput variants still run
+                profiles.append({"name": f"profile_{name}", "error": f"{type(err).__name__}: {err}"})
+    variants = {
+        "nf4_default": ("nf4", {}),
+        "nf4_tokens_4096": ("nf4", {"micro_batch_tokens": 4096}),
+        "nf4_tokens_8192": ("nf4", {"micro_batch_tokens": 8192}),
+        "nf4_no_fp32_upcast": ("nf4", {"nf4_fp32_upcast": False}),
+        "bf16_default": ("none", {}),
+        "nf4_compiled_layers": ("nf4", {"_compile": True}),
+        "bf16_compiled_layers": ("none", {"_compile": True}),
+    }
+    original_build = train_stage.build_model
+    for name, (quant, extra) in variants.items():
+        extra = dict(extra)
+        compiled = extra.pop("_compile", False)
+        train_stage.build_model = compile_layers(original_build) if compiled else original_build
+        try:
+            res = run_project(name, params, records, model_dir, quant=quant, steps=args.steps,
+                              warmup=5 if compiled else 3, extra=extra)
+        except Exception as err:  # recorded, the other variants still run
+            res = {"name": name, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+        finally:
+            train_stage.build_model = original_build
+        print(json.dumps(res), flush=True)
+        results.append(res)
+        torch.cuda.empty_cache()
+    common.write_results(args.out, "train-variants", results, {
+        "data": str(args.data), "records": len(records), "profiles": profiles,
+        "command": "python -m bench.profile_train " + " ".join(sys.argv[1:])})
+
+
+if __name__ == "__main__":
+    main()
