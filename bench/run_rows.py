@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--totto", type=Path, required=True, help="folder with ToTTo train/dev .jsonl.gz")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", nargs="+", help="row names, in the order to start them (default: all)")
-    parser.add_argument("--gpus", type=int, default=0, help="GPUs to use (default: all visible)")
+    parser.add_argument("--gpus", type=int, nargs="+", help="GPU ids to use (default: all visible)")
     parser.add_argument("--deadline", type=float, default=0, help="start no row after this many seconds")
     parser.add_argument("--workroot", type=Path, default=Path("/tmp/totto-rows"))
     args = parser.parse_args(argv)
@@ -128,8 +128,8 @@ def main(argv=None) -> int:
     unknown = [n for n in wanted if n not in rows]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; bench/rows.yaml has {list(rows)}")
-    gpus = args.gpus or torch.cuda.device_count()
-    if gpus < 1:
+    gpus = args.gpus or list(range(torch.cuda.device_count()))
+    if not gpus:
         raise SystemExit("no CUDA device: the rows are GPU runs")
 
     todo: queue.Queue = queue.Queue()
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
             print(f"[gpu {gpu}] {outcome}", flush=True)
             outcomes.append(outcome)
 
-    threads = [threading.Thread(target=worker, args=(g,)) for g in range(gpus)]
+    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
     for t in threads:
         t.start()
     for t in threads:
