@@ -11,29 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from dvc_project import dvc, private_env
 from sshd import start_sshd
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET_KEYS = ("password", "passphrase", "keyfile", "credentialpath", "secret_access_key", "sas_token",
                "account_key", "connection_string")
 TRACKED = ("models/adapter", "models/merged")
-
-
-def dvc(cwd: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=180, stdin=subprocess.DEVNULL)
-    if check and result.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def write_fake_models(root: Path) -> None:
@@ -92,9 +83,7 @@ def project(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dvc-remote")
     home = tmp / "home"
     home.mkdir()
-    private = {"SSH_AUTH_SOCK", "XDG_CONFIG_HOME", "DVC_GLOBAL_CONFIG_DIR"}  # the user's agent and config
-    env = {k: v for k, v in os.environ.items() if k not in private}
-    env["HOME"] = str(home)
+    env = private_env(home)  # no ssh agent, no user config
     root = tmp / "project"
     root.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=root, env=env, check=True, timeout=60)
