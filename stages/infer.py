@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -33,10 +34,11 @@ from pathlib import Path
 from stages import model_sources
 from stages.evaluate import EvalError, adapter_base_name, load_with_adapter
 from stages.generation import generate
-from stages.linearize import MODES, linearize
+from stages.linearize import MODES
 from stages.params import PARAMS_FILE, load_params
-from stages.preprocess import fit_prompt
-from stages.sources import _FieldError, _from_totto  # the one ToTTo record validator, shared with preprocess
+from stages.model_sources import WeightsError
+from stages.preprocess import fit_prompt, table_text
+from stages.sources import FieldError, check_text, totto_example  # the ToTTo record validator preprocess uses
 
 SIMPLE_KEYS = {"title", "section", "header", "rows", "highlight", "question"}
 
@@ -72,7 +74,7 @@ def make_prompt(tokenizer, example: dict, where: str, mode: str, include_questio
     question = example.get("question") if include_question else None
     if include_question and not question:
         raise InputError(f"{where}: field 'question': required by this model (data.include_question: true)")
-    prompt, _, truncated = fit_prompt(tokenizer, linearize(example, mode), question, budget)
+    prompt, _, truncated = fit_prompt(tokenizer, table_text(tokenizer, example, mode, budget), question, budget)
     if prompt is None:
         raise InputError(f"{where}: the prompt cannot fit in data.max_length - --max-new-tokens = {budget} tokens")
     if truncated:
@@ -124,19 +126,27 @@ def read_inputs(args) -> list[tuple[str, dict]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise InputError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            except RecursionError:
+                raise InputError(f"{where}: JSON nested too deeply") from None
+            except ValueError as err:  # e.g. an integer of more than 4300 digits
+                raise InputError(f"{where}: invalid JSON ({err})") from None
             examples.append((where, to_example(obj, where, path.as_posix(), line_no)))
         if not examples:
             raise InputError(f"{path.as_posix()}: no tables (the file is empty)")
         return examples
 
     label = "<stdin>" if args.file in (None, "-") else Path(args.file).as_posix()
-    text = sys.stdin.read() if args.file in (None, "-") else read_text(Path(args.file))
+    text = read_stdin() if args.file in (None, "-") else read_text(Path(args.file))
     if not text.strip():
         raise InputError(f"{label}: empty input (expected one JSON object)")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
         raise InputError(f"{label}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise InputError(f"{label}: JSON nested too deeply") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise InputError(f"{label}: invalid JSON ({err})") from None
     return [(label, to_example(obj, label, label, 1))]
 
 
@@ -144,25 +154,38 @@ def read_text(path: Path) -> str:
     if not path.is_file():
         raise InputError(f"{path.as_posix()}: no such file")
     try:
-        return path.read_text(encoding="utf-8")
+        return decode(path.read_bytes(), path.as_posix())
+    except OSError as err:
+        raise InputError(f"{path.as_posix()}: cannot read ({err.strerror or err})") from None
+
+
+def read_stdin() -> str:
+    buffer = getattr(sys.stdin, "buffer", None)  # bytes, so that bad UTF-8 is ours to report
+    return sys.stdin.read() if buffer is None else decode(buffer.read(), "<stdin>")
+
+
+def decode(data: bytes, label: str) -> str:
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise InputError(f"{path.as_posix()}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        line = data.count(b"\n", 0, err.start) + 1
+        raise InputError(f"{label}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def to_example(obj, where: str, source_file: str, line: int) -> dict:
     """A normalised example (stages.sources contract) from a ToTTo record or a simple table."""
     if not isinstance(obj, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise InputError(f"{where}: field '<record>': expected a JSON object, got {type(obj).__name__}")
     try:
         if "table" in obj:
-            example = _from_totto(obj, require_references=False)
+            example = totto_example(obj, require_references=False)
         elif "rows" in obj:
             example = simple_to_example(obj)
         else:
-            raise _FieldError("<record>", "expected a ToTTo example (with 'table') or a simple table "
+            raise FieldError("<record>", "expected a ToTTo example (with 'table') or a simple table "
                                           "(with 'rows', 'highlight', optional 'title', 'section', 'header')",
                               "unknown_format")
-    except _FieldError as err:
+    except FieldError as err:
         raise InputError(f"{where}: field {err.field!r}: {err.message}") from None
     example["source_file"], example["line"] = source_file, line
     return example
@@ -172,44 +195,46 @@ def simple_to_example(obj: dict) -> dict:
     """{"title", "section", "header", "rows", "highlight"(, "question")} -> normalised example."""
     unknown = sorted(set(obj) - SIMPLE_KEYS)
     if unknown:
-        raise _FieldError(unknown[0], f"unknown field (expected {sorted(SIMPLE_KEYS)})", "unknown_field")
+        raise FieldError(unknown[0], f"unknown field (expected {sorted(SIMPLE_KEYS)})", "unknown_field")
     title = _text_field(obj, "title")
     section = _text_field(obj, "section")
     header = obj.get("header") or []
     if not isinstance(header, list):
-        raise _FieldError("header", f"expected a list of column names, got {type(header).__name__}", "wrong_type")
+        raise FieldError("header", f"expected a list of column names, got {type(header).__name__}", "wrong_type")
     rows = obj.get("rows")
     if not isinstance(rows, list) or not rows:
-        raise _FieldError("rows", "expected a non-empty list of rows (lists of cell values)", "wrong_type")
+        raise FieldError("rows", "expected a non-empty list of rows (lists of cell values)", "wrong_type")
     table = []
     if header:
         table.append([_cell(v, True, f"header[{c}]") for c, v in enumerate(header)])
     for r, row in enumerate(rows):
         if not isinstance(row, list) or not row:
-            raise _FieldError(f"rows[{r}]", "expected a non-empty list of cell values", "wrong_type")
+            raise FieldError(f"rows[{r}]", "expected a non-empty list of cell values", "wrong_type")
         table.append([_cell(v, False, f"rows[{r}][{c}]") for c, v in enumerate(row)])
 
     highlight = obj.get("highlight")
     if not isinstance(highlight, list) or not highlight:
-        raise _FieldError("highlight", "expected a non-empty list of [row, column] pairs", "wrong_type")
+        raise FieldError("highlight", "expected a non-empty list of [row, column] pairs", "wrong_type")
     offset = 1 if header else 0  # rows are counted without the header row
     cells = []
     for i, pair in enumerate(highlight):
         if (not isinstance(pair, list) or len(pair) != 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
-            raise _FieldError(f"highlight[{i}]", f"expected [row, column] integers, got {pair!r}", "wrong_type")
+            raise FieldError(f"highlight[{i}]", f"expected [row, column] integers, got {pair!r}", "wrong_type")
         r, c = pair
         if not 0 <= r < len(rows):
-            raise _FieldError(f"highlight[{i}]", f"row {r} outside rows 0..{len(rows) - 1} "
+            raise FieldError(f"highlight[{i}]", f"row {r} outside rows 0..{len(rows) - 1} "
                                                  "(rows are counted without the header)", "out_of_range")
         if not 0 <= c < len(rows[r]):
-            raise _FieldError(f"highlight[{i}]", f"column {c} outside row {r}'s columns 0..{len(rows[r]) - 1}",
+            raise FieldError(f"highlight[{i}]", f"column {c} outside row {r}'s columns 0..{len(rows[r]) - 1}",
                               "out_of_range")
         cells.append([r + offset, c])
 
     question = obj.get("question")
     if question is not None and not isinstance(question, str):
-        raise _FieldError("question", f"expected str, got {type(question).__name__}", "wrong_type")
+        raise FieldError("question", f"expected str, got {type(question).__name__}", "wrong_type")
+    if question is not None:
+        check_text(question, "question")
     return {"id": "input", "table": table, "highlighted_cells": cells, "page_title": title,
             "section_title": section, "section_text": "", "references": [], "overlap": None,
             "question": question}
@@ -220,14 +245,17 @@ def _text_field(obj: dict, key: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise _FieldError(key, f"expected str, got {type(value).__name__}", "wrong_type")
-    return value
+        raise FieldError(key, f"expected str, got {type(value).__name__}", "wrong_type")
+    return check_text(value, key)
 
 
 def _cell(value, is_header: bool, field: str) -> dict:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise _FieldError(field, f"expected a string or number, got {type(value).__name__}", "wrong_type")
-    return {"value": str(value), "is_header": is_header, "column_span": 1, "row_span": 1}
+        raise FieldError(field, f"expected a string or number, got {type(value).__name__}", "wrong_type")
+    if isinstance(value, float) and not math.isfinite(value):  # json.loads takes NaN and Infinity
+        raise FieldError(field, f"expected a finite number, got {value}", "wrong_type")
+    return {"value": check_text(value, field) if isinstance(value, str) else str(value), "is_header": is_header,
+            "column_span": 1, "row_span": 1}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,7 +289,7 @@ def load(args, device, dtype):
 def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
-    except (InputError, EvalError, FileNotFoundError) as err:
+    except (InputError, EvalError, FileNotFoundError, WeightsError) as err:
         print(f"infer: error: {err}", file=sys.stderr)
         return 2
     return 0

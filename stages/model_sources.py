@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,44 @@ import torch
 
 PACKAGED = "packaged"
 PACKAGED_NAME = "gemma-3-270m (packaged Q4_K_M GGUF, dequantised to bf16)"
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be loaded safely: none in safetensors, or a corrupt safetensors file (named)."""
+
+
+def check_safetensors(folder: Path, pattern: str = "*.safetensors") -> list[Path]:
+    """The folder's safetensors files, each one's header read and checked against its size.
+
+    Raises WeightsError naming the file: truncated, padded or with flipped header bytes, it would
+    otherwise surface as a bare safetensors traceback from deep inside transformers or peft; and a
+    folder with weights only in pickle formats (pytorch_model.bin, adapter_model.bin) is refused
+    rather than unpickled."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    files = sorted(folder.glob(pattern))
+    if not files:
+        others = sorted(p.name for p in folder.glob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"})
+        found = f" (found {', '.join(others)}: pickle formats are never loaded)" if others else ""
+        raise WeightsError(f"{folder.as_posix()}: no {pattern} weights{found}")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # a sharded model: every shard the index names must be there
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise WeightsError(f"{index.as_posix()}: unreadable shard index ({type(err).__name__}: {err})") from None
+        missing = sorted(name for name in shards if not (folder / name).is_file())
+        if missing:
+            raise WeightsError(f"{index.as_posix()}: shard {missing[0]} is missing")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass  # opening parses the header and checks it covers the file exactly
+        except (SafetensorError, OSError) as err:
+            raise WeightsError(f"{file.as_posix()}: corrupt safetensors file ({err}); "
+                               "fetch it again (dvc pull, or delete it and rerun the stage that writes it)") from None
+    return files
 
 
 def cache_root() -> Path:
@@ -120,7 +159,7 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     """bf16 wherever the hardware computes it natively; fp32 otherwise. Never fp16: Gemma 3 overflows it.
 
     A CPU without native bf16 (no AVX512-BF16/AMX) emulates bf16 matmuls, measured ~80x slower than
-    fp32 on an AVX2 EPYC, so fp32 is used there (and said once on stdout)."""
+    fp32 on an AVX2 EPYC, so fp32 is used there (and said once on stderr)."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
@@ -131,7 +170,8 @@ def pick_dtype(device: torch.device) -> torch.dtype:
         if not native:
             global _SAID_FP32
             if not _SAID_FP32:
-                print("note: this CPU has no native bf16 matmul; computing in float32")
+                # stderr: stdout is the output of stages.infer
+                print("note: this CPU has no native bf16 matmul; computing in float32", file=sys.stderr)
                 _SAID_FP32 = True
             return torch.float32
     return torch.bfloat16
@@ -157,6 +197,7 @@ def load_model(
     """Load the causal LM from safetensors, optionally 4-bit NF4 (bitsandbytes, double quant)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    check_safetensors(model_dir)
     device = device or pick_device()
     kwargs = dict(
         dtype=dtype,

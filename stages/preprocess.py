@@ -7,7 +7,8 @@ data/processed/{train,validation}.jsonl (one processed record a line, see the br
 metrics/preprocess.json (per split: read, written, skipped by reason, sampled out, truncated).
 Over-long inputs lose the end of their table text, never the target; a record whose target alone
 does not fit in data.max_length is a bad record ("target_too_long"). Output is deterministic.
-Bad input ends with a one-line error naming file, line and field, and exit status 2.
+Bad input ends with a one-line error naming file, line and field, and exit status 2; so does a split
+left with no records at all (an empty file, or every record skipped).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from stages.sources import SPLITS, BadRecordError, LoadReport, load_split
 
 OUT_DIR = Path("data/processed")
 METRICS_FILE = Path("metrics/preprocess.json")
+# table_text: cells linearised at first, and the tokens past the prompt budget that make a cut certain.
+PART_CELLS = 256
+CUT_MARGIN = 64
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
             question = example["question"] if include_question else None
             if include_question and question is None:
                 raise ValueError(f"data.include_question is true but {example['source_file']} has no questions")
-            record = build_record(tokenizer, example, linearize(example, mode), question, end, max_length)
+            record = build_record(tokenizer, example, table_text(tokenizer, example, mode, max_length), question,
+                                  end, max_length)
             if record is None:  # the target alone is longer than max_length: never cut the target
                 error = BadRecordError(
                     example["source_file"], example["line"], "references",
@@ -62,6 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             truncated += record["truncated"]
             records.append(record)
+        if not records:  # the next stage could only fail later, further from the cause
+            counts = report.as_dict()
+            raise ValueError(f"data: no {split} records left (read {counts['read']}, skipped {counts['skipped']} "
+                             f"{counts['skipped_by_reason']}, sampled out {counts['sampled_out']})")
         write_jsonl(args.out_dir / f"{split}.jsonl", records)
         metrics[split] = split_metrics(report, records, truncated)
 
@@ -90,6 +99,41 @@ def cached_tokenizer(model_name: str):
 
 def token_count(tokenizer, text: str, *, special: bool) -> int:
     return len(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def table_text(tokenizer, example: dict, mode: str, max_tokens: int) -> str:
+    """linearize(example, mode), built only as far as a prompt of `max_tokens` tokens can reach.
+
+    Both linearisations write cells in order (full_table row by row, subtable in highlighted order) and
+    a cell's text depends only on the table, not on the cells written after it, so the text of the first
+    k cells is a prefix of the whole text (but for its closing tags). Once that prefix is more than
+    CUT_MARGIN tokens longer than max_tokens, fit_prompt cuts it where it would cut the whole text; the
+    rest of a big table is never built nor tokenised (megabytes for a 20 MB table, and worse: a
+    full-table text grows with rows x rows when every row has a row header)."""
+    if mode == "full_table":
+        total = sum(len(row) for row in example["table"])
+    else:
+        total = len(example["highlighted_cells"])
+    k = PART_CELLS
+    while k < total:
+        text = linearize(_first_cells(example, mode, k), mode)
+        if token_count(tokenizer, text, special=False) > max_tokens + CUT_MARGIN:
+            return text
+        k *= 4
+    return linearize(example, mode)
+
+
+def _first_cells(example: dict, mode: str, k: int) -> dict:
+    """The example cut to the first k cells its linearisation writes."""
+    if mode != "full_table":
+        return {**example, "highlighted_cells": example["highlighted_cells"][:k]}
+    rows = []
+    for row in example["table"]:
+        if k <= 0:
+            break
+        rows.append(row[:k])
+        k -= len(row)
+    return {**example, "table": rows}  # highlighted cells past the cut are never looked up
 
 
 def build_record(tokenizer, example: dict, table_text: str, question: str | None, end: str, max_length: int):

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import io
 import json
 import sys
 from pathlib import Path
 
-from stages.sources import BadRecordError, read_totto_jsonl
+from stages.sources import BadRecordError, FieldError, check_text, read_totto_jsonl
 from stages.totto_metrics import compute_metrics
 
 
@@ -29,11 +30,16 @@ class InputError(Exception):
     """Bad command-line input, reported without a traceback."""
 
 
-def _open_text(path: Path):
-    # Text mode with universal newlines, as the official scripts read their files.
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _read_text(path: Path) -> io.StringIO:
+    """The file as text with universal newlines, as the official scripts read their files; bytes that
+    are not UTF-8 are reported with their line."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        data = f.read()
+    try:
+        return io.StringIO(data.decode("utf-8"), newline=None)
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -49,25 +55,33 @@ def read_predictions(path: str | Path) -> list[tuple[str, str | None]]:
     jsonl = _is_jsonl(path)
     rows = []
     try:
-        with _open_text(path) as f:
-            for number, line in enumerate(f, 1):
-                line = line.rstrip("\n")
-                if not jsonl:
-                    rows.append((line, None))
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise InputError(f"{path}:{number}: invalid JSON ({err.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("prediction"), str):
-                    raise InputError(f"{path}:{number}: field 'prediction': "
-                                     f"expected a JSON object with a string 'prediction'")
-                example_id = record.get("id")
-                rows.append((record["prediction"], None if example_id is None else str(example_id)))
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text ({err.reason})") from None
+        text = _read_text(path)
     except (OSError, EOFError) as err:  # e.g. a truncated or non-gzip .gz file
         raise InputError(f"{path}: cannot read ({err})") from None
+    for number, line in enumerate(text, 1):
+        line = line.rstrip("\n")
+        if not jsonl:
+            rows.append((line, None))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{number}: invalid JSON ({err.msg})") from None
+        except (ValueError, RecursionError) as err:  # a 4300-digit number, nesting too deep
+            raise InputError(f"{path}:{number}: invalid JSON ({type(err).__name__}: {err})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prediction"), str):
+            raise InputError(f"{path}:{number}: field 'prediction': "
+                             f"expected a JSON object with a string 'prediction'")
+        example_id = record.get("id")
+        if isinstance(example_id, (dict, list, bool, float)):
+            raise InputError(f"{path}:{number}: field 'id': expected a string or integer id, "
+                             f"got {type(example_id).__name__}")
+        rows.append((record["prediction"], None if example_id is None else str(example_id)))
+    for number, (prediction, _) in enumerate(rows, 1):
+        try:
+            check_text(prediction, "prediction")
+        except FieldError as err:
+            raise InputError(f"{path}:{number}: {err}") from None
     return rows
 
 
@@ -87,9 +101,14 @@ def score_files(predictions_path, examples_path, bleurt_checkpoint=None) -> dict
     """Read both files, check they align, and return the metrics summary."""
     predictions = read_predictions(predictions_path)
     examples = read_examples(examples_path)
+    if not examples:
+        raise InputError(f"{examples_path}: no examples to score")
     if len(predictions) != len(examples):
+        first = examples[len(predictions)] if len(predictions) < len(examples) else None
+        where = (f"; the first example without a prediction is {examples_path}:{first['line']}" if first
+                 else f"; {predictions_path}:{len(examples) + 1} is the first prediction without an example")
         raise InputError(f"{predictions_path} has {len(predictions)} predictions but "
-                         f"{examples_path} has {len(examples)} examples; they must align line by line")
+                         f"{examples_path} has {len(examples)} examples; they must align line by line{where}")
     for number, ((_, pred_id), example) in enumerate(zip(predictions, examples), 1):
         if pred_id is not None and pred_id != str(example["id"]):
             raise InputError(f"{predictions_path}:{number}: field 'id': {pred_id!r} does not match "

@@ -16,9 +16,11 @@ Normalised example (the contract every later stage codes against):
    "source_file": str, "line": int}
 
 Bad records (invalid JSON, non-UTF-8 bytes, missing or mistyped fields, highlighted cells out of
-range, empty tables, empty references, impossible spans, duplicate ids) raise `BadRecordError`
-naming file, line and field; with ``on_bad_record="skip"`` they are skipped and counted by reason
-in a `LoadReport`. Nothing is dropped without being counted.
+range, empty tables, empty references, impossible spans, duplicate ids, text that is not valid
+Unicode, JSON nested too deeply) raise `BadRecordError` naming file, line and field; with
+``on_bad_record="skip"`` they are skipped and counted by reason in a `LoadReport`. Nothing is dropped
+without being counted. `totto_example` validates one record outside a file (stages.infer uses it);
+its `FieldError` names the field and the caller adds where the record came from.
 """
 
 from __future__ import annotations
@@ -245,6 +247,10 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
                     yield line_no, json.loads(text)
                 except json.JSONDecodeError as err:
                     yield line_no, BadRecordError(label, line_no, "<line>", f"invalid JSON ({err.msg} at column {err.colno})", "invalid_json")
+                except RecursionError:  # json's C parser gives up on deep nesting; no real record nests so deep
+                    yield line_no, BadRecordError(label, line_no, "<line>", "JSON nested too deeply", "invalid_json")
+                except ValueError as err:  # e.g. an integer of more than 4300 digits
+                    yield line_no, BadRecordError(label, line_no, "<line>", f"invalid JSON ({err})", "invalid_json")
     except (OSError, EOFError) as err:  # truncated or corrupt gzip: the file itself is broken
         raise BadRecordError(label, line_no + 1, "<file>", f"cannot read file ({type(err).__name__}: {err})", "corrupt_file") from err
 
@@ -261,7 +267,7 @@ def _collect(rows: Iterable[tuple[int, Any]], label: str, convert: Callable, on_
                 raise rec
             try:
                 example = convert(rec)
-            except _FieldError as err:
+            except FieldError as err:
                 raise BadRecordError(label, line_no, err.field, err.message, err.reason) from None
             if example["id"] in seen:
                 raise BadRecordError(label, line_no, "id", f"duplicate id {example['id']} (first on line {seen[example['id']]})", "duplicate_id")
@@ -279,24 +285,46 @@ def _collect(rows: Iterable[tuple[int, Any]], label: str, convert: Callable, on_
 
 
 # --------------------------------------------------------------------------------------------------
-# Schema mapping and validation. _FieldError carries field and reason; _collect adds file and line.
+# Schema mapping and validation. FieldError carries field and reason; _collect adds file and line.
 
 
-class _FieldError(Exception):
+class FieldError(ValueError):
+    """A bad field of one record; whoever read the record adds the file and line."""
+
     def __init__(self, field: str, message: str, reason: str):
-        super().__init__(message)
+        super().__init__(f"field {field!r}: {message}")
         self.field, self.message, self.reason = field, message, reason
+
+
+def totto_example(rec, *, require_references: bool = True) -> dict:
+    """Validate one official ToTTo record (a parsed JSON object) and return the normalised example,
+    without "source_file" and "line" (the caller knows where the record came from). Raises FieldError.
+
+    `require_references=False` accepts a record without ``sentence_annotations`` (references ``[]``)."""
+    return _from_totto(rec, require_references=require_references)
+
+
+def check_text(value: str, field: str) -> str:
+    """`value` if it is valid Unicode; JSON escapes can smuggle in lone surrogates ("\\ud800") that
+    json.loads accepts but no UTF-8 file or tokenizer can take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise FieldError(field, f"not valid Unicode (lone surrogate at character {err.start})", "invalid_text") from None
+    return value
 
 
 def _get(rec: dict, key: str, types: type | tuple, *, required: bool = True, default=None):
     if key not in rec or rec[key] is None:
         if required:
-            raise _FieldError(key, "missing", "missing_field")
+            raise FieldError(key, "missing", "missing_field")
         return default
     value = rec[key]
     # bool is an int in Python; a JSON true is never a valid count or id.
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
-        raise _FieldError(key, f"expected {_type_names(types)}, got {type(value).__name__}", "wrong_type")
+        raise FieldError(key, f"expected {_type_names(types)}, got {type(value).__name__}", "wrong_type")
+    if isinstance(value, str):
+        check_text(value, key)
     return value
 
 
@@ -310,51 +338,52 @@ def _type_names(types) -> str:
 
 def _check_record(rec) -> dict:
     if not isinstance(rec, dict):
-        raise _FieldError("<record>", f"expected a JSON object, got {type(rec).__name__}", "wrong_type")
+        raise FieldError("<record>", f"expected a JSON object, got {type(rec).__name__}", "wrong_type")
     return rec
 
 
 def _validate_table(table) -> list[list[dict]]:
     if not isinstance(table, list):
-        raise _FieldError("table", f"expected a list of rows, got {type(table).__name__}", "wrong_type")
+        raise FieldError("table", f"expected a list of rows, got {type(table).__name__}", "wrong_type")
     out = []
     for r, row in enumerate(table):
         row = _records(row)
         if not isinstance(row, list):
-            raise _FieldError(f"table[{r}]", f"expected a list of cells, got {type(row).__name__}", "wrong_type")
+            raise FieldError(f"table[{r}]", f"expected a list of cells, got {type(row).__name__}", "wrong_type")
         cells = []
         for c, cell in enumerate(row):
             where = f"table[{r}][{c}]"
             if not isinstance(cell, dict):
-                raise _FieldError(where, f"expected a cell object, got {type(cell).__name__}", "wrong_type")
+                raise FieldError(where, f"expected a cell object, got {type(cell).__name__}", "wrong_type")
             value = cell.get("value")
             if not isinstance(value, str):
                 reason = "missing_field" if value is None else "wrong_type"
-                raise _FieldError(f"{where}.value", f"expected str, got {type(value).__name__}", reason)
+                raise FieldError(f"{where}.value", f"expected str, got {type(value).__name__}", reason)
+            check_text(value, f"{where}.value")
             is_header = cell.get("is_header")
             if not isinstance(is_header, bool):
                 reason = "missing_field" if is_header is None else "wrong_type"
-                raise _FieldError(f"{where}.is_header", f"expected bool, got {type(is_header).__name__}", reason)
+                raise FieldError(f"{where}.is_header", f"expected bool, got {type(is_header).__name__}", reason)
             spans = {}
             for key, cap in (("column_span", MAX_COLUMN_SPAN), ("row_span", MAX_ROW_SPAN)):
                 span = cell.get(key)
                 if span is None:
-                    raise _FieldError(f"{where}.{key}", "missing", "missing_field")
+                    raise FieldError(f"{where}.{key}", "missing", "missing_field")
                 if not isinstance(span, int) or isinstance(span, bool):
-                    raise _FieldError(f"{where}.{key}", f"expected int, got {type(span).__name__}", "wrong_type")
+                    raise FieldError(f"{where}.{key}", f"expected int, got {type(span).__name__}", "wrong_type")
                 if not 1 <= span <= cap:
-                    raise _FieldError(f"{where}.{key}", f"span {span} outside 1..{cap}", "bad_span")
+                    raise FieldError(f"{where}.{key}", f"span {span} outside 1..{cap}", "bad_span")
                 spans[key] = span
             cells.append({"value": value, "is_header": is_header, **spans})
         out.append(cells)
     if not any(out):
-        raise _FieldError("table", "empty table (no cells)", "empty_table")
+        raise FieldError("table", "empty table (no cells)", "empty_table")
     return out
 
 
 def _validate_highlights(cells, table: list[list[dict]], key: str) -> list[list[int]]:
     if not isinstance(cells, list):
-        raise _FieldError(key, f"expected a list of [row, col], got {type(cells).__name__}", "wrong_type")
+        raise FieldError(key, f"expected a list of [row, col], got {type(cells).__name__}", "wrong_type")
     out = []
     for i, pair in enumerate(cells):
         if (
@@ -362,44 +391,45 @@ def _validate_highlights(cells, table: list[list[dict]], key: str) -> list[list[
             or len(pair) != 2
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
         ):
-            raise _FieldError(f"{key}[{i}]", f"expected [row, col] integers, got {pair!r}", "wrong_type")
+            raise FieldError(f"{key}[{i}]", f"expected [row, col] integers, got {pair!r}", "wrong_type")
         r, c = pair
         if not 0 <= r < len(table):
-            raise _FieldError(f"{key}[{i}]", f"row {r} outside the table's {len(table)} rows", "highlight_out_of_range")
+            raise FieldError(f"{key}[{i}]", f"row {r} outside the table's {len(table)} rows", "highlight_out_of_range")
         if not 0 <= c < len(table[r]):
-            raise _FieldError(f"{key}[{i}]", f"column {c} outside row {r}'s {len(table[r])} cells", "highlight_out_of_range")
+            raise FieldError(f"{key}[{i}]", f"column {c} outside row {r}'s {len(table[r])} cells", "highlight_out_of_range")
         out.append([r, c])
     if not out:
-        raise _FieldError(key, "no highlighted cells", "no_highlighted_cells")
+        raise FieldError(key, "no highlighted cells", "no_highlighted_cells")
     return out
 
 
 def _validate_references(refs: list, key: str) -> list[str]:
     for i, ref in enumerate(refs):
         if not isinstance(ref, str):
-            raise _FieldError(f"{key}[{i}]", f"expected str, got {type(ref).__name__}", "wrong_type")
+            raise FieldError(f"{key}[{i}]", f"expected str, got {type(ref).__name__}", "wrong_type")
         if not ref.strip():
-            raise _FieldError(f"{key}[{i}]", "empty reference", "empty_reference")
+            raise FieldError(f"{key}[{i}]", "empty reference", "empty_reference")
+        check_text(ref, f"{key}[{i}]")
     return list(refs)
 
 
 def _annotations_to_references(annotations, require: bool) -> list[str]:
     if annotations is None:
         if require:
-            raise _FieldError("sentence_annotations", "missing", "missing_field")
+            raise FieldError("sentence_annotations", "missing", "missing_field")
         return []
     annotations = _records(annotations)
     if not isinstance(annotations, list):
-        raise _FieldError("sentence_annotations", f"expected a list, got {type(annotations).__name__}", "wrong_type")
+        raise FieldError("sentence_annotations", f"expected a list, got {type(annotations).__name__}", "wrong_type")
     if require and not annotations:
-        raise _FieldError("sentence_annotations", "no annotations (no reference sentence)", "empty_reference")
+        raise FieldError("sentence_annotations", "no annotations (no reference sentence)", "empty_reference")
     refs = []
     for i, ann in enumerate(annotations):
         if not isinstance(ann, dict):
-            raise _FieldError(f"sentence_annotations[{i}]", f"expected an object, got {type(ann).__name__}", "wrong_type")
+            raise FieldError(f"sentence_annotations[{i}]", f"expected an object, got {type(ann).__name__}", "wrong_type")
         sentence = ann.get("final_sentence")
         if sentence is None:
-            raise _FieldError(f"sentence_annotations[{i}].final_sentence", "missing", "missing_field")
+            raise FieldError(f"sentence_annotations[{i}].final_sentence", "missing", "missing_field")
         refs.append(sentence)
     return _validate_references(refs, "sentence_annotations.final_sentence")
 
@@ -444,15 +474,15 @@ def _from_gem(rec) -> dict:
         try:
             example_id = int(example_id)
         except ValueError:
-            raise _FieldError("example_id", f"expected an integer id, got {example_id!r}", "wrong_type") from None
+            raise FieldError("example_id", f"expected an integer id, got {example_id!r}", "wrong_type") from None
     table = _validate_table(_get(rec, "table", list))
     overlap = rec.get("overlap_subset")
     if isinstance(overlap, str):
         if overlap.strip().lower() not in _GEM_OVERLAP:
-            raise _FieldError("overlap_subset", f"expected True, False or none, got {overlap!r}", "wrong_type")
+            raise FieldError("overlap_subset", f"expected True, False or none, got {overlap!r}", "wrong_type")
         overlap = _GEM_OVERLAP[overlap.strip().lower()]
     elif overlap is not None and not isinstance(overlap, bool):
-        raise _FieldError("overlap_subset", f"expected bool or str, got {type(overlap).__name__}", "wrong_type")
+        raise FieldError("overlap_subset", f"expected bool or str, got {type(overlap).__name__}", "wrong_type")
     references = _get(rec, "references", list, required=False, default=[])
     if references:
         references = _validate_references(references, "references")
@@ -479,16 +509,17 @@ def _from_fetaqa(rec) -> dict:
     table = []
     for r, row in enumerate(array):
         if not isinstance(row, list):
-            raise _FieldError(f"table_array[{r}]", f"expected a list of strings, got {type(row).__name__}", "wrong_type")
+            raise FieldError(f"table_array[{r}]", f"expected a list of strings, got {type(row).__name__}", "wrong_type")
         for c, value in enumerate(row):
             if not isinstance(value, str):
-                raise _FieldError(f"table_array[{r}][{c}]", f"expected str, got {type(value).__name__}", "wrong_type")
+                raise FieldError(f"table_array[{r}][{c}]", f"expected str, got {type(value).__name__}", "wrong_type")
+            check_text(value, f"table_array[{r}][{c}]")
         table.append([{"value": v, "is_header": r == 0, "column_span": 1, "row_span": 1} for v in row])
     if not any(table):
-        raise _FieldError("table_array", "empty table (no cells)", "empty_table")
+        raise FieldError("table_array", "empty table (no cells)", "empty_table")
     answer = _get(rec, "answer", str)
     if not answer.strip():
-        raise _FieldError("answer", "empty reference", "empty_reference")
+        raise FieldError("answer", "empty reference", "empty_reference")
     question = _get(rec, "question", str)
     return {
         "id": str(feta_id),
