@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from stages import gpu_slots
+
 PACKAGED = "packaged"
 PACKAGED_NAME = "gemma-3-270m (packaged Q4_K_M GGUF, dequantised to bf16)"
 
@@ -138,9 +140,7 @@ def packaged_model_dir() -> Path:
 
 def weights_sha256(model_dir: Path) -> str:
     """sha256 over the model's safetensors files (sorted by name): the base model's identity."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights (other formats are refused)")
+    files = check_safetensors(model_dir)  # a corrupt file is named, not reported as "other weights"
     digest = hashlib.sha256()
     for file in files:
         with open(file, "rb") as fh:
@@ -150,8 +150,25 @@ def weights_sha256(model_dir: Path) -> str:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
+    """auto | cpu | cuda | cuda:N. In a torchrun process (stages.distributed) auto and cuda mean this
+    rank's GPU, cuda:LOCAL_RANK. Elsewhere auto with several visible GPUs claims a free one for the
+    process's lifetime (stages.gpu_slots: one queued experiment per GPU)."""
+    if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        if requested in ("auto", "cuda"):
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+            return device
+        if requested.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"device {requested!r} names one GPU, but each of the WORLD_SIZE processes needs "
+                             "its own: use auto or cuda")
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if torch.cuda.device_count() > 1:
+            device = torch.device("cuda", gpu_slots.claim(gpu_slots.visible_gpus(torch.cuda.device_count())))
+            torch.cuda.set_device(device)
+            return device
+        return torch.device("cuda")
     return torch.device(requested)
 
 

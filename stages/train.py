@@ -9,6 +9,10 @@ the summed cross-entropy divided by the completion tokens of the whole effective
 gives the same gradient as one big batch. Checkpoints every train.save_steps let an interrupted run
 resume with the same step count and data order.
 
+With train.num_gpus = N > 1 the command re-executes itself under torchrun, one process per GPU
+(stages.distributed): every process draws the same effective batch, computes its share, and the
+gradients are summed across processes, so the step is the one-GPU step; only rank 0 writes outputs.
+
 Outputs: models/adapter/ (+ training_info.json), checkpoints/, metrics/train.json, metrics/train/ (dvclive).
 """
 
@@ -29,7 +33,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from stages import model_sources
+from stages import distributed, model_sources
 from stages.atomic_io import write_json as _write_json
 from stages.batching import (
     activation_bytes_per_token,
@@ -50,7 +54,7 @@ KEEP_CHECKPOINTS = 2
 # written under other values of these is still a valid resume point.
 NOT_IN_RUN_KEY = {
     "logging_steps", "save_steps", "device", "num_threads", "micro_batch_tokens", "cpu_micro_batch_tokens",
-    "max_memory_gb", "peak_flops",
+    "max_memory_gb", "peak_flops", "num_gpus",
 }
 # Dense bf16 peak FLOP/s per device, for MFU (train.peak_flops overrides; unknown devices get no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
@@ -202,21 +206,32 @@ def run_key(params: dict, base_sha256: str, data_sha256: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """The random state dropout draws from: the CPU's, and that of the process's GPU."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+    if "cuda" in state and device.type == "cuda":
+        cuda = state["cuda"]
+        if cuda.dim() == 2:  # checkpoints before multi-GPU held one row per visible GPU
+            cuda = cuda[device.index or 0]
+        torch.cuda.set_rng_state(cuda, device)
 
 
-def save_checkpoint(folder: Path, step: int, key: str, model, optimizer, scheduler, extra: dict) -> None:
-    """checkpoints/step-NNNNNN/, written in a temp folder then renamed: a half-written one never exists."""
+def rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
+def save_checkpoint(
+    folder: Path, step: int, key: str, model, optimizer, scheduler, extra: dict, rng_states: list[dict]
+) -> None:
+    """checkpoints/step-NNNNNN/, written in a temp folder then renamed: a half-written one never exists.
+    rng_states: one per process (rank order); the model and optimiser are the same on every rank."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -226,7 +241,8 @@ def save_checkpoint(folder: Path, step: int, key: str, model, optimizer, schedul
     save_file(adapter, tmp / "adapter.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    for rank, state in enumerate(rng_states):
+        torch.save(state, tmp / rng_file(rank))
     write_json(tmp / "state.json", {"step": step, "run_key": key, **extra})
     os.replace(tmp, folder / f"step-{step:06d}")
     for old in sorted(folder.glob("step-*"))[:-KEEP_CHECKPOINTS]:
@@ -248,28 +264,36 @@ def find_checkpoint(folder: Path, key: str) -> Path | None:
     return found
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, device: torch.device) -> dict:
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, device: torch.device, rank: int = 0) -> dict:
+    """Restore a checkpoint into this process (every rank reads the same folder); returns its state.json.
+    The RNG state is this rank's; state["rng_restored"] is False if the checkpoint was written by fewer
+    processes and has none for this rank."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors", device=str(device)))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
-    return json.loads((ckpt / "state.json").read_text())
+    state = json.loads((ckpt / "state.json").read_text())
+    state["rng_restored"] = (ckpt / rng_file(rank)).is_file()
+    if state["rng_restored"]:
+        set_rng_state(torch.load(ckpt / rng_file(rank), weights_only=True), device)
+    return state
 
 
 # ------------------------------------------------------------------------------------------- the loop
 def accumulate_gradients(
     decoder, head_weight, examples: list[tuple[list[int], int]], token_budget: int, pad_id: int,
-    device: torch.device, softcap: float | None = None,
+    device: torch.device, softcap: float | None = None, label_tokens: int | None = None,
 ) -> float:
-    """Forward and backward one effective batch in micro-batches; returns the step's mean loss.
+    """Forward and backward `examples` in micro-batches; returns their summed loss / label_tokens.
 
-    Each micro-batch's summed loss is divided by the completion tokens of the WHOLE effective batch, so
-    the accumulated gradient equals that of one big batch (a per-micro-batch mean would weight the
-    tokens of short micro-batches more)."""
-    label_tokens = sum(len(ids) - p for ids, p in examples)
+    Each micro-batch's summed loss is divided by the completion tokens of the WHOLE effective batch
+    (label_tokens; by default those of `examples`), so the accumulated gradient equals that of one big
+    batch (a per-micro-batch mean would weight the tokens of short micro-batches more). A process of a
+    multi-GPU run passes its share of the batch and the whole batch's label_tokens."""
+    if label_tokens is None:
+        label_tokens = sum(len(ids) - p for ids, p in examples)
     total = 0.0
     for micro in plan_micro_batches([len(ids) for ids, _ in examples], token_budget):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in micro], pad_id).items()}
@@ -303,13 +327,21 @@ def train(
     dvclive=False keeps metrics/train.json but skips the per-step dvclive log (hosts without dvc).
     model_dir overrides params model.name (tests); tokenizer, if given, must be that model's (saves
     loading it again: seconds). on_step(step) is called after every optimiser step
-    (1-based), after any checkpoint of that step; an exception from it stops the run like a crash."""
+    (1-based), after any checkpoint of that step; an exception from it stops the run like a crash.
+
+    Inside a process group (a torchrun launch, see main) every rank calls this with the same arguments;
+    rank 0 alone writes the adapter, checkpoints, metrics and the progress bar."""
     from transformers import get_scheduler
 
     cfg = params["train"]
     start_time = time.perf_counter()
     device = model_sources.pick_device(cfg.get("device", "auto"))
     dtype = model_sources.pick_dtype(device)
+    rank, world = distributed.rank_and_world()  # (0, 1) for a single process
+    is_main = rank == 0
+    if not is_main:  # the other ranks only read (checkpoints) and compute
+        adapter_dir = metrics_dir = None
+        progress = False
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
     if device.type == "cuda":
@@ -333,6 +365,9 @@ def train(
     softcap = getattr(base.config, "final_logit_softcapping", None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
+    if world > 1:
+        distributed.broadcast_parameters(trainable)  # the same LoRA init on every rank, by construction
+        torch.manual_seed(int(cfg["seed"]) + rank)  # but each rank its own dropout masks
 
     # Micro-batch token budget; under a memory cap, lower it by the estimate of stages.batching, and
     # only if not even the longest example fits, recompute activations (gradient checkpointing).
@@ -358,7 +393,9 @@ def train(
             budget = budget_for_memory(
                 budget_before_cap, cfg["max_memory_gb"], fixed_bytes=fixed, bytes_per_token=per_token
             )
-        print(f"train: max_memory_gb={cfg['max_memory_gb']} -> micro_batch_tokens={budget}, gradient checkpointing={checkpointing}")
+        if is_main:
+            print(f"train: max_memory_gb={cfg['max_memory_gb']} -> micro_batch_tokens={budget}, "
+                  f"gradient checkpointing={checkpointing}")
 
     optimizer = torch.optim.AdamW(
         trainable,
@@ -374,11 +411,18 @@ def train(
     )
 
     start_step, state = 0, {}
-    ckpt = find_checkpoint(Path(checkpoint_dir), key) if checkpoint_dir else None
+    ckpt = find_checkpoint(Path(checkpoint_dir), key) if checkpoint_dir and is_main else None
+    if world > 1:
+        ckpt = distributed.broadcast_object(ckpt)  # rank 0 chose (and cleaned up); all resume from it
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, device)
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, device, rank)
         start_step = state["step"]
-        print(f"train: resuming from {ckpt} (step {start_step} of {n_steps})")
+        if is_main:
+            print(f"train: resuming from {ckpt} (step {start_step} of {n_steps}, {world} process(es))")
+        if not state["rng_restored"]:
+            print(f"train: rank {rank}: {ckpt} was written by {state.get('world_size', 1)} process(es) and "
+                  "holds no RNG state for this rank; its dropout masks start from a fresh seed")
+            torch.manual_seed(int(cfg["seed"]) + rank + 1_000_003 * start_step)
 
     live = None
     if metrics_dir is not None and dvclive:
@@ -409,7 +453,12 @@ def train(
         chosen = [examples[i] for i in batch_indices(step, n_examples, effective_batch, int(cfg["seed"]))]
         lengths = [len(ids) for ids, _ in chosen]
         label_tokens = sum(len(ids) - p for ids, p in chosen)
-        step_loss = accumulate_gradients(decoder, head, chosen, budget, pad_id, device, softcap)
+        # Every rank draws the whole effective batch and computes its share; each share's loss is
+        # divided by the label tokens of the whole batch, so the ranks' gradients SUM to the one-GPU one.
+        share = [chosen[i] for i in distributed.shard(lengths, rank, world)]
+        step_loss = accumulate_gradients(decoder, head, share, budget, pad_id, device, softcap, label_tokens)
+        if world > 1:
+            step_loss = distributed.sum_gradients(trainable, step_loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(cfg["max_grad_norm"])).item()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -433,22 +482,28 @@ def train(
                    "tokens_per_s": window["tokens"] / window["seconds"],
                    "samples_per_s": window["samples"] / window["seconds"]}
             if peak:
-                row["mfu"] = window["flops"] / window["seconds"] / peak
+                row["mfu"] = window["flops"] / window["seconds"] / (peak * world)
             history.append(row)
             if live is not None:
                 log_row(live, row)
             window = {"tokens": 0, "samples": 0, "flops": 0.0, "seconds": 0.0}
         # also at the last step: a rerun after a later crash (or a deleted output) skips the training
         if checkpoint_dir is not None and ((step + 1) % save_steps == 0 or step + 1 == n_steps):
-            extra = {"history": history, "samples": done_samples, "tokens": done_tokens, "train_seconds": train_seconds,
-                     "loss": loss_value, "epoch": (step + 1) // steps_per_epoch(n_examples, effective_batch),
-                     "next_batch_in_epoch": (step + 1) % steps_per_epoch(n_examples, effective_batch)}
-            save_checkpoint(Path(checkpoint_dir), step + 1, key, model, optimizer, scheduler, extra)
+            rng_states = distributed.gather_objects(rng_state(device)) if world > 1 else [rng_state(device)]
+            if is_main:
+                extra = {"history": history, "samples": done_samples, "tokens": done_tokens,
+                         "train_seconds": train_seconds, "loss": loss_value, "world_size": world,
+                         "epoch": (step + 1) // steps_per_epoch(n_examples, effective_batch),
+                         "next_batch_in_epoch": (step + 1) % steps_per_epoch(n_examples, effective_batch)}
+                save_checkpoint(Path(checkpoint_dir), step + 1, key, model, optimizer, scheduler, extra, rng_states)
         if on_step is not None:
             on_step(step + 1)
     bar.close()
 
     peak_gb, peak_kind = peak_memory_gb(device)
+    if world > 1:
+        distributed.check_in_sync(trainable)
+        peak_gb = distributed.max_over_ranks(peak_gb, device)  # the fullest GPU
     stats = {
         "steps": n_steps,
         "resumed_from_step": start_step,
@@ -457,11 +512,12 @@ def train(
         "final_loss": loss_value,
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - start_time,
-        "tokens_per_s": done_tokens / train_seconds if train_seconds else float("nan"),
+        "tokens_per_s": done_tokens / train_seconds if train_seconds else float("nan"),  # all ranks together
         "samples_per_s": done_samples / train_seconds if train_seconds else float("nan"),
         "peak_memory_gb": peak_gb,
         "peak_memory_kind": peak_kind,
-        "micro_batch_tokens": budget,
+        "world_size": world,
+        "micro_batch_tokens": budget,  # per process (GPU)
         "gradient_checkpointing": checkpointing,
         "trainable_params": n_trainable,
         "device": str(device),
@@ -479,6 +535,8 @@ def train(
             **stats,
         }
         save_adapter(model, tokenizer, Path(adapter_dir), info)
+    if world > 1:
+        distributed.barrier()  # every rank returns once rank 0's outputs exist
     return stats
 
 
@@ -512,12 +570,29 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    records = read_jsonl(TRAIN_FILE)
-    stats = train(params, records, ADAPTER_DIR, data_sha256=sha256_file(TRAIN_FILE), dvclive=not args.no_dvclive)
-    print(
-        f"train: {stats['steps']} steps, {stats['samples']} samples in {stats['wall_seconds']:.1f} s "
-        f"({stats['tokens_per_s']:.0f} tokens/s), final loss {stats['final_loss']:.4f} -> {ADAPTER_DIR}"
-    )
+    num_gpus, requested = params["train"].get("num_gpus", 1), params["train"].get("device", "auto")
+    if not isinstance(num_gpus, int) or num_gpus < 1:
+        parser.exit(2, f"train: {args.params}: train.num_gpus must be a positive integer, got {num_gpus!r}\n")
+    if num_gpus > 1 and not distributed.launched():
+        # One process per GPU: this same command again, under torchrun (replaces this process).
+        problem = distributed.device_problem(num_gpus, requested)
+        if problem:
+            parser.exit(2, f"train: {args.params}: {problem}\n")
+        distributed.relaunch(num_gpus, "stages.train", sys.argv[1:] if argv is None else list(argv))
+    if distributed.launched():
+        distributed.init(model_sources.pick_device(requested))
+    rank, _ = distributed.rank_and_world()
+    try:
+        records = read_jsonl(TRAIN_FILE)
+        stats = train(params, records, ADAPTER_DIR, data_sha256=sha256_file(TRAIN_FILE), dvclive=not args.no_dvclive)
+    finally:
+        distributed.shutdown()
+    if rank == 0:
+        print(
+            f"train: {stats['steps']} steps, {stats['samples']} samples on {stats['world_size']} process(es) in "
+            f"{stats['wall_seconds']:.1f} s ({stats['tokens_per_s']:.0f} tokens/s), final loss "
+            f"{stats['final_loss']:.4f} -> {ADAPTER_DIR}"
+        )
 
 
 if __name__ == "__main__":
