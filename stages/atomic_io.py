@@ -1,5 +1,6 @@
 """Atomic output files: written to a temp file in the same folder, then renamed, so an interrupted
-stage never leaves a truncated file that DVC would record."""
+stage never leaves a truncated file that DVC would record. The file gets the permissions a plain
+open() would give it (0666 less the umask, 0644 typically), not mkstemp's private 0600."""
 
 from __future__ import annotations
 
@@ -9,6 +10,21 @@ import tempfile
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process umask. Linux shows it in /proc; elsewhere it can only be read by setting it (and
+    setting it back at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -16,6 +32,9 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())  # data on disk before the rename: a power cut cannot leave an empty file
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -34,8 +34,31 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 END_TOKENS = ("<end_of_turn>",)  # besides tokenizer.eos_token: Gemma's turn end, used by chat templates
 
 
+# Free space the merged folder needs beyond its estimated size: metadata, and the file system's own.
+DISK_MARGIN = 1.05
+DISK_SLACK_BYTES = 64 * 2**20
+
+
 class MergeError(RuntimeError):
     pass
+
+
+def estimated_bytes(model, model_dir: Path) -> int:
+    """Bytes the saved merged model will take: its weights in their dtype, plus the base folder's other
+    files (tokenizer, configs), which are saved alongside. Tied tensors (Gemma's embedding is its output
+    head) are stored once."""
+    weights = sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
+    others = sum(f.stat().st_size for f in Path(model_dir).iterdir() if f.is_file() and f.suffix != ".safetensors")
+    return weights + others
+
+
+def check_disk_space(folder: Path, needed: int) -> None:
+    """Refuse to start writing what the disk cannot hold: a half-written model is only lost time."""
+    needed = int(needed * DISK_MARGIN) + DISK_SLACK_BYTES
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise MergeError(f"not enough disk space in {folder.as_posix()} for the merged model: needs about "
+                         f"{needed:,} bytes ({needed / 2**30:.2f} GiB), {free:,} bytes free ({free / 2**30:.2f} GiB)")
 
 
 def end_token_ids(tokenizer) -> list[int]:
@@ -103,6 +126,7 @@ def merge(
     model_dir = Path(model_dir) if model_dir else model_sources.resolve_model(params["model"]["name"])
     base_sha256 = model_sources.weights_sha256(model_dir)
     check_base_identity(adapter_dir, base_sha256)
+    model_sources.check_safetensors(adapter_dir, "adapter_model.safetensors")  # never peft's .bin fallback
     tokenizer = model_sources.load_tokenizer(model_dir)
     prompt_ids = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts[: int(cfg["verify_prompts"])]]
     if not prompt_ids:
@@ -115,6 +139,7 @@ def merge(
     # 1. merge in fp32 and save in the target dtype (in a temp folder next to the destination)
     merged = base_with_adapter().merge_and_unload().to(save_dtype)
     merged_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_disk_space(merged_dir.parent, estimated_bytes(merged, model_dir))
     tmp = Path(tempfile.mkdtemp(prefix=f".{merged_dir.name}-", dir=merged_dir.parent))
     try:
         merged.config.name_or_path = f"{params['model']['name']} + LoRA {adapter_dir}"
@@ -186,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [r["prompt"] for r in read_jsonl(VALIDATION_FILE)]
     try:
         metrics = merge(params, ADAPTER_DIR, MERGED_DIR, prompts)
-    except MergeError as err:
+    except (MergeError, model_sources.WeightsError) as err:
         sys.exit(f"merge: {err}")
     print(
         f"merge: {MERGED_DIR} ({metrics['dtype']}), top-1 agreement {metrics['top1_agreement']:.4f}, "

@@ -243,21 +243,33 @@ def save_checkpoint(
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     for rank, state in enumerate(rng_states):
         torch.save(state, tmp / rng_file(rank))
-    write_json(tmp / "state.json", {"step": step, "run_key": key, **extra})
+    # The sizes of its files, checked before resuming: a file cut short is never loaded.
+    files = {p.name: p.stat().st_size for p in tmp.iterdir()}
+    write_json(tmp / "state.json", {"step": step, "run_key": key, "files": files, **extra})
     os.replace(tmp, folder / f"step-{step:06d}")
     for old in sorted(folder.glob("step-*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_complete(ckpt: Path, key: str) -> bool:
+    """A checkpoint of this run whose state.json parses and whose files have the sizes it records."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        files = state["files"]
+        return state["run_key"] == key and bool(files) and all(
+            (ckpt / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def find_checkpoint(folder: Path, key: str) -> Path | None:
     """Latest complete checkpoint of this run; those of another run are removed (never resumable)."""
     found = None
     for ckpt in sorted(folder.glob("step-*")):
-        state = ckpt / "state.json"
-        if state.is_file() and json.loads(state.read_text())["run_key"] == key:
+        if checkpoint_complete(ckpt, key):
             found = ckpt
         else:
-            print(f"train: removing checkpoint {ckpt} of another run (other params, data or base model)")
+            print(f"train: removing checkpoint {ckpt}: incomplete, or of another run (other params, data or base model)")
             shutil.rmtree(ckpt, ignore_errors=True)
     for tmp in folder.glob(".tmp-step-*"):  # left by a crash mid-write
         shutil.rmtree(tmp, ignore_errors=True)
