@@ -46,6 +46,10 @@ def main(argv: list[str]) -> int:
     # Stages run as `python -m stages.<name>`: the environment's python must come first on PATH.
     env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # DVC's state database inside the project. Given here as an absolute path: DVC 3.67 resolves a relative
+    # core.site_cache_dir against the current directory, which breaks `dvc exp run --queue/--temp` (they run
+    # in .dvc/tmp/exps/...) and makes dvc in a subfolder start an empty one there.
+    env.setdefault("DVC_SITE_CACHE_DIR", str(ROOT / ".dvc" / "site-cache"))
     command, rest = argv[0], argv[1:]
     if command == "repro":
         cmd = [str(PYTHON), "-m", "dvc", "repro", *rest]

@@ -6,9 +6,9 @@
 The copy holds the real stages/, dvc.yaml, params.yaml, .dvc/config and data/demo, so tests exercise the
 pipeline users run; only params differ (TINY below): the tiny random Gemma 3 of tests/conftest.py as
 model.name and a few steps and examples everywhere. DVC runs as `python -m dvc` of this interpreter with
-this interpreter's folder first on PATH (the stages' `python`), in a private HOME with analytics off; the
-default remote "local" is a folder next to the project. The initial state is committed, so tests can
-diff commits.
+this interpreter's folder first on PATH (the stages' `python`), in a private HOME with analytics off and
+DVC's state database in the project's .dvc/site-cache (as run.py sets it); the default remote is a folder
+next to the project. The initial state is committed, so tests can diff commits.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ("stages", "dvc.yaml", "params.yaml", "data/demo", ".gitignore", ".dvcignore")
+DVC_FILES = (".dvc/config", ".dvc/.gitignore")  # over those `dvc init` writes: analytics off, default remote
 GIT_NAME, GIT_EMAIL = "DVC test", "dvc-test@example.invalid"
 
 # Settings under which preprocess -> train -> merge -> evaluate of the tiny model takes seconds on 2 CPU cores.
@@ -50,8 +51,10 @@ TINY = {
 }
 
 
-def private_env(home: Path) -> dict:
-    """This process's environment without the user's DVC/git/ssh config; `python` is this interpreter."""
+def private_env(home: Path, site_cache: Path | None = None) -> dict:
+    """This process's environment without the user's DVC/git/ssh config; `python` is this interpreter.
+
+    site_cache: DVC's state database folder, as run.py sets it (None: DVC's default)."""
     private = {"SSH_AUTH_SOCK", "XDG_CONFIG_HOME", "DVC_GLOBAL_CONFIG_DIR", "DVC_SITE_CACHE_DIR", "GIT_DIR",
                "GIT_WORK_TREE", "TOTTO_PARAMS"}
     env = {k: v for k, v in os.environ.items() if k not in private}
@@ -59,6 +62,8 @@ def private_env(home: Path) -> dict:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["DVC_NO_ANALYTICS"] = "1"  # also for `dvc init`, which runs before .dvc/config exists
     env["HF_HUB_OFFLINE"] = "1"    # model.name is a local folder: nothing may be fetched
+    if site_cache is not None:
+        env["DVC_SITE_CACHE_DIR"] = str(site_cache)
     for role in ("AUTHOR", "COMMITTER"):  # git commits here and those `dvc exp` makes
         env[f"GIT_{role}_NAME"], env[f"GIT_{role}_EMAIL"] = GIT_NAME, GIT_EMAIL
     return env
@@ -106,10 +111,9 @@ def make_tiny_project(root: Path, model_dir: Path, overrides: dict | None = None
     params.yaml is the project's with model.name = model_dir, TINY, then `overrides` (dotted keys)."""
     root = Path(root)
     project, home, remote = root / "project", root / "home", root / "remote"
-    project.mkdir(parents=True)
-    home.mkdir()
-    remote.mkdir()
-    env = private_env(home)
+    for folder in (project, home, remote):
+        folder.mkdir(parents=True)
+    env = private_env(home, site_cache=project / ".dvc" / "site-cache")  # as run.py does
     for name in COPIED:
         source, target = REPO / name, project / name
         if source.is_dir():
@@ -124,7 +128,8 @@ def make_tiny_project(root: Path, model_dir: Path, overrides: dict | None = None
     git(project, env, "config", "user.name", GIT_NAME)
     git(project, env, "config", "user.email", GIT_EMAIL)
     dvc(project, env, "init", "-q")
-    shutil.copy2(REPO / ".dvc" / "config", project / ".dvc" / "config")  # analytics off, site cache, remote
+    for name in DVC_FILES:
+        shutil.copy2(REPO / name, project / name)
     default_remote = dvc(project, env, "config", "core.remote").stdout.strip()
     dvc(project, env, "remote", "modify", default_remote, "url", str(remote))  # absolute: `dvc exp` runs elsewhere too
     git(project, env, "add", "-A")
