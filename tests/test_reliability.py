@@ -122,7 +122,8 @@ def pipeline_run(tmp_path_factory, tiny_model_dir) -> dict:
     output, _ = repro.communicate(timeout=120)
     run["log"].append(output)
     complete = sorted((project / "checkpoints").glob("step-*"))
-    run.update(returncode=repro.returncode, killed_at=logged_steps(project), complete=complete,
+    run.update(returncode=repro.returncode, killed_at=logged_steps(project),
+               all_with_state=all((c / "state.json").is_file() for c in complete),
                adapter_after_kill=(project / "models" / "adapter").exists(),
                last=int(complete[-1].name.split("-")[1]) if complete else 0,
                planted=list((project / "checkpoints").glob(".tmp-step-*")))  # a real one if killed mid-write
@@ -154,7 +155,7 @@ def test_sigkill_of_the_train_stage_then_dvc_repro_resumes(pipeline_run):
     killed_at, last = run["killed_at"], run["last"]
     assert run["returncode"] != 0 and killed_at < MAX_STEPS
     assert not run["adapter_after_kill"]  # the adapter is only ever written whole
-    assert all((c / "state.json").is_file() for c in run["complete"])
+    assert run["all_with_state"]  # every step-* folder left by the kill is complete
     # the checkpoint of the last logged step, or the one before when the kill came while writing it
     assert last % SAVE_STEPS == 0 and killed_at - SAVE_STEPS <= last <= killed_at, (last, killed_at)
     resumed = f"train: resuming from checkpoints/step-{last:06d} (step {last} of {MAX_STEPS})"
@@ -286,19 +287,24 @@ def raw_writes(function: ast.AST) -> list[str]:
         if not isinstance(node, ast.Call):
             continue
         name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-        if name == "open":  # only opening for writing counts
-            modes = [a.value for a in node.args[1:2] + [k.value for k in node.keywords if k.arg == "mode"]
-                     if isinstance(a, ast.Constant)]
-            if not any(set(str(m)) & set("wax+") for m in modes):
+        if name == "open":  # only opening for writing counts: open(path, "w"), path.open("a"), gzip.open(p, "wt")
+            modes = [a.value for a in node.args[:2] + [k.value for k in node.keywords if k.arg == "mode"]
+                     if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            if not any(re.fullmatch(r"[rwxabt+]*[wax+][rwxabt+]*", m) for m in modes):
                 continue
-        if name in WRITES and not (name == "save" and ast.unparse(node.func) not in ("torch.save",)):
-            found.append(f"{ast.unparse(node.func)} (line {node.lineno})")
+        qualified = ast.unparse(node.func)
+        if name == "save" and qualified != "torch.save" or name.startswith("copy") and not qualified.startswith("shutil."):
+            continue  # e.g. dict.copy(), a trainer's save()
+        if name in WRITES:
+            found.append(f"{qualified} (line {node.lineno})")
     return found
 
 
 def test_every_stage_writes_its_files_atomically():
     """A file write in stages/ is either atomic_io (temp file, rename) or inside a function that builds a
     temp folder (tempfile.mkdtemp) and renames it into place (os.replace / replace_dir)."""
+    sample = ast.parse("def f(p):\n    open(p, 'w').write(p.read_text())\n    json.dump({}, p.open('a'))\n").body[0]
+    assert sorted(raw_writes(sample)) == ["json.dump (line 3)", "open (line 2)", "p.open (line 3)"]  # what it finds
     offenders = []
     for path in sorted(STAGES.glob("*.py")):
         if path.name == "atomic_io.py":
