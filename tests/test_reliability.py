@@ -158,7 +158,7 @@ def test_sigkill_of_the_train_stage_then_dvc_repro_resumes(pipeline_run):
     assert run["all_with_state"]  # every step-* folder left by the kill is complete
     # the checkpoint of the last logged step, or the one before when the kill came while writing it
     assert last % SAVE_STEPS == 0 and killed_at - SAVE_STEPS <= last <= killed_at, (last, killed_at)
-    resumed = f"train: resuming from checkpoints/step-{last:06d} (step {last} of {MAX_STEPS})"
+    resumed = f"train: resuming from checkpoints/step-{last:06d} (step {last} of {MAX_STEPS}"
     assert (resumed in "".join(run["log"])) == (last > 0), f"killed after step {killed_at}"
     assert json.loads((project / "metrics" / "train.json").read_text())["resumed_from_step"] == last
     assert not any(p.exists() for p in run["planted"])  # half-written checkpoints: removed, never loaded
