@@ -74,18 +74,18 @@ def logged_steps(project: Path) -> int:
 
 
 def plant_half_written_checkpoints(folder: Path) -> list[Path]:
-    """What a crash (or a lying disk) could leave next to the complete checkpoints, all numbered past
-    them so that a naive "latest wins" would pick them: a temp folder, a folder without state.json,
-    one with a truncated weights file, one with a truncated state.json."""
+    """What a crash (or a lying disk) could leave next to the complete checkpoints: a temp folder, a
+    folder without state.json, one with a truncated weights file, one with a truncated state.json;
+    copies of the latest checkpoint, numbered past any real step so that "latest wins" would pick them
+    (and no real checkpoint is written under their names later)."""
     latest = sorted(folder.glob("step-*"))[-1]
-    step = int(latest.name.split("-")[1])
     planted = []
-    for offset, damage in enumerate(["tmp", "no state", "truncated adapter", "truncated state"], start=1):
-        name = f".tmp-step-{os.urandom(4).hex()}" if damage == "tmp" else f"step-{step + offset:06d}"
+    for step, damage in enumerate(["tmp", "no state", "truncated adapter", "truncated state"], start=999_990):
+        name = f".tmp-step-{os.urandom(4).hex()}" if damage == "tmp" else f"step-{step:06d}"
         bad = folder / name
         shutil.copytree(latest, bad)
         state = json.loads((bad / "state.json").read_text())
-        (bad / "state.json").write_text(json.dumps({**state, "step": step + offset}))
+        (bad / "state.json").write_text(json.dumps({**state, "step": step}))
         if damage == "no state":
             (bad / "state.json").unlink()
         elif damage == "truncated adapter":
