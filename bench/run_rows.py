@@ -97,6 +97,9 @@ def run_row(row: dict, gpu: int, args) -> dict:
             log.flush()
             done = subprocess.run(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
             if done.returncode != 0:
+                log.flush()
+                tail = (dest / "log.txt").read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
+                print(f"[gpu {gpu}] {name} failed; the end of its log:\n" + "\n".join(tail), flush=True)
                 return {"name": name, "gpu": gpu, "error": f"exit {done.returncode}: see rows/{name}/log.txt"}
             if "totto" not in cmd[cmd.index("--name") + 1]:  # the FeTaQA run: keep its predictions and plots
                 with open(workdir / "metrics" / "predictions.jsonl", "rb") as src, \
@@ -117,7 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("--totto", type=Path, required=True, help="folder with ToTTo train/dev .jsonl.gz")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", nargs="+", help="row names, in the order to start them (default: all)")
-    parser.add_argument("--gpus", type=int, nargs="+", help="GPU ids to use (default: all visible)")
+    parser.add_argument("--gpus", type=int, nargs="+",
+                        help="GPU ids to use, one row at a time on each; repeat an id to run rows side by side on "
+                             "that GPU (default: all visible, once)")
     parser.add_argument("--deadline", type=float, default=0, help="start no row after this many seconds")
     parser.add_argument("--workroot", type=Path, default=Path("/tmp/totto-rows"))
     args = parser.parse_args(argv)

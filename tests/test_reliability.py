@@ -116,7 +116,9 @@ def pipeline_run(tmp_path_factory, tiny_model_dir) -> dict:
     deadline = time.monotonic() + 300
     while logged_steps(project) < kill_after and repro.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    stage = [p for p in psutil.Process(repro.pid).children(recursive=True) if "stages.train" in " ".join(p.cmdline())]
+    # the python process itself: DVC starts the command through `sh -c`, and a shell such as dash stays as
+    # its parent rather than exec-ing it, so match the argument, not the command line's text
+    stage = [p for p in psutil.Process(repro.pid).children(recursive=True) if "stages.train" in p.cmdline()]
     assert len(stage) == 1, f"train stage not running (logged {logged_steps(project)} steps)"
     stage[0].send_signal(signal.SIGKILL)
     output, _ = repro.communicate(timeout=120)
