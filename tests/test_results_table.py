@@ -1,0 +1,46 @@
+"""bench/results_table.py: the README results table is the one the committed JSON gives, and every
+plot declared in bench/results/rows/dvc.yaml has its file and columns."""
+
+import csv
+from pathlib import Path
+
+import yaml
+
+from bench.results_table import collect, markdown, paired_bootstrap
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = ROOT / "bench" / "results" / "rows"
+
+
+def test_the_readme_table_is_the_one_the_committed_results_give():
+    rows, missing, described = collect(ROWS)
+    assert rows[0]["name"] == "zero-shot" and len(rows) > 1
+    assert markdown(rows, described) in (ROOT / "README.md").read_text()
+    for name in missing:  # a row without results is named in the README as not run
+        assert name in (ROOT / "README.md").read_text()
+
+
+def test_every_declared_plot_reads_an_existing_file_and_column():
+    plots = yaml.safe_load((ROWS / "dvc.yaml").read_text())["plots"]
+    assert {name for plot in plots for name in plot} >= {"training_loss", "final_scores"}
+    for plot in plots:
+        (spec,) = plot.values()
+        for file, column in spec["y"].items():
+            with open(ROWS / file, newline="", encoding="utf-8") as fh:
+                header = next(csv.reader(fh))
+            assert column in header and spec["x"] in header, (file, column, spec["x"], header)
+
+
+def test_paired_bootstrap_of_a_constant_difference_is_that_difference():
+    a = {str(i): 0.5 + i / 100 for i in range(50)}
+    b = {k: v - 0.1 for k, v in a.items()}
+    result = paired_bootstrap(a, b, rounds=200)
+    assert result["examples"] == 50
+    assert abs(result["mean"] - 0.1) < 1e-12 and abs(result["low"] - 0.1) < 1e-12 and abs(result["high"] - 0.1) < 1e-12
+
+
+def test_paired_bootstrap_interval_covers_zero_for_a_symmetric_difference():
+    a = {str(i): float(i % 2) for i in range(100)}
+    b = {str(i): float((i + 1) % 2) for i in range(100)}
+    result = paired_bootstrap(a, b, rounds=500)
+    assert result["mean"] == 0 and result["low"] < 0 < result["high"]
