@@ -53,14 +53,15 @@ def append_markdown(results_file: Path, md: Path = BENCHMARKS_MD) -> None:
              f"`{doc.get('command', '')}` — results file `{Path(results_file).name}`; {versions}\n"]
     rows = doc["results"]
     if doc["kind"].startswith("train"):
-        lines.append("| run | samples/s | tokens/s | step time (s) | peak allocated (GiB) | final loss |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("| run | samples/s | tokens/s | step time (s) | peak allocated (GiB) | final loss | MFU |")
+        lines.append("|---|---|---|---|---|---|---|")
         for r in rows:
             if "error" in r:
-                lines.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | |")
+                lines.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | |")
             else:
+                mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "—"
                 lines.append(f"| {r['name']} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
-                             f"{r['step_time_s']:.3f} | {r['peak_allocated_gib']:.2f} | {r['final_loss']:.4f} |")
+                             f"{r['step_time_s']:.3f} | {r['peak_allocated_gib']:.2f} | {r['final_loss']:.4f} | {mfu} |")
     elif doc["kind"].startswith("recipe"):
         lines.append("| run | stage wall times (s) | train tokens/s | train peak (GiB) | final loss | "
                      "BLEU (base → tuned) | PARENT F (base → tuned) |")

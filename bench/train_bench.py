@@ -42,7 +42,7 @@ def run_project(name, params, records, model_dir, *, quant, steps, warmup, extra
     from stages.batching import encode_record
     from stages.train import batch_indices
 
-    tok = model_sources.load_tokenizer(model_dir)
+    tok = model_sources.load_tokenizer(model_dir)  # the stage's own tokenizer: the same lengths
     lengths = [len(encode_record(tok, r)[0]) for r in records]
     eff = int(p["train"]["effective_batch"])
     measured = [batch_indices(s, len(records), eff, int(p["train"]["seed"])) for s in range(warmup, steps + warmup)]
@@ -58,8 +58,34 @@ def run_project(name, params, records, model_dir, *, quant, steps, warmup, extra
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
         "final_loss": stats["final_loss"],
         "micro_batch_tokens": stats["micro_batch_tokens"],
+        "row_tokens": stats["row_tokens"],
+        "rows_per_micro_batch": stats["rows_per_micro_batch"],
+        "cuda_graphs": stats["cuda_graphs"],
         "gradient_checkpointing": stats["gradient_checkpointing"],
+        "train_wall_s": stats["wall_seconds"],  # model load, graph capture and every step
+        "mfu": sum(r.get("mfu", 0.0) for r in stats["history"][warmup:]) / max(1, len(stats["history"][warmup:])),
+        "loss_curve": [r["loss"] for r in stats["history"]],
     }
+
+
+def check_graphs(params, records, model_dir, steps=4) -> dict:
+    """The CUDA-graph path against eager on the same steps without dropout: per-step losses and adapters."""
+    runs = {}
+    for graphs in (True, False):
+        p = copy.deepcopy(params)
+        p["lora"]["dropout"] = 0.0
+        p["train"].update({"max_steps": steps, "device": "cuda", "logging_steps": 1, "cuda_graphs": graphs})
+        out = Path(tempfile.mkdtemp(prefix="graphs-check-"))
+        stats = train(p, records, out / "adapter", checkpoint_dir=None, metrics_dir=None, model_dir=model_dir,
+                      progress=False)
+        from safetensors.torch import load_file
+
+        runs[graphs] = ([r["loss"] for r in stats["history"]], load_file(out / "adapter" / "adapter_model.safetensors"))
+    (loss_g, ad_g), (loss_e, ad_e) = runs[True], runs[False]
+    diff = max(float((ad_g[k] - ad_e[k]).abs().max()) for k in ad_e)
+    return {"steps": steps, "loss_graphs": loss_g, "loss_eager": loss_e,
+            "loss_max_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(loss_g, loss_e)),
+            "adapter_max_abs_diff": diff}
 
 
 def main(argv=None):
@@ -69,6 +95,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30, help="measured optimiser steps per run")
     parser.add_argument("--only", nargs="*", help="run only these names")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--check-graphs", action="store_true", help="first compare CUDA graphs with eager")
     args = parser.parse_args(argv)
 
     from bench.baselines import run_hf_trainer, run_trl_liger
@@ -80,7 +107,18 @@ def main(argv=None):
     lora, lr = params["lora"], float(params["train"]["learning_rate"])
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     short = max(4, args.steps // 5)  # the original recipe is ~30x slower: fewer steps
-    runs = {
+    runs = {  # the project first: a call cut short by its time limit still has its numbers
+        "project_nf4": lambda: run_project("project_nf4", params, records, model_dir, quant="nf4",
+                                           steps=args.steps * 3, warmup=3),
+        "project_nf4_eager": lambda: run_project("project_nf4_eager", params, records, model_dir, quant="nf4",
+                                                 steps=args.steps * 3, warmup=3, extra={"cuda_graphs": False}),
+        "project_nf4_bnb_eager": lambda: run_project(
+            "project_nf4_bnb_eager", params, records, model_dir, quant="nf4", steps=args.steps, warmup=3,
+            extra={"cuda_graphs": False, "nf4_dequantize_once": False}),
+        "project_bf16": lambda: run_project("project_bf16", params, records, model_dir, quant="none",
+                                            steps=args.steps * 3, warmup=3),
+        "project_nf4_5gb": lambda: run_project("project_nf4_5gb", params, records, model_dir, quant="nf4",
+                                               steps=args.steps * 3, warmup=3, extra={"max_memory_gb": 5}),
         "original_recipe": lambda: run_hf_trainer(
             "original_recipe", model_dir, tokenizer, records, steps=short, warmup=1, batch=1, accum=16,
             grad_ckpt=True, attn="eager", quant="nf4", lora=lora, lr=lr, out_dir=work / "a"),
@@ -90,13 +128,16 @@ def main(argv=None):
         "trl_liger_b16": lambda: run_trl_liger(
             "trl_liger_b16", model_dir, tokenizer, records, steps=args.steps, warmup=2, batch=16, quant="nf4",
             lora=lora, lr=lr, out_dir=work / "c"),
-        "project_nf4": lambda: run_project("project_nf4", params, records, model_dir, quant="nf4",
-                                           steps=args.steps * 3, warmup=3),
-        "project_bf16": lambda: run_project("project_bf16", params, records, model_dir, quant="none",
-                                            steps=args.steps * 3, warmup=3),
-        "project_nf4_5gb": lambda: run_project("project_nf4_5gb", params, records, model_dir, quant="nf4",
-                                               steps=args.steps * 3, warmup=3, extra={"max_memory_gb": 5}),
     }
+    checks = {}
+    if args.check_graphs:
+        try:
+            checks["graphs_vs_eager"] = check_graphs(params, records, model_dir)
+        except Exception:  # recorded; the throughput runs still run
+            import traceback
+
+            checks["graphs_vs_eager"] = {"error": traceback.format_exc()[-3000:]}
+        print(json.dumps(checks), flush=True)
     results = []
     for name, fn in runs.items():
         if args.only and name not in args.only:
@@ -105,11 +146,14 @@ def main(argv=None):
         try:
             res = fn()
         except Exception as err:  # one failing baseline must not hide the others; the error is recorded
+            import traceback
+
+            traceback.print_exc()
             res = {"name": name, "error": f"{type(err).__name__}: {err}"}
         print(json.dumps({k: v for k, v in res.items() if k != "loss_curve"}), flush=True)
         results.append(res)
         torch.cuda.empty_cache()
-    common.write_results(args.out, "train", results, {"data": str(args.data), "records": len(records),
+    common.write_results(args.out, "train", results, {"data": str(args.data), "records": len(records), **checks,
                                                       "command": "python -m bench.train_bench " + " ".join(sys.argv[1:])})
 
 

@@ -1,10 +1,15 @@
-"""Token-budget micro-batching, collation and the completion-only loss of the train stage.
+"""Packed (padding-free) micro-batching, collation and the completion-only loss of the train stage.
 
 Why a loss of our own: Gemma 3's vocabulary is 262,144 wide, so the vocabulary head dominates the cost of
 a step if logits are computed for every token (a 1k-token sequence materialises 1 GiB of fp32 logits).
 Only completion tokens carry loss, so we run the model body to hidden states, gather the positions whose
 *next* token is a completion token, and apply the head there only, in chunks, with the gradient of the
 hidden states computed in the forward pass (nothing vocabulary-wide is kept for backward).
+
+Why packing: the examples of one step differ a lot in length (FeTaQA: tens to 1,024 tokens), and padding
+16 of them to the longest costs two to four times the real tokens. They are packed instead into rows of
+one fixed length, with attention masked so that no token sees another example; the fixed shape also lets
+a GPU replay one captured CUDA graph per row count (stages.packed_forward).
 """
 
 from __future__ import annotations
@@ -27,26 +32,85 @@ def encode_record(tokenizer, record: dict) -> tuple[list[int], int]:
     return prompt_ids + completion_ids, len(prompt_ids)
 
 
-def plan_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Split one effective batch into micro-batches of at most `token_budget` tokens, padding included.
+def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """Pack examples into rows of at most `row_tokens` tokens, first-fit decreasing (padding-free batching).
 
-    Examples are sorted by length (longest first) so that neighbours pad little; a micro-batch costs
-    (number of examples) x (its longest example). An example longer than the budget runs alone.
-    Returns lists of indices into `lengths`."""
-    if token_budget < 1:
-        raise ValueError(f"token budget must be positive, got {token_budget}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]  # sorted: the first is the longest
-        if current and (len(current) + 1) * longest > token_budget:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    Longest first, each into the first row that still has room: a row wastes little beyond its last
+    example, and an effective batch of 16 FeTaQA examples (about 4k tokens) fills about five rows of 1,024.
+    Returns lists of indices into `lengths`, longest row first."""
+    if row_tokens < 1:
+        raise ValueError(f"row length must be positive, got {row_tokens}")
+    too_long = [n for n in lengths if n > row_tokens]
+    if too_long:
+        raise ValueError(f"an example of {max(too_long)} tokens does not fit a packed row of {row_tokens}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(row_tokens - lengths[i])
+    return rows
+
+
+def plan_packed_micro_batches(lengths: list[int], row_tokens: int, rows_per_micro_batch: int) -> list[list[list[int]]]:
+    """The rows of pack_rows, grouped into micro-batches of at most `rows_per_micro_batch` rows."""
+    if rows_per_micro_batch < 1:
+        raise ValueError(f"rows per micro-batch must be positive, got {rows_per_micro_batch}")
+    rows = pack_rows(lengths, row_tokens)
+    return [rows[i : i + rows_per_micro_batch] for i in range(0, len(rows), rows_per_micro_batch)]
+
+
+def collate_packed(
+    examples: list[tuple[list[int], int]], rows: list[list[int]], row_tokens: int, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Packed rows [rows, row_tokens]: input_ids, position_ids (restarting at 0 for every example, as
+    the model would see it alone), doc_ids (which example a token belongs to; -1 for the padding at
+    the row's end) and targets (as in `collate`, per example: never a token of the next example)."""
+    shape = (len(rows), row_tokens)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    doc_ids = torch.full(shape, -1, dtype=torch.long)
+    targets = torch.full(shape, IGNORE, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            ids, prompt_len = examples[i]
+            n = len(ids)
+            if not 0 < prompt_len < n:
+                raise ValueError(f"example {i}: prompt length {prompt_len} leaves no completion in {n} ids")
+            input_ids[r, start : start + n] = torch.tensor(ids)
+            position_ids[r, start : start + n] = torch.arange(n)
+            doc_ids[r, start : start + n] = i
+            targets[r, start + prompt_len - 1 : start + n - 1] = torch.tensor(ids[prompt_len:])
+            start += n
+        # the padding is one more causal "document": each pad attends at least to itself (no empty
+        # softmax row, hence no NaN in its gradient), and it carries no loss
+        position_ids[r, start:] = torch.arange(row_tokens - start)
+    return {"input_ids": input_ids, "position_ids": position_ids, "doc_ids": doc_ids, "targets": targets}
+
+
+def packed_attention_masks(
+    doc_ids: torch.Tensor, position_ids: torch.Tensor, sliding_window: int | None
+) -> dict[str, torch.Tensor]:
+    """Boolean attention masks [rows, 1, T, T] (True = may attend) for packed rows: causal within each
+    example and never across examples; the sliding-window layers also see at most `sliding_window`
+    positions back (transformers' rule: key > query - window). Keys are Gemma 3's layer types."""
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(doc_ids.shape[1], doc_ids.shape[1], dtype=torch.bool, device=doc_ids.device).tril()
+    full = same & causal
+    masks = {"full_attention": full[:, None]}
+    if sliding_window:
+        # within one example positions are consecutive, so the position difference is the distance
+        near = (position_ids[:, :, None] - position_ids[:, None, :]) < sliding_window
+        masks["sliding_attention"] = (full & near)[:, None]
+    else:
+        masks["sliding_attention"] = masks["full_attention"]
+    return masks
 
 
 def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -59,12 +59,13 @@ def main(argv: list[str] | None = None) -> dict:
     check_finetuned_files(cfg["model"])  # fail before the slow loading starts
 
     device = model_sources.pick_device(cfg["device"])
-    dtype = model_sources.pick_dtype(device)
+    dtype = eval_dtype(cfg.get("dtype", "auto"), device)
     base_dir = model_sources.resolve_model(params["model"]["name"])
     model = load_finetuned(cfg["model"], base_dir, device, dtype)
     tokenizer = model_sources.load_tokenizer(base_dir)  # the one preprocess built the prompts with
     bleurt = cfg.get("bleurt_checkpoint") or None
-    gen_args = dict(max_new_tokens=int(cfg["max_new_tokens"]), batch_size=int(cfg["batch_size"]), device=device)
+    gen_args = dict(max_new_tokens=int(cfg["max_new_tokens"]), batch_size=int(cfg["batch_size"]), device=device,
+                    cache=cfg.get("cache", "dynamic"))
 
     start = time.perf_counter()
     predictions = generate(model, tokenizer, prompts, **gen_args)
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
             "base_seconds": base_seconds,
             "batch_size": gen_args["batch_size"],
             "max_new_tokens": gen_args["max_new_tokens"],
+            "cache": gen_args["cache"],
         },
     }
     write_json(EVAL_FILE, result)
@@ -142,6 +144,16 @@ def check_finetuned_files(kind: str) -> None:
         raise EvalError(f"{MERGED_DIR.as_posix()}: no merged model (run the merge stage, or set eval.model: adapter)")
     if kind == "adapter" and not (ADAPTER_DIR / "adapter_config.json").is_file():
         raise EvalError(f"{ADAPTER_DIR.as_posix()}: no adapter_config.json (run the train stage)")
+
+
+def eval_dtype(name: str, device: torch.device) -> torch.dtype:
+    """eval.dtype: auto (the training choice: bf16 on GPUs, see model_sources.pick_dtype) | float32 | bfloat16.
+    fp16 is refused: Gemma 3 overflows it."""
+    if name == "auto":
+        return model_sources.pick_dtype(device)
+    if name in ("float32", "bfloat16"):
+        return getattr(torch, name)
+    raise EvalError(f"eval.dtype must be auto, float32 or bfloat16, got {name!r} (float16 overflows Gemma 3)")
 
 
 def load_finetuned(kind: str, base_dir: Path, device: torch.device, dtype: torch.dtype):

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 END_OF_TURN = "<end_of_turn>"
+CACHES = ("dynamic", "static")
 
 
 def end_token_ids(tokenizer) -> list[int]:
@@ -62,11 +63,22 @@ def generate(
     batch_size: int,
     device: torch.device | str | None = None,
     progress: bool = True,
+    cache: str = "dynamic",
+    compile: bool = False,
 ) -> list[str]:
     """Greedy completions of `prompts` (text without BOS; BOS is added once by the tokenizer).
 
+    cache: "dynamic" (transformers' default: the KV cache grows by concatenation, which at batch 500
+    copies every layer's whole cache at every new token) or "static" (allocated once for the batch's
+    longest prompt + max_new_tokens and written in place; transformers' own StaticCache). compile=True
+    (static cache only) lets transformers compile the decoding step (torch.compile, CUDA graphs): each new
+    batch shape then costs a compilation first.
     Returns one stripped string per prompt, in the order given, without end tokens.
     """
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    if compile and cache != "static":
+        raise ValueError("compile=True needs cache='static' (transformers compiles only static-cache decoding)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:
@@ -101,6 +113,7 @@ def generate(
                     temperature=None,
                     top_p=None,
                     top_k=None,
+                    **({"cache_implementation": "static", "disable_compile": not compile} if cache == "static" else {}),
                 )
                 new_tokens = generated[:, input_ids.shape[1]:].tolist()
                 for i, tokens in zip(indices, new_tokens):

@@ -4,9 +4,10 @@
 
 A nanoGPT-style loop rather than HF Trainer, because the vocabulary head dominates: logits are computed
 only at completion positions (stages.batching.completion_loss). One optimiser step sees a fixed number
-of examples (train.effective_batch) split into micro-batches under a token budget; the loss of a step is
-the summed cross-entropy divided by the completion tokens of the whole effective batch, so accumulation
-gives the same gradient as one big batch. Checkpoints every train.save_steps let an interrupted run
+of examples (train.effective_batch), packed without padding into rows (stages.batching) and split into
+micro-batches under a token budget, replayed as CUDA graphs on a GPU (stages.packed_forward). The loss
+of a step is the summed cross-entropy divided by the completion tokens of the whole effective batch, so
+accumulation gives the same gradient as one big batch. Checkpoints every train.save_steps let an interrupted run
 resume with the same step count and data order.
 
 With train.num_gpus = N > 1 the command re-executes itself under torchrun, one process per GPU
@@ -38,11 +39,12 @@ from stages.atomic_io import write_json as _write_json
 from stages.batching import (
     activation_bytes_per_token,
     budget_for_memory,
-    collate,
+    collate_packed,
     completion_loss,
     encode_record,
-    plan_micro_batches,
+    plan_packed_micro_batches,
 )
+from stages.packed_forward import GraphedDecoder, PackedDecoder
 from stages.params import PARAMS_FILE, load_params
 
 TRAIN_FILE = Path("data/processed/train.jsonl")
@@ -54,7 +56,7 @@ KEEP_CHECKPOINTS = 2
 # written under other values of these is still a valid resume point.
 NOT_IN_RUN_KEY = {
     "logging_steps", "save_steps", "device", "num_threads", "micro_batch_tokens", "cpu_micro_batch_tokens",
-    "max_memory_gb", "peak_flops", "num_gpus",
+    "max_memory_gb", "peak_flops", "num_gpus", "cuda_graphs", "nf4_dequantize_once",
 }
 # Dense bf16 peak FLOP/s per device, for MFU (train.peak_flops overrides; unknown devices get no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
@@ -151,12 +153,14 @@ def build_model(params: dict, model_dir: Path, device: torch.device, dtype: torc
     cfg, lora = params["train"], params["lora"]
     model = model_sources.load_model(model_dir, quantization=cfg["quantization"], dtype=dtype, device=device)
     model.config.use_cache = False
-    if cfg["quantization"] == "nf4" and cfg.get("nf4_fp32_upcast", True):
+    if cfg["quantization"] == "nf4" and cfg.get("nf4_fp32_upcast", False):
         # peft's recipe: freeze, cast the non-quantised weights (norms, embeddings = tied head) to fp32.
         # Gradient checkpointing is not forced here: the loop enables it only if the memory cap needs it.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model.requires_grad_(False)
+    if cfg["quantization"] == "nf4" and cfg.get("nf4_dequantize_once", True):
+        dequantize_frozen_nf4(model)  # after the upcast, which would otherwise cast these to fp32 too
     config = LoraConfig(
         r=lora["r"],
         lora_alpha=lora["alpha"],
@@ -166,6 +170,41 @@ def build_model(params: dict, model_dir: Path, device: torch.device, dtype: torc
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)  # adapter weights in fp32 (peft's autocast_adapter_dtype)
+
+
+class DequantizedLinear(torch.nn.Linear):
+    """A frozen NF4 linear layer held dequantised: the weight is exactly what bitsandbytes dequantises on
+    every pass (the NF4 values, in the compute dtype), and the forward casts as bitsandbytes' Linear4bit
+    does (input to the compute dtype, output back), so a QLoRA adapter trains against the same numbers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+def dequantize_frozen_nf4(model) -> int:
+    """Replace every bitsandbytes Linear4bit of `model` by a DequantizedLinear; returns how many.
+
+    Why: the base is frozen, so dequantising its 126 matrices on each forward and again in each backward
+    (bitsandbytes' training path: dequantise, then a bf16 matmul) recomputes the same tensor ~4 times a
+    micro-batch. Held dequantised, the 270M model costs 150 MB more memory (200 MB of bf16 linears
+    instead of 50 MB of NF4), launches half the kernels, and has no bitsandbytes call left in the
+    forward, which CUDA graphs need. train.nf4_dequantize_once: false keeps bitsandbytes' path."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                weight = dequantize_4bit(child.weight.data, child.weight.quant_state).to(child.compute_dtype)
+                linear = DequantizedLinear(child.in_features, child.out_features, bias=child.bias is not None,
+                                           device=weight.device, dtype=weight.dtype)
+                linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+                if child.bias is not None:
+                    linear.bias = torch.nn.Parameter(child.bias.data.to(weight.dtype), requires_grad=False)
+                setattr(parent, name, linear)
+                replaced += 1
+    return replaced
 
 
 def linear_params(config) -> int:
@@ -295,28 +334,44 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, device: torch.devic
 
 # ------------------------------------------------------------------------------------------- the loop
 def accumulate_gradients(
-    decoder, head_weight, examples: list[tuple[list[int], int]], token_budget: int, pad_id: int,
-    device: torch.device, softcap: float | None = None, label_tokens: int | None = None,
+    forward, head_weight, examples: list[tuple[list[int], int]], row_tokens: int, rows_per_micro_batch: int,
+    pad_id: int, device: torch.device, softcap: float | None = None, label_tokens: int | None = None,
 ) -> float:
-    """Forward and backward `examples` in micro-batches; returns their summed loss / label_tokens.
+    """Forward and backward `examples` in packed micro-batches; returns their summed loss / label_tokens.
 
+    forward(input_ids, position_ids, doc_ids) -> hidden states: a PackedDecoder, or its CUDA graphs.
     Each micro-batch's summed loss is divided by the completion tokens of the WHOLE effective batch
     (label_tokens; by default those of `examples`), so the accumulated gradient equals that of one big
     batch (a per-micro-batch mean would weight the tokens of short micro-batches more). A process of a
     multi-GPU run passes its share of the batch and the whole batch's label_tokens."""
     if label_tokens is None:
         label_tokens = sum(len(ids) - p for ids, p in examples)
-    total = 0.0
-    for micro in plan_micro_batches([len(ids) for ids, _ in examples], token_budget):
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in micro], pad_id).items()}
-        # Right padding under causal attention: a real token never attends to the pads after it, so
-        # the padding mask changes nothing that carries loss; leaving it out lets sdpa take its fused
-        # causal kernel instead of a masked one.
-        hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    lengths = [len(ids) for ids, _ in examples]
+    for rows in plan_packed_micro_batches(lengths, row_tokens, rows_per_micro_batch):
+        batch = {k: v.to(device, non_blocking=True)
+                 for k, v in collate_packed(examples, rows, row_tokens, pad_id).items()}
+        hidden = forward(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
         loss_sum, _ = completion_loss(hidden, batch["targets"], head_weight, softcap=softcap)
         (loss_sum / label_tokens).backward()
-        total += loss_sum.item()
-    return total / label_tokens
+        total += loss_sum.detach()
+    return total.item() / label_tokens  # one device sync per step, not one per micro-batch
+
+
+def micro_batch_shapes(examples, steps, effective_batch: int, seed: int, row_tokens: int,
+                       rows_per_micro_batch: int, rank: int = 0, world: int = 1) -> set[int]:
+    """The row counts of every micro-batch this process will run in `steps` (the data order is fixed)."""
+    shapes = set()
+    for step in steps:
+        chosen = [examples[i] for i in batch_indices(step, len(examples), effective_batch, seed)]
+        share = [len(chosen[i][0]) for i in distributed.shard([len(ids) for ids, _ in chosen], rank, world)]
+        shapes.update(len(micro) for micro in plan_packed_micro_batches(share, row_tokens, rows_per_micro_batch))
+    return shapes
+
+
+def row_length(lengths: list[int], multiple: int = 64) -> int:
+    """Length of the packed rows: the longest example, rounded up (one shape for the whole run)."""
+    return -(-max(lengths) // multiple) * multiple
 
 
 def train(
@@ -333,7 +388,8 @@ def train(
     progress: bool = True,
     tokenizer=None,
 ) -> dict:
-    """Train LoRA adapters on `train_records` (processed records: prompt, completion) and return stats.
+    """Train LoRA adapters on `train_records` (processed records: prompt, completion) and return stats
+    (those of metrics/train.json, plus "history": the logged rows of every logging step).
 
     adapter_dir / checkpoint_dir / metrics_dir may be None to skip those outputs (benchmarks).
     dvclive=False keeps metrics/train.json but skips the per-step dvclive log (hosts without dvc).
@@ -388,6 +444,7 @@ def train(
     if device.type == "cpu" and cfg.get("cpu_micro_batch_tokens"):
         budget = int(cfg["cpu_micro_batch_tokens"])
     checkpointing = False
+    row_tokens = row_length([len(ids) for ids, _ in examples])
     if cfg.get("max_memory_gb"):
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         fixed = weight_bytes + n_trainable * 4 * 3 + 3 * HEAD_CHUNK_BYTES  # + grads and Adam moments
@@ -395,8 +452,7 @@ def train(
         per_token = activation_bytes_per_token(base.config, act_bytes)
         budget_before_cap = budget
         budget = budget_for_memory(budget, cfg["max_memory_gb"], fixed_bytes=fixed, bytes_per_token=per_token)
-        longest = max(len(ids) for ids, _ in examples)
-        if budget < longest:
+        if budget < row_tokens:  # not even one packed row fits
             checkpointing = True
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             per_token = base.config.num_hidden_layers * base.config.hidden_size * act_bytes + (
@@ -408,6 +464,21 @@ def train(
         if is_main:
             print(f"train: max_memory_gb={cfg['max_memory_gb']} -> micro_batch_tokens={budget}, "
                   f"gradient checkpointing={checkpointing}")
+    # Packed rows of one length (the longest example), as many per micro-batch as the budget holds.
+    rows_per_micro_batch = max(1, budget // row_tokens)
+    # CUDA graphs need fixed shapes (packed rows give them) and no RNG reads inside a capture
+    # (checkpointing's recomputation makes some), so they are used on CUDA without checkpointing.
+    cuda_graphs = device.type == "cuda" and bool(cfg.get("cuda_graphs", True)) and not checkpointing
+    forward = GraphedDecoder(decoder, device) if cuda_graphs else PackedDecoder(decoder)
+    if cuda_graphs:
+        # A graph's backward returns its gradients in the same buffers every replay; a .grad that autograd
+        # adopted as-is would be overwritten by the next micro-batch, so .grad is kept allocated (zeroed,
+        # never None) and every micro-batch adds into it.
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+    if is_main:
+        print(f"train: packed rows of {row_tokens} tokens, up to {rows_per_micro_batch} per micro-batch, "
+              f"CUDA graphs {'on' if cuda_graphs else 'off'}")
 
     optimizer = torch.optim.AdamW(
         trainable,
@@ -459,6 +530,15 @@ def train(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     model.train()
+    if cuda_graphs:  # every micro-batch shape of the run, captured before the first step is timed
+        seconds = time.perf_counter()
+        shapes = micro_batch_shapes(examples, range(start_step, n_steps), effective_batch, int(cfg["seed"]),
+                                    row_tokens, rows_per_micro_batch, rank, world)
+        for rows in sorted(shapes, reverse=True):  # the largest first: the shared memory pool is sized once
+            forward.capture(rows, row_tokens)
+        if is_main:
+            print(f"train: captured CUDA graphs for micro-batches of {sorted(shapes)} rows "
+                  f"in {time.perf_counter() - seconds:.1f} s")
     bar = tqdm(range(start_step, n_steps), initial=start_step, total=n_steps, desc="train", disable=not progress)
     for step in bar:
         t0 = time.perf_counter()
@@ -468,14 +548,15 @@ def train(
         # Every rank draws the whole effective batch and computes its share; each share's loss is
         # divided by the label tokens of the whole batch, so the ranks' gradients SUM to the one-GPU one.
         share = [chosen[i] for i in distributed.shard(lengths, rank, world)]
-        step_loss = accumulate_gradients(decoder, head, share, budget, pad_id, device, softcap, label_tokens)
+        step_loss = accumulate_gradients(forward, head, share, row_tokens, rows_per_micro_batch, pad_id, device,
+                                         softcap, label_tokens)
         if world > 1:
             step_loss = distributed.sum_gradients(trainable, step_loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(cfg["max_grad_norm"])).item()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not cuda_graphs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
@@ -530,6 +611,9 @@ def train(
         "peak_memory_kind": peak_kind,
         "world_size": world,
         "micro_batch_tokens": budget,  # per process (GPU)
+        "row_tokens": row_tokens,
+        "rows_per_micro_batch": rows_per_micro_batch,
+        "cuda_graphs": cuda_graphs,
         "gradient_checkpointing": checkpointing,
         "trainable_params": n_trainable,
         "device": str(device),
@@ -549,7 +633,7 @@ def train(
         save_adapter(model, tokenizer, Path(adapter_dir), info)
     if world > 1:
         distributed.barrier()  # every rank returns once rank 0's outputs exist
-    return stats
+    return {**stats, "history": history}  # the logged rows too (for benchmarks), not in the files above
 
 
 def log_row(live, row: dict) -> None:

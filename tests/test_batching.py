@@ -9,24 +9,52 @@ from stages.batching import (
     IGNORE,
     budget_for_memory,
     collate,
+    collate_packed,
     completion_loss,
     naive_loss,
-    plan_micro_batches,
+    pack_rows,
+    packed_attention_masks,
+    plan_packed_micro_batches,
 )
 
 
-def test_micro_batches_cover_every_example_once_within_the_budget():
+def test_packing_puts_every_example_in_exactly_one_row_within_its_length():
     lengths = [50, 300, 120, 90, 300, 10, 200, 60]
-    batches = plan_micro_batches(lengths, token_budget=600)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for b in batches:
-        assert len(b) * max(lengths[i] for i in b) <= 600  # padding counted
-    # sorted by length: the two 300-token examples share a micro-batch
-    assert any(set(b) == {1, 4} for b in batches)
+    rows = pack_rows(lengths, row_tokens=320)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 320 for row in rows)
+    # first-fit decreasing: 1130 tokens in four rows of 320 (the lower bound), not one row per example
+    assert len(rows) == 4
 
 
-def test_an_example_longer_than_the_budget_runs_alone():
-    assert plan_micro_batches([900, 10, 10], token_budget=100) == [[0], [1, 2]]
+def test_an_example_longer_than_the_row_is_refused():
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_rows([900, 10], row_tokens=512)
+
+
+def test_packed_micro_batches_hold_at_most_the_given_rows():
+    plan = plan_packed_micro_batches([100] * 7, row_tokens=200, rows_per_micro_batch=3)
+    assert [len(micro) for micro in plan] == [3, 1]  # 4 rows of two examples
+    assert sorted(i for micro in plan for row in micro for i in row) == list(range(7))
+
+
+def test_collate_packed_restarts_positions_and_targets_per_example():
+    batch = collate_packed([([2, 10, 11, 12, 1], 3), ([2, 20, 21], 2)], rows=[[0, 1]], row_tokens=10, pad_id=0)
+    assert batch["input_ids"].tolist() == [[2, 10, 11, 12, 1, 2, 20, 21, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1]]
+    assert batch["doc_ids"].tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, -1, -1]]
+    # the last token of example 0 (its EOS, 1) predicts nothing: the next token belongs to example 1
+    assert batch["targets"].tolist() == [[IGNORE, IGNORE, 12, 1, IGNORE, IGNORE, 21, IGNORE, IGNORE, IGNORE]]
+
+
+def test_packed_masks_stay_inside_each_example_and_inside_the_window():
+    batch = collate_packed([([2, 3, 4, 5], 1), ([2, 6, 7], 1)], rows=[[0, 1]], row_tokens=8, pad_id=0)
+    masks = packed_attention_masks(batch["doc_ids"], batch["position_ids"], sliding_window=2)
+    full, sliding = masks["full_attention"][0, 0], masks["sliding_attention"][0, 0]
+    assert full[3].tolist() == [True, True, True, True, False, False, False, False]
+    assert full[5].tolist() == [False, False, False, False, True, True, False, False]  # 2nd example only
+    assert sliding[3].tolist() == [False, False, True, True, False, False, False, False]  # 2 positions back
+    assert full[7].tolist() == [False] * 7 + [True]  # a pad sees the pads before it and itself: never empty
 
 
 def test_collate_pads_right_and_targets_the_next_completion_token():

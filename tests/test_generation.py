@@ -54,9 +54,11 @@ def test_end_tokens_are_eos_and_end_of_turn(tiny):
     assert end_token_ids(tokenizer) == [1, 106]
 
 
-def test_batched_equals_one_at_a_time(tiny):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_batched_equals_one_at_a_time(tiny, cache):
     model, tokenizer = tiny
-    batched = generate(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3, device="cpu", progress=False)
+    batched = generate(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3, device="cpu", progress=False,
+                       cache=cache)
     assert batched == sequential(model, tokenizer, PROMPTS, 12)
     assert len(batched) == len(PROMPTS)
     assert len(set(batched)) > 1, "a random model still answers different prompts differently"

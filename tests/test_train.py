@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from stages import train as train_stage
 from stages.batching import encode_record
 from stages.params import load_params
-from stages.train import accumulate_gradients, batch_indices, build_model, read_jsonl, train
+from stages.packed_forward import PackedDecoder
+from stages.train import accumulate_gradients, batch_indices, build_model, read_jsonl, row_length, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,14 +68,17 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tiny_model
     base = model.get_base_model()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def gradients(token_budget):
+    forward = PackedDecoder(base.get_decoder())
+    longest = row_length([len(ids) for ids, _ in examples])
+
+    def gradients(row_tokens, rows_per_micro_batch):
         model.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(base.get_decoder(), base.lm_head.weight, examples, token_budget, 0,
+        loss = accumulate_gradients(forward, base.lm_head.weight, examples, row_tokens, rows_per_micro_batch, 0,
                                     torch.device("cpu"))
         return loss, [p.grad.clone() for p in trainable]
 
-    big_loss, big = gradients(token_budget=100_000)  # one padded micro-batch
-    small_loss, small = gradients(token_budget=1)  # every example alone, no padding at all
+    big_loss, big = gradients(row_tokens=6 * longest, rows_per_micro_batch=1)  # one row holds all six
+    small_loss, small = gradients(row_tokens=longest, rows_per_micro_batch=1)  # a micro-batch per row
     assert big_loss == pytest.approx(small_loss, rel=1e-5)
     for a, b in zip(small, big):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
@@ -154,3 +158,24 @@ def test_nf4_quantised_training_runs_a_step_on_cpu(tiny_model_dir, real_tokenize
                   metrics_dir=None, model_dir=tiny_model_dir, tokenizer=real_tokenizer, progress=False)
     assert stats["steps"] == 1 and stats["trainable_params"] > 0
     assert torch.isfinite(torch.tensor(stats["final_loss"]))
+
+
+def test_nf4_weights_held_dequantised_compute_what_bitsandbytes_computes(tiny_model_dir):
+    bnb = pytest.importorskip("bitsandbytes")
+    from stages.model_sources import load_model
+    from stages.train import DequantizedLinear, dequantize_frozen_nf4
+
+    model = load_model(tiny_model_dir, quantization="nf4", dtype=torch.float32, device=torch.device("cpu"))
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)  # a training input: more than one row
+    expected = layer(x)
+    expected.sum().backward()
+    expected_grad, x.grad = x.grad.clone(), None
+
+    assert dequantize_frozen_nf4(model) == 2 * 7  # every linear of the two layers
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, DequantizedLinear) and not layer.weight.requires_grad
+    got = layer(x)
+    got.sum().backward()
+    assert torch.equal(got, expected) and torch.equal(x.grad, expected_grad)
