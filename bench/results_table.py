@@ -41,7 +41,7 @@ def read_row(folder: Path, name: str) -> dict | None:
         return None
     run = json.loads(files[-1].read_text())
     stages = run["results"][0]["stages"]
-    row = {"name": name, "gpu": run["env"]["gpu"], "command": run["command"],
+    row = {"name": name, "date": run["date"], "gpu": run["env"]["gpu"], "command": run["command"],
            "train": {k: stages["train"]["metrics"][k] for k in ("steps", "samples", "final_loss", "tokens_per_s",
                                                               "peak_memory_gb")},
            "train_wall_seconds": stages["train"]["wall_seconds"],
@@ -56,7 +56,8 @@ def read_row(folder: Path, name: str) -> dict | None:
 def zero_shot() -> dict:
     fetaqa = json.loads(ZERO_SHOT["fetaqa"].read_text())["results"][0]["stages"]["evaluate"]["metrics"]["base"]
     totto = json.loads(ZERO_SHOT["totto"].read_text())["results"][0]["stages"]["evaluate"]["metrics"]["base"]
-    return {"name": "zero-shot", "fetaqa": scores(fetaqa["overall"]), "totto": {s: scores(totto[s]) for s in SUBSETS},
+    date = json.loads(ZERO_SHOT["fetaqa"].read_text())["date"]
+    return {"name": "zero-shot", "date": date, "fetaqa": scores(fetaqa["overall"]), "totto": {s: scores(totto[s]) for s in SUBSETS},
             "source": [str(p.relative_to(ROOT)) for p in ZERO_SHOT.values()]}
 
 
@@ -80,17 +81,17 @@ def fmt(x, digits=3) -> str:
 
 
 def markdown(rows: list[dict], described: dict) -> str:
-    lines = ["| row | recipe | train examples × epochs (steps) | train stage wall s | FeTaQA BLEU | P | R | F |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | recipe | run | train examples × epochs (steps) | train stage wall s | FeTaQA BLEU | P | R | F |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r["fetaqa"]
         if r["name"] == "zero-shot":
-            lines.append(f"| zero-shot | packaged base, no training | — | — | {f['bleu']:.1f} | {fmt(f['parent_precision'])} "
+            lines.append(f"| zero-shot | packaged base, no training | {r['date']} | — | — | {f['bleu']:.1f} | {fmt(f['parent_precision'])} "
                          f"| {fmt(f['parent_recall'])} | {fmt(f['parent_f'])} |")
             continue
         t = r["train"]
         epochs = round(t["samples"] / r["train_examples"])
-        lines.append(f"| {r['name']} | {described[r['name']]} | {r['train_examples']} × {epochs} ({t['steps']}) "
+        lines.append(f"| {r['name']} | {described[r['name']]} | {r['date']} | {r['train_examples']} × {epochs} ({t['steps']}) "
                      f"| {r['train_wall_seconds']:.0f} | {f['bleu']:.1f} | {fmt(f['parent_precision'])} "
                      f"| {fmt(f['parent_recall'])} | {fmt(f['parent_f'])} |")
     lines += ["", "| row | ToTTo dev55 overall: BLEU · P / R / F | overlap (37) | non-overlap (18) |", "|---|---|---|---|"]

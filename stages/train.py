@@ -467,8 +467,13 @@ def train(
     # Packed rows of one length (the longest example), as many per micro-batch as the budget holds.
     rows_per_micro_batch = max(1, budget // row_tokens)
     # CUDA graphs need fixed shapes (packed rows give them) and no RNG reads inside a capture
-    # (checkpointing's recomputation makes some), so they are used on CUDA without checkpointing.
-    cuda_graphs = device.type == "cuda" and bool(cfg.get("cuda_graphs", True)) and not checkpointing
+    # (checkpointing's recomputation makes some), so they are used on CUDA without checkpointing, and
+    # in one process only: under torchrun they have not yet been run on several GPUs (the measured
+    # multi-GPU path is the eager one), so each rank runs eager until that is measured.
+    cuda_graphs = (device.type == "cuda" and bool(cfg.get("cuda_graphs", True)) and not checkpointing
+                   and world == 1)
+    if device.type == "cuda" and cfg.get("cuda_graphs", True) and world > 1 and is_main:
+        print("train: CUDA graphs off with several processes (not yet measured on several GPUs)")
     forward = GraphedDecoder(decoder, device) if cuda_graphs else PackedDecoder(decoder)
     if cuda_graphs:
         # A graph's backward returns its gradients in the same buffers every replay; a .grad that autograd
@@ -569,13 +574,15 @@ def train(
         window["samples"] += len(chosen)
         window["flops"] += train_flops(base.config, lengths, label_tokens)
         window["seconds"] += seconds
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         if (step + 1) % logging_steps == 0 or step + 1 == n_steps:
             row = {"step": step + 1, "loss": loss_value, "learning_rate": lr, "grad_norm": grad_norm,
                    "tokens_per_s": window["tokens"] / window["seconds"],
                    "samples_per_s": window["samples"] / window["seconds"]}
             if peak:
                 row["mfu"] = window["flops"] / window["seconds"] / (peak * world)
+            # the log line, as nanoGPT's: loss, time per step, throughput and model FLOPs utilisation
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}",
+                            mfu=f"{row['mfu']:.1%}" if peak else "n/a")
             history.append(row)
             if live is not None:
                 log_row(live, row)

@@ -7,6 +7,7 @@ import torch
 
 from stages.batching import (
     IGNORE,
+    activation_bytes_per_token,
     budget_for_memory,
     collate,
     collate_packed,
@@ -113,3 +114,15 @@ def test_a_memory_cap_lowers_the_token_budget():
     assert budget_for_memory(16384, 2, fixed_bytes=gib, bytes_per_token=gib // 1000) == 1000
     with pytest.raises(ValueError, match="max_memory_gb"):
         budget_for_memory(16384, 1, fixed_bytes=2 * gib, bytes_per_token=1000)
+
+
+def test_the_activation_estimate_keeps_a_measured_overflow_out_of_a_5_gib_cap(packaged_model_dir):
+    # Measured on an H200 (BENCHMARKS.md, 2026-12-02): 4 packed rows of 1,024 tokens of Gemma 3 270M
+    # peaked at 5.57 GiB. So under train.max_memory_gb=5 the budget must come out below 4,096 tokens.
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(packaged_model_dir)
+    weights = 268_098_176 * 2  # the bf16 model with its NF4 linears held dequantised
+    budget = budget_for_memory(4096, 5, fixed_bytes=weights, bytes_per_token=activation_bytes_per_token(config))
+    assert budget < 4096
+    assert budget // 1024 >= 2  # and still room for two rows: not so pessimistic that it runs one at a time
