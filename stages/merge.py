@@ -88,10 +88,14 @@ def check_base_identity(adapter_dir: Path, base_sha256: str) -> dict:
 
 @torch.no_grad()
 def compare_logits(reference, candidate, prompts: list[list[int]], device: torch.device) -> dict:
-    """Top-1 agreement and largest |logit difference| of candidate vs reference over all prompt positions."""
+    """Top-1 agreement and largest |logit difference| of candidate vs reference over all prompt positions,
+    and how the differences spread: the 99th and 99.9th percentile over positions of each position's
+    largest |difference|, and the mean KL divergence of the candidate's next-token distribution from the
+    reference's. The gate uses the first two; the spread says whether a failing maximum is one position
+    or many (long full-table prompts failed on the maximum with 99.5% top-1 agreement, BENCHMARKS.md)."""
     agree = positions = 0
-    max_diff = 0.0
     finite = True
+    per_position, kl_sum = [], 0.0
     for ids in prompts:
         x = torch.tensor([ids], device=device)
         ref = reference(input_ids=x).logits[0].float()
@@ -99,8 +103,13 @@ def compare_logits(reference, candidate, prompts: list[list[int]], device: torch
         finite &= bool(torch.isfinite(out).all())
         agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
         positions += ref.shape[0]
-        max_diff = max(max_diff, float((ref - out).abs().max()))
-    return {"top1_agreement": agree / positions, "max_logit_diff": max_diff, "positions": positions, "finite": finite}
+        per_position.append((ref - out).abs().amax(-1).cpu())
+        kl_sum += float(torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                                   reduction="sum"))
+    spread = torch.cat(per_position)
+    return {"top1_agreement": agree / positions, "max_logit_diff": float(spread.max()),
+            "p99_logit_diff": float(spread.quantile(0.99)), "p999_logit_diff": float(spread.quantile(0.999)),
+            "mean_kl": kl_sum / positions, "positions": positions, "finite": finite}
 
 
 def merge(
@@ -192,7 +201,8 @@ def merge(
             raise MergeError(
                 f"merged model disagrees with base + adapter on {len(prompt_ids)} validation prompts: "
                 f"top-1 agreement {result['top1_agreement']:.4f} (min {cfg['min_top1_agreement']}), "
-                f"max logit difference {result['max_logit_diff']:.3f} (max {cfg['max_logit_diff']}), "
+                f"max logit difference {result['max_logit_diff']:.3f} (max {cfg['max_logit_diff']}; 99.9th "
+                f"percentile of positions {result['p999_logit_diff']:.3f}, mean KL {result['mean_kl']:.2e}), "
                 f"finite={result['finite']}"
             )
         replace_dir(tmp, merged_dir)
@@ -215,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"merge: {err}")
     print(
         f"merge: {MERGED_DIR} ({metrics['dtype']}), top-1 agreement {metrics['top1_agreement']:.4f}, "
-        f"max logit diff {metrics['max_logit_diff']:.3f} on {metrics['prompts']} prompts"
+        f"max logit diff {metrics['max_logit_diff']:.3f} (99.9th percentile {metrics['p999_logit_diff']:.3f}) "
+        f"on {metrics['prompts']} prompts"
     )
 
 

@@ -45,6 +45,9 @@ def test_merged_model_equals_base_plus_adapter(pipeline_dir):
     metrics = json.loads((pipeline_dir / "metrics" / "merge.json").read_text())
     assert metrics["passed"] and metrics["finite"]
     assert metrics["max_logit_diff"] <= metrics["max_logit_diff_allowed"]
+    # the spread of the differences is reported beside the maximum that gates
+    assert 0 <= metrics["p99_logit_diff"] <= metrics["p999_logit_diff"] <= metrics["max_logit_diff"]
+    assert 0 <= metrics["mean_kl"] < 1e-2
     assert metrics["top1_agreement"] >= metrics["min_top1_agreement"]
     assert metrics["positions"] > 100
 
