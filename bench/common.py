@@ -24,11 +24,13 @@ def environment() -> dict:
         "peft": peft.__version__,
         "python": platform.python_version(),
     }
-    for name in ("bitsandbytes", "trl", "liger_kernel"):
-        try:
-            env[name] = __import__(name).__version__
-        except Exception:  # not installed on this host: recorded as absent
-            env[name] = None
+    from importlib import metadata
+
+    for name in ("bitsandbytes", "trl", "liger-kernel"):
+        try:  # the installed distribution's version (liger_kernel has no __version__ attribute)
+            env[name.replace("-", "_")] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # not installed on this host: recorded as absent
+            env[name.replace("-", "_")] = None
     return env
 
 

@@ -7,8 +7,8 @@ only at completion positions (stages.batching.completion_loss). One optimiser st
 of examples (train.effective_batch), packed without padding into rows (stages.batching) and split into
 micro-batches under a token budget, replayed as CUDA graphs on a GPU (stages.packed_forward). The loss
 of a step is the summed cross-entropy divided by the completion tokens of the whole effective batch, so
-accumulation gives the same gradient as one big batch. Checkpoints every train.save_steps let an interrupted run
-resume with the same step count and data order.
+accumulation gives the same gradient as one big batch. Checkpoints every train.save_steps let an
+interrupted run resume with the same step count and data order.
 
 With train.num_gpus = N > 1 the command re-executes itself under torchrun, one process per GPU
 (stages.distributed): every process draws the same effective batch, computes its share, and the
@@ -470,9 +470,9 @@ def train(
     # (checkpointing's recomputation makes some), so they are used on CUDA without checkpointing, and
     # in one process only: under torchrun they have not yet been run on several GPUs (the measured
     # multi-GPU path is the eager one), so each rank runs eager until that is measured.
-    cuda_graphs = (device.type == "cuda" and bool(cfg.get("cuda_graphs", True)) and not checkpointing
-                   and world == 1)
-    if device.type == "cuda" and cfg.get("cuda_graphs", True) and world > 1 and is_main:
+    wanted_graphs = device.type == "cuda" and bool(cfg.get("cuda_graphs", True))
+    cuda_graphs = wanted_graphs and not checkpointing and world == 1
+    if wanted_graphs and world > 1 and is_main:
         print("train: CUDA graphs off with several processes (not yet measured on several GPUs)")
     forward = GraphedDecoder(decoder, device) if cuda_graphs else PackedDecoder(decoder)
     if cuda_graphs:
@@ -536,14 +536,14 @@ def train(
 
     model.train()
     if cuda_graphs:  # every micro-batch shape of the run, captured before the first step is timed
-        seconds = time.perf_counter()
+        capture_start = time.perf_counter()
         shapes = micro_batch_shapes(examples, range(start_step, n_steps), effective_batch, int(cfg["seed"]),
                                     row_tokens, rows_per_micro_batch, rank, world)
         for rows in sorted(shapes, reverse=True):  # the largest first: the shared memory pool is sized once
             forward.capture(rows, row_tokens)
         if is_main:
             print(f"train: captured CUDA graphs for micro-batches of {sorted(shapes)} rows "
-                  f"in {time.perf_counter() - seconds:.1f} s")
+                  f"in {time.perf_counter() - capture_start:.1f} s")
     bar = tqdm(range(start_step, n_steps), initial=start_step, total=n_steps, desc="train", disable=not progress)
     for step in bar:
         t0 = time.perf_counter()
