@@ -30,7 +30,7 @@ def timed(model, tok, prompts, max_new, batch, cache):
     t = time.perf_counter()
     compiled = cache == "static_compiled"
     out = generate(model, tok, prompts, max_new, batch, progress=False, cache="static" if compiled else cache,
-                   compile=compiled)
+                   compile_decoding=compiled)
     torch.cuda.synchronize()
     return out, time.perf_counter() - t
 

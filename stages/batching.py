@@ -114,7 +114,8 @@ def packed_attention_masks(
 
 
 def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad (ids, prompt_len) examples into input_ids, attention_mask and targets.
+    """Right-pad (ids, prompt_len) examples into input_ids, attention_mask and targets: the unpacked
+    layout, the reference that the packed rows of collate_packed are tested against.
 
     targets[b, t] is the id that position t must predict (ids[t + 1]) where that id is a completion
     token, else IGNORE: the shift is done here once, so the loss needs no shifting."""
