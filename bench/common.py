@@ -27,10 +27,11 @@ def environment() -> dict:
     from importlib import metadata
 
     for name in ("bitsandbytes", "trl", "liger-kernel"):
+        key = name.replace("-", "_")
         try:  # the installed distribution's version (liger_kernel has no __version__ attribute)
-            env[name.replace("-", "_")] = metadata.version(name)
+            env[key] = metadata.version(name)
         except metadata.PackageNotFoundError:  # not installed on this host: recorded as absent
-            env[name.replace("-", "_")] = None
+            env[key] = None
     return env
 
 

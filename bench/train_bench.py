@@ -70,6 +70,8 @@ def run_project(name, params, records, model_dir, *, quant, steps, warmup, extra
 
 def check_graphs(params, records, model_dir, steps=4) -> dict:
     """The CUDA-graph path against eager on the same steps without dropout: per-step losses and adapters."""
+    from safetensors.torch import load_file
+
     runs = {}
     for graphs in (True, False):
         p = copy.deepcopy(params)
@@ -78,8 +80,6 @@ def check_graphs(params, records, model_dir, steps=4) -> dict:
         out = Path(tempfile.mkdtemp(prefix="graphs-check-"))
         stats = train(p, records, out / "adapter", checkpoint_dir=None, metrics_dir=None, model_dir=model_dir,
                       progress=False)
-        from safetensors.torch import load_file
-
         runs[graphs] = ([r["loss"] for r in stats["history"]], load_file(out / "adapter" / "adapter_model.safetensors"))
     (loss_g, ad_g), (loss_e, ad_e) = runs[True], runs[False]
     diff = max(float((ad_g[k] - ad_e[k]).abs().max()) for k in ad_e)

@@ -358,14 +358,22 @@ def accumulate_gradients(
     return total.item() / label_tokens  # one device sync per step, not one per micro-batch
 
 
+def step_examples(examples, step: int, effective_batch: int, seed: int, rank: int = 0, world: int = 1):
+    """(the whole effective batch of optimiser step `step`, this process's share of it).
+
+    Every rank draws the whole batch and computes its share (stages.distributed.shard)."""
+    chosen = [examples[i] for i in batch_indices(step, len(examples), effective_batch, seed)]
+    return chosen, [chosen[i] for i in distributed.shard([len(ids) for ids, _ in chosen], rank, world)]
+
+
 def micro_batch_shapes(examples, steps, effective_batch: int, seed: int, row_tokens: int,
                        rows_per_micro_batch: int, rank: int = 0, world: int = 1) -> set[int]:
     """The row counts of every micro-batch this process will run in `steps` (the data order is fixed)."""
     shapes = set()
     for step in steps:
-        chosen = [examples[i] for i in batch_indices(step, len(examples), effective_batch, seed)]
-        share = [len(chosen[i][0]) for i in distributed.shard([len(ids) for ids, _ in chosen], rank, world)]
-        shapes.update(len(micro) for micro in plan_packed_micro_batches(share, row_tokens, rows_per_micro_batch))
+        _, share = step_examples(examples, step, effective_batch, seed, rank, world)
+        lengths = [len(ids) for ids, _ in share]
+        shapes.update(len(micro) for micro in plan_packed_micro_batches(lengths, row_tokens, rows_per_micro_batch))
     return shapes
 
 
@@ -547,12 +555,11 @@ def train(
     bar = tqdm(range(start_step, n_steps), initial=start_step, total=n_steps, desc="train", disable=not progress)
     for step in bar:
         t0 = time.perf_counter()
-        chosen = [examples[i] for i in batch_indices(step, n_examples, effective_batch, int(cfg["seed"]))]
+        chosen, share = step_examples(examples, step, effective_batch, int(cfg["seed"]), rank, world)
         lengths = [len(ids) for ids, _ in chosen]
         label_tokens = sum(len(ids) - p for ids, p in chosen)
-        # Every rank draws the whole effective batch and computes its share; each share's loss is
-        # divided by the label tokens of the whole batch, so the ranks' gradients SUM to the one-GPU one.
-        share = [chosen[i] for i in distributed.shard(lengths, rank, world)]
+        # Each share's loss is divided by the label tokens of the whole batch, so the ranks' gradients
+        # SUM to the one-GPU one.
         step_loss = accumulate_gradients(forward, head, share, row_tokens, rows_per_micro_batch, pad_id, device,
                                          softcap, label_tokens)
         if world > 1:
