@@ -5,8 +5,8 @@
 1. torch.profiler over a few steps of stages.train.train (NF4, the default settings): the top operators
    by self CUDA time and by self CPU time, and the GPU-busy fraction of the step (kernel time / wall time),
    written to OUT/profile-<variant>.txt.
-2. Throughput of variants of the same loop (micro-batch token budgets, nf4_fp32_upcast off, bf16,
-   torch.compile of each decoder layer), each measured like bench/train_bench.py's project rows;
+2. Throughput of variants of the same loop (micro-batch token budgets, nf4_fp32_upcast on, bf16,
+   train.compile_layers), each measured like bench/train_bench.py's project rows;
    written to bench/results/<date>-<gpu>-train-variants.json and BENCHMARKS.md.
 """
 
@@ -45,7 +45,7 @@ def profile(params, records, model_dir, out: Path, name: str, extra: dict) -> di
                           on_step=on_step, progress=False)
     events = prof.key_averages()
     wall = stamps[-1] - stamps[3]  # the 4 active steps
-    cuda_total = sum(e.self_device_time_total for e in events) / 1e6
+    cuda_total = sum(e.self_device_time_total for e in events if e.device_type.name == 'CUDA') / 1e6  # kernels only
     text = [f"variant {name} {extra}: 4 active steps, wall {wall:.3f} s, self CUDA time {cuda_total:.3f} s "
             f"(GPU busy {cuda_total / wall:.0%}), kernels launched "
             f"{sum(e.count for e in events if e.device_type.name == 'CUDA')}",
@@ -55,16 +55,6 @@ def profile(params, records, model_dir, out: Path, name: str, extra: dict) -> di
     print(text[0], flush=True)
     return {"name": f"profile_{name}", "wall_4_steps_s": wall, "cuda_busy_s": cuda_total,
             "gpu_busy_fraction": cuda_total / wall}
-
-
-def compile_layers(build_model):
-    """build_model wrapper that compiles every decoder layer in place (nn.Module.compile)."""
-    def wrapped(params, model_dir, device, dtype):
-        model = build_model(params, model_dir, device, dtype)
-        for layer in model.get_base_model().get_decoder().layers:
-            layer.compile(dynamic=True)
-        return model
-    return wrapped
 
 
 def main(argv=None):
@@ -88,25 +78,19 @@ def main(argv=None):
                 profiles.append({"name": f"profile_{name}", "error": f"{type(err).__name__}: {err}"})
     variants = {
         "nf4_default": ("nf4", {}),
-        "nf4_tokens_4096": ("nf4", {"micro_batch_tokens": 4096}),
+        "nf4_tokens_2048": ("nf4", {"micro_batch_tokens": 2048}),
         "nf4_tokens_8192": ("nf4", {"micro_batch_tokens": 8192}),
-        "nf4_no_fp32_upcast": ("nf4", {"nf4_fp32_upcast": False}),
+        "nf4_fp32_upcast": ("nf4", {"nf4_fp32_upcast": True}),
         "bf16_default": ("none", {}),
-        "nf4_compiled_layers": ("nf4", {"_compile": True}),
-        "bf16_compiled_layers": ("none", {"_compile": True}),
+        "nf4_compiled_layers": ("nf4", {"compile_layers": True}),
+        "bf16_compiled_layers": ("none", {"compile_layers": True}),
     }
-    original_build = train_stage.build_model
     for name, (quant, extra) in variants.items():
-        extra = dict(extra)
-        compiled = extra.pop("_compile", False)
-        train_stage.build_model = compile_layers(original_build) if compiled else original_build
         try:
             res = run_project(name, params, records, model_dir, quant=quant, steps=args.steps,
-                              warmup=5 if compiled else 3, extra=extra)
+                              warmup=5 if extra.get("compile_layers") else 3, extra=extra)
         except Exception as err:  # recorded, the other variants still run
             res = {"name": name, "error": f"{type(err).__name__}: {str(err)[:300]}"}
-        finally:
-            train_stage.build_model = original_build
         print(json.dumps(res), flush=True)
         results.append(res)
         torch.cuda.empty_cache()

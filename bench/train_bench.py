@@ -68,24 +68,29 @@ def run_project(name, params, records, model_dir, *, quant, steps, warmup, extra
     }
 
 
-def check_graphs(params, records, model_dir, steps=4) -> dict:
-    """The CUDA-graph path against eager on the same steps without dropout: per-step losses and adapters."""
+def check_graphs(params, records, model_dir, steps=4, variants=None) -> dict:
+    """Each variant (by default: CUDA graphs; CUDA graphs over compiled layers) against eager on the same
+    steps without dropout: per-step losses and the trained adapters."""
     from safetensors.torch import load_file
 
+    variants = variants or {"graphs": {"cuda_graphs": True},
+                            "compiled_graphs": {"cuda_graphs": True, "compile_layers": True}}
     runs = {}
-    for graphs in (True, False):
+    for name, extra in {"eager": {"cuda_graphs": False}, **variants}.items():
         p = copy.deepcopy(params)
         p["lora"]["dropout"] = 0.0
-        p["train"].update({"max_steps": steps, "device": "cuda", "logging_steps": 1, "cuda_graphs": graphs})
+        p["train"].update({"max_steps": steps, "device": "cuda", "logging_steps": 1, **extra})
         out = Path(tempfile.mkdtemp(prefix="graphs-check-"))
         stats = train(p, records, out / "adapter", checkpoint_dir=None, metrics_dir=None, model_dir=model_dir,
                       progress=False)
-        runs[graphs] = ([r["loss"] for r in stats["history"]], load_file(out / "adapter" / "adapter_model.safetensors"))
-    (loss_g, ad_g), (loss_e, ad_e) = runs[True], runs[False]
-    diff = max(float((ad_g[k] - ad_e[k]).abs().max()) for k in ad_e)
-    return {"steps": steps, "loss_graphs": loss_g, "loss_eager": loss_e,
-            "loss_max_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(loss_g, loss_e)),
-            "adapter_max_abs_diff": diff}
+        runs[name] = ([r["loss"] for r in stats["history"]], load_file(out / "adapter" / "adapter_model.safetensors"))
+    loss_e, ad_e = runs.pop("eager")
+    report = {"steps": steps, "loss_eager": loss_e}
+    for name, (loss, adapter) in runs.items():
+        report[name] = {"loss": loss,
+                        "loss_max_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(loss, loss_e)),
+                        "adapter_max_abs_diff": max(float((adapter[k] - ad_e[k]).abs().max()) for k in ad_e)}
+    return report
 
 
 def main(argv=None):
@@ -95,7 +100,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30, help="measured optimiser steps per run")
     parser.add_argument("--only", nargs="*", help="run only these names")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--check-graphs", action="store_true", help="first compare CUDA graphs with eager")
+    parser.add_argument("--check-graphs", action="store_true",
+                        help="first compare CUDA graphs, and graphs over compiled layers, with eager")
+    parser.add_argument("--profile", action="store_true",
+                        help="first profile the project's NF4 step, eager and as CUDA graphs (bench.profile_train)")
     args = parser.parse_args(argv)
 
     from bench.baselines import run_hf_trainer, run_trl_liger
@@ -115,8 +123,14 @@ def main(argv=None):
         "project_nf4_bnb_eager": lambda: run_project(
             "project_nf4_bnb_eager", params, records, model_dir, quant="nf4", steps=args.steps, warmup=3,
             extra={"cuda_graphs": False, "nf4_dequantize_once": False}),
+        "project_nf4_compiled": lambda: run_project("project_nf4_compiled", params, records, model_dir,
+                                                    quant="nf4", steps=args.steps * 3, warmup=3,
+                                                    extra={"compile_layers": True}),
         "project_bf16": lambda: run_project("project_bf16", params, records, model_dir, quant="none",
                                             steps=args.steps * 3, warmup=3),
+        "project_bf16_compiled": lambda: run_project("project_bf16_compiled", params, records, model_dir,
+                                                     quant="none", steps=args.steps * 3, warmup=3,
+                                                     extra={"compile_layers": True}),
         "project_nf4_5gb": lambda: run_project("project_nf4_5gb", params, records, model_dir, quant="nf4",
                                                steps=args.steps * 3, warmup=3, extra={"max_memory_gb": 5}),
         "original_recipe": lambda: run_hf_trainer(
@@ -138,6 +152,18 @@ def main(argv=None):
 
             checks["graphs_vs_eager"] = {"error": traceback.format_exc()[-3000:]}
         print(json.dumps(checks), flush=True)
+    if args.profile:
+        from bench.profile_train import profile
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        profiles = []
+        for name, extra in (("nf4_graphs", {}), ("nf4_eager", {"cuda_graphs": False})):
+            try:
+                profiles.append(profile(params, records, model_dir, args.out, name, extra))
+            except Exception as err:  # recorded; the throughput runs still run
+                profiles.append({"name": f"profile_{name}", "error": f"{type(err).__name__}: {err}"[:500]})
+            print(json.dumps(profiles[-1]), flush=True)
+        checks["profiles"] = profiles
     results = []
     for name, fn in runs.items():
         if args.only and name not in args.only:

@@ -28,7 +28,7 @@ import torch
 
 from stages import model_sources
 from stages.atomic_io import write_atomic, write_json, write_jsonl
-from stages.generation import generate
+from stages.generation import FP32_MATMUL, generate
 from stages.params import PARAMS_FILE, load_params
 from stages.totto_metrics import NOT_COMPUTED, SUBSETS, compute_metrics, plot_tables
 
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = params["eval"]
     if cfg["model"] not in MODEL_KINDS:
         raise EvalError(f"eval.model must be one of {MODEL_KINDS}, got {cfg['model']!r}")
+    if cfg.get("fp32_matmul", "ieee") not in FP32_MATMUL:
+        raise EvalError(f"eval.fp32_matmul must be one of {sorted(FP32_MATMUL)}, got {cfg['fp32_matmul']!r}")
     if int(cfg.get("num_threads", 0) or 0) > 0:
         torch.set_num_threads(int(cfg["num_threads"]))
     records = read_processed(VALIDATION_FILE, int(cfg["max_examples"]))
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = model_sources.load_tokenizer(base_dir)  # the one preprocess built the prompts with
     bleurt = cfg.get("bleurt_checkpoint") or None
     gen_args = dict(max_new_tokens=int(cfg["max_new_tokens"]), batch_size=int(cfg["batch_size"]), device=device,
-                    cache=cfg.get("cache", "dynamic"))
+                    cache=cfg.get("cache", "dynamic"), batch_tokens=int(cfg.get("batch_tokens", 0) or 0),
+                    fp32_matmul=cfg.get("fp32_matmul", "ieee"))
 
     start = time.perf_counter()
     predictions = generate(model, tokenizer, prompts, **gen_args)
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
             "batch_size": gen_args["batch_size"],
             "max_new_tokens": gen_args["max_new_tokens"],
             "cache": gen_args["cache"],
+            "batch_tokens": gen_args["batch_tokens"],
+            "fp32_matmul": gen_args["fp32_matmul"],
         },
     }
     write_json(EVAL_FILE, result)

@@ -14,6 +14,9 @@ from tqdm.auto import tqdm
 
 END_OF_TURN = "<end_of_turn>"
 CACHES = ("dynamic", "static")
+# torch.set_float32_matmul_precision names of eval.fp32_matmul: "ieee" multiplies fp32 in fp32, "tf32" on
+# the tensor cores with inputs rounded to TF32 (10-bit mantissa) and fp32 accumulation and outputs.
+FP32_MATMUL = {"ieee": "highest", "tf32": "high"}
 
 
 def end_token_ids(tokenizer) -> list[int]:
@@ -46,6 +49,24 @@ def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return input_ids.to(device), attention_mask.to(device)
 
 
+def plan_batches(lengths: list[int], batch_size: int, batch_tokens: int = 0, new_tokens: int = 0) -> list[list[int]]:
+    """Indices of `lengths` in batches, longest first: at most batch_size prompts a batch and, when
+    batch_tokens > 0, at most batch_tokens cache slots (prompts x (longest prompt + new_tokens)), so a
+    batch of short prompts holds more of them and little padding; a single prompt over the budget still
+    forms a batch of its own (nothing is dropped)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    for i in order:
+        # sorted longest first: a batch's first prompt is its longest, so its width is known at once
+        if batches and len(batches[-1]) < batch_size and (
+            not batch_tokens or (len(batches[-1]) + 1) * (lengths[batches[-1][0]] + new_tokens) <= batch_tokens
+        ):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def _decode(tokenizer, new_tokens: list[int], stop_ids: set[int]) -> str:
     for pos, token in enumerate(new_tokens):
         if token in stop_ids:  # everything after the first end token is padding
@@ -65,6 +86,8 @@ def generate(
     progress: bool = True,
     cache: str = "dynamic",
     compile_decoding: bool = False,
+    batch_tokens: int = 0,
+    fp32_matmul: str = "ieee",
 ) -> list[str]:
     """Greedy completions of `prompts` (text without BOS; BOS is added once by the tokenizer).
 
@@ -74,6 +97,9 @@ def generate(
     at 30 GiB instead of 37 and was not faster (BENCHMARKS.md, 2026-12-02). compile_decoding=True (static
     cache only) lets transformers compile the decoding step (torch.compile, CUDA graphs): each new batch
     shape then costs a compilation first (72 s there, for 1.1x).
+    batch_tokens > 0 also caps each batch's prompts x (longest prompt + max_new_tokens) (plan_batches):
+    the memory of the KV cache and the padded work of the prefill.
+    fp32_matmul ("ieee" | "tf32", FP32_MATMUL) sets how an fp32 model multiplies while generating.
     Returns one stripped string per prompt, in the order given, without end tokens.
     """
     if cache not in CACHES:
@@ -84,6 +110,8 @@ def generate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if fp32_matmul not in FP32_MATMUL:
+        raise ValueError(f"fp32_matmul must be one of {sorted(FP32_MATMUL)}, got {fp32_matmul!r}")
     if not prompts:
         return []
     device = torch.device(device) if device is not None else model.device
@@ -92,15 +120,16 @@ def generate(
 
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     # Longest first: the largest batch (and any out-of-memory error) comes at once, not at the end.
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+    batches = plan_batches([len(ids) for ids in encoded], batch_size, batch_tokens, max_new_tokens)
     outputs: list[str | None] = [None] * len(prompts)
 
     was_training = model.training
     model.eval()
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(FP32_MATMUL[fp32_matmul])
     try:
         with tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                indices = order[start:start + batch_size]
+            for indices in batches:
                 input_ids, attention_mask = _left_pad([encoded[i] for i in indices], pad_id, device)
                 generated = model.generate(
                     input_ids=input_ids,
@@ -121,5 +150,6 @@ def generate(
                     outputs[i] = _decode(tokenizer, tokens, set(stop_ids))
                 bar.update(len(indices))
     finally:
+        torch.set_float32_matmul_precision(precision)
         model.train(was_training)
     return outputs

@@ -30,7 +30,8 @@ from stages.train import ADAPTER_DIR, read_jsonl, replace_dir, write_json
 VALIDATION_FILE = Path("data/processed/validation.jsonl")
 MERGED_DIR = Path("models/merged")
 METRICS_FILE = Path("metrics/merge.json")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# float32 keeps the merge exact (base + adapter computed once, no rounding), at twice bf16's size
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 END_TOKENS = ("<end_of_turn>",)  # besides tokenizer.eos_token: Gemma's turn end, used by chat templates
 
 

@@ -44,7 +44,7 @@ from stages.batching import (
     encode_record,
     plan_packed_micro_batches,
 )
-from stages.packed_forward import GraphedDecoder, PackedDecoder
+from stages.packed_forward import GraphedDecoder, PackedDecoder, compile_layers
 from stages.params import PARAMS_FILE, load_params
 
 TRAIN_FILE = Path("data/processed/train.jsonl")
@@ -64,6 +64,16 @@ HEAD_CHUNK_BYTES = 2**27  # fp32 logits of one loss chunk (128 positions of Gemm
 
 
 # ----------------------------------------------------------------------------------------------- I/O
+def process_seconds() -> float | None:
+    """Seconds since this process started (interpreter start-up and imports included), None if unknown."""
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:  # psutil missing (a bare GPU host): the stage's own timers still report
+        return None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     records = []
     with open(path, encoding="utf-8") as fh:
@@ -411,6 +421,7 @@ def train(
 
     cfg = params["train"]
     start_time = time.perf_counter()
+    startup = process_seconds()  # what the train stage spent before train(): Python, imports, reading
     device = model_sources.pick_device(cfg.get("device", "auto"))
     dtype = model_sources.pick_dtype(device)
     rank, world = distributed.rank_and_world()  # (0, 1) for a single process
@@ -482,6 +493,8 @@ def train(
     cuda_graphs = wanted_graphs and not checkpointing and world == 1
     if wanted_graphs and world > 1 and is_main:
         print("train: CUDA graphs off with several processes (not yet measured on several GPUs)")
+    if cfg.get("compile_layers", False):
+        compile_layers(decoder)  # compiled at the first pass of each shape (for graphs: while capturing)
     forward = GraphedDecoder(decoder, device) if cuda_graphs else PackedDecoder(decoder)
     if cuda_graphs:
         # A graph's backward returns its gradients in the same buffers every replay; a .grad that autograd
@@ -491,7 +504,7 @@ def train(
             p.grad = torch.zeros_like(p)
     if is_main:
         print(f"train: packed rows of {row_tokens} tokens, up to {rows_per_micro_batch} per micro-batch, "
-              f"CUDA graphs {'on' if cuda_graphs else 'off'}")
+              f"CUDA graphs {'on' if cuda_graphs else 'off'}, compiled layers {'on' if cfg.get('compile_layers') else 'off'}")
 
     optimizer = torch.optim.AdamW(
         trainable,
@@ -619,6 +632,7 @@ def train(
         "final_loss": loss_value,
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - start_time,
+        "startup_seconds": startup,
         "tokens_per_s": done_tokens / train_seconds if train_seconds else float("nan"),  # all ranks together
         "samples_per_s": done_samples / train_seconds if train_seconds else float("nan"),
         "peak_memory_gb": peak_gb,
@@ -628,6 +642,7 @@ def train(
         "row_tokens": row_tokens,
         "rows_per_micro_batch": rows_per_micro_batch,
         "cuda_graphs": cuda_graphs,
+        "compile_layers": bool(cfg.get("compile_layers", False)),
         "gradient_checkpointing": checkpointing,
         "trainable_params": n_trainable,
         "device": str(device),
@@ -703,6 +718,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{stats['wall_seconds']:.1f} s ({stats['tokens_per_s']:.0f} tokens/s), final loss "
             f"{stats['final_loss']:.4f} -> {ADAPTER_DIR}"
         )
+        total = process_seconds()
+        if total is not None:
+            print(f"train: process wall {total:.1f} s: start-up {stats['startup_seconds']:.1f} s, train() "
+                  f"{stats['wall_seconds']:.1f} s, saving and the rest {total - stats['startup_seconds'] - stats['wall_seconds']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -112,3 +112,35 @@ def test_rejects_bad_arguments(tiny):
         generate(model, tokenizer, ["x"], 4, 0, "cpu")
     assert generate(model, tokenizer, [], 4, 2, "cpu") == []
 
+
+
+def test_token_budget_batches_short_prompts_together():
+    # lengths 10, 8, 3, 3, 2 with 4 new tokens: a batch may hold prompts x (its longest + 4) <= 24 slots
+    batches = generation.plan_batches([3, 10, 2, 8, 3], batch_size=8, batch_tokens=24, new_tokens=4)
+    assert batches == [[1], [3, 0], [4, 2]]  # 1 x 14 (2 x 14 > 24), 2 x 12, 2 x 7
+    # with room for three of the short ones, they share a batch
+    assert generation.plan_batches([3, 10, 2, 8, 3], batch_size=8, batch_tokens=28, new_tokens=4) == [[1, 3], [0, 4, 2]]
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
+    # no budget: batch_size alone; a prompt longer than the budget still gets a batch of its own
+    assert generation.plan_batches([3, 10, 2], batch_size=2) == [[1, 0], [2]]
+    assert generation.plan_batches([50, 1], batch_size=4, batch_tokens=10) == [[0], [1]]
+
+
+def test_token_budget_gives_the_same_outputs(tiny):
+    model, tokenizer = tiny
+    whole = generate(model, tokenizer, PROMPTS, 8, batch_size=len(PROMPTS), device="cpu", progress=False)
+    lengths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
+    budget = 2 * (max(lengths) + 8)  # at most two prompts a batch
+    assert len(generation.plan_batches(lengths, len(PROMPTS), budget, 8)) > 1
+    split = generate(model, tokenizer, PROMPTS, 8, batch_size=len(PROMPTS), device="cpu", progress=False,
+                     batch_tokens=budget)
+    assert split == whole
+
+
+def test_fp32_matmul_setting_is_checked_and_restored(tiny):
+    model, tokenizer = tiny
+    before = torch.get_float32_matmul_precision()
+    with pytest.raises(ValueError, match="fp32_matmul"):
+        generate(model, tokenizer, ["x"], 4, 1, "cpu", fp32_matmul="fast")
+    generate(model, tokenizer, PROMPTS[:1], 2, 1, "cpu", progress=False, fp32_matmul="tf32")
+    assert torch.get_float32_matmul_precision() == before

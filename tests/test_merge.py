@@ -73,3 +73,18 @@ def test_merge_refuses_an_adapter_trained_on_another_base(pipeline_dir, tmp_path
     with pytest.raises(merge_stage.MergeError, match="trained on base weights sha256 0000"):
         merge_stage.merge(params, adapter, tmp_path / "merged", ["x"], metrics_file=None)
     assert not (tmp_path / "merged").exists()
+
+
+def test_float32_merge_is_exact(pipeline_dir, tmp_path):
+    # merge.dtype float32: no rounding of base + adapter, so the check sees only fp32 arithmetic noise
+    params = yaml.safe_load((pipeline_dir / "params.yaml").read_text())
+    params["merge"]["dtype"] = "float32"
+    prompts = [json.loads(line)["prompt"] for line in
+               (pipeline_dir / "data" / "processed" / "validation.jsonl").read_text().splitlines()]
+    metrics = merge_stage.merge(params, pipeline_dir / "models" / "adapter", tmp_path / "merged", prompts,
+                                metrics_file=None)
+    bf16 = json.loads((pipeline_dir / "metrics" / "merge.json").read_text())
+    assert metrics["passed"] and metrics["top1_agreement"] == 1.0
+    assert metrics["max_logit_diff"] < 1e-3 < bf16["max_logit_diff"]  # bf16 rounding is what moves logits
+    with safe_open(tmp_path / "merged" / "model.safetensors", framework="pt") as fh:
+        assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"F32"}

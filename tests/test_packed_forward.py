@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages.batching import collate, collate_packed, completion_loss, naive_loss
-from stages.packed_forward import PackedDecoder
+from stages.packed_forward import PackedDecoder, compile_layers
 from tests.conftest import TINY
 
 # Examples longer than the window, so that the sliding-window layer's mask is exercised too.
@@ -67,3 +67,25 @@ def test_attention_across_examples_would_change_the_loss(model):
     one_doc = torch.zeros(1, row_tokens, dtype=torch.long)
     with torch.no_grad():
         assert abs(float(packed(model, rows, row_tokens, one_doc)) - float(alone(model))) > 1e-2
+
+
+def test_compiled_layers_compute_the_same_loss_and_gradients(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    def fresh():
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, sliding_window=8)
+        m.requires_grad_(False)
+        for name, p in m.named_parameters():
+            if "layers.0" in name:
+                p.requires_grad_(True)
+        return m
+
+    eager, compiled = fresh(), fresh()
+    assert compile_layers(compiled.model) == TINY["num_hidden_layers"]
+    rows, row_tokens = [[0, 3], [1, 2]], 64
+    ref_loss, ref_grads = loss_and_grads(eager, lambda: packed(eager, rows, row_tokens))
+    loss, grads = loss_and_grads(compiled, lambda: packed(compiled, rows, row_tokens))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
