@@ -35,6 +35,10 @@ def run_project(name, params, records, model_dir, *, quant, steps, warmup, extra
     def on_step(step):
         stamps.append((step, time.perf_counter()))
 
+    # Dynamo's compiled code is kept per code object for the whole process: without a reset, the compiled
+    # runs before this one use up its recompile limit (8) and this run's layers silently stay eager (what
+    # happened to project_bf16_compiled in the 2026-12-02 "train-2" run).
+    torch._dynamo.reset()
     torch.cuda.reset_peak_memory_stats()
     stats = train(p, records, None, checkpoint_dir=None, metrics_dir=None, model_dir=model_dir,
                   on_step=on_step, progress=False)
@@ -80,6 +84,7 @@ def check_graphs(params, records, model_dir, steps=4, variants=None) -> dict:
         p = copy.deepcopy(params)
         p["lora"]["dropout"] = 0.0
         p["train"].update({"max_steps": steps, "device": "cuda", "logging_steps": 1, **extra})
+        torch._dynamo.reset()  # each variant compiles afresh (see run_project)
         out = Path(tempfile.mkdtemp(prefix="graphs-check-"))
         stats = train(p, records, out / "adapter", checkpoint_dir=None, metrics_dir=None, model_dir=model_dir,
                       progress=False)

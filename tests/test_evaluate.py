@@ -158,3 +158,8 @@ def test_missing_inputs_are_clear_errors(project, capsys):
     set_params(folder, params)
     assert evaluate.cli([]) == 2
     assert "eval.model" in capsys.readouterr().err
+
+    params["eval"].update(model="merged", fp32_matmul="fast")
+    set_params(folder, params)
+    assert evaluate.cli([]) == 2
+    assert "eval.fp32_matmul must be one of ['ieee', 'tf32'], got 'fast'" in capsys.readouterr().err
