@@ -22,8 +22,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# The zero-shot scores: the base model scored in the same runs as the first fine-tuned models.
-ZERO_SHOT = {"fetaqa": ROOT / "bench/results/rows/nf4-r8-1ep/2026-11-28-NVIDIA-H200-recipe-fetaqa-nf4-r8-1ep.json",
+# The zero-shot scores: the base model scored beside a fine-tuned one (FeTaQA: fp32 decoding, 2026-12-02;
+# ToTTo dev55: bf16 decoding, 2026-11-28, the only base-model run on it).
+ZERO_SHOT = {"fetaqa": ROOT / "bench/results/2026-12-02-NVIDIA-H200-recipe-fetaqa-nf4-r8-4ep.json",
              "totto": ROOT / "bench/results/2026-11-28-NVIDIA-H200-recipe-totto-dev55-of-fetaqa-nf4-r8-4ep.json"}
 SUBSETS = ("overall", "overlap", "non_overlap")
 
