@@ -26,7 +26,7 @@ import torch
 
 from bench import common
 from stages import model_sources
-from stages.generation import FP32_MATMUL, _left_pad, generate, pad_token_id, plan_batches
+from stages.generation import FP32_MATMUL, _left_pad, fp32_matmul_precision, generate, pad_token_id, plan_batches
 
 
 def sync():
@@ -49,9 +49,7 @@ def prefill_seconds(model, tok, prompts, batch, batch_tokens, max_new, fp32_matm
     """(seconds of the prompt pass over generate's batches, padded prompt tokens it computed)."""
     encoded = tok(list(prompts), add_special_tokens=True)["input_ids"]
     batches = plan_batches([len(e) for e in encoded], batch, batch_tokens, max_new)
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(FP32_MATMUL[fp32_matmul])
-    try:
+    with fp32_matmul_precision(fp32_matmul, model.device):  # as generate() multiplies
         sync()
         t, slots = time.perf_counter(), 0
         for indices in batches:
@@ -60,8 +58,6 @@ def prefill_seconds(model, tok, prompts, batch, batch_tokens, max_new, fp32_matm
             slots += ids.numel()
         sync()
         return time.perf_counter() - t, slots
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def main(argv=None):

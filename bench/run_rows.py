@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS_FILE = ROOT / "bench" / "rows.yaml"
 # Every row: evaluate the 500 validation examples in batches of up to 500, merge on the GPU, checkpoint
 # only at the end (the history is read from it), no base model (the zero-shot rows are measured once).
-# The token budget holds a generation batch to 131,072 cache slots (FeTaQA validation: 2 batches, ~5 GiB of
-# fp32 KV cache instead of ~20), so that several rows can evaluate side by side on one GPU.
+# The token budget holds a generation batch to 131,072 cache slots (FeTaQA validation: 2 batches; fp32 peak
+# 12.3 GiB instead of 30.3 on an H200, bench/generate_bench), so that rows can evaluate side by side on a GPU.
 COMMON = ["eval.batch_size=500", "eval.batch_tokens=131072", "eval.compare_base=false", "merge.device=cuda",
           "train.save_steps=100000"]
 

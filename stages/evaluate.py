@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = params["eval"]
     if cfg["model"] not in MODEL_KINDS:
         raise EvalError(f"eval.model must be one of {MODEL_KINDS}, got {cfg['model']!r}")
-    if cfg.get("fp32_matmul", "tf32") not in FP32_MATMUL:
-        raise EvalError(f"eval.fp32_matmul must be one of {sorted(FP32_MATMUL)}, got {cfg['fp32_matmul']!r}")
+    fp32_matmul = cfg.get("fp32_matmul", "tf32")
+    if fp32_matmul not in FP32_MATMUL:
+        raise EvalError(f"eval.fp32_matmul must be one of {sorted(FP32_MATMUL)}, got {fp32_matmul!r}")
     if int(cfg.get("num_threads", 0) or 0) > 0:
         torch.set_num_threads(int(cfg["num_threads"]))
     records = read_processed(VALIDATION_FILE, int(cfg["max_examples"]))
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     bleurt = cfg.get("bleurt_checkpoint") or None
     gen_args = dict(max_new_tokens=int(cfg["max_new_tokens"]), batch_size=int(cfg["batch_size"]), device=device,
                     cache=cfg.get("cache", "dynamic"), batch_tokens=int(cfg.get("batch_tokens", 0) or 0),
-                    fp32_matmul=cfg.get("fp32_matmul", "tf32"))
+                    fp32_matmul=fp32_matmul)
 
     start = time.perf_counter()
     predictions = generate(model, tokenizer, prompts, **gen_args)

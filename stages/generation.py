@@ -9,6 +9,8 @@ which tests/test_generation.py checks.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from tqdm.auto import tqdm
 
@@ -67,6 +69,21 @@ def plan_batches(lengths: list[int], batch_size: int, batch_tokens: int = 0, new
     return batches
 
 
+@contextmanager
+def fp32_matmul_precision(fp32_matmul: str, device: torch.device):
+    """While inside: fp32 matmuls on a CUDA `device` as FP32_MATMUL[fp32_matmul] says; CPUs keep IEEE fp32
+    (the CPU pipeline's numbers stay as they were). The process's setting is put back afterwards."""
+    if fp32_matmul not in FP32_MATMUL:
+        raise ValueError(f"fp32_matmul must be one of {sorted(FP32_MATMUL)}, got {fp32_matmul!r}")
+    before = torch.get_float32_matmul_precision()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision(FP32_MATMUL[fp32_matmul])
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _decode(tokenizer, new_tokens: list[int], stop_ids: set[int]) -> str:
     for pos, token in enumerate(new_tokens):
         if token in stop_ids:  # everything after the first end token is padding
@@ -114,12 +131,11 @@ def generate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if fp32_matmul not in FP32_MATMUL:
-        raise ValueError(f"fp32_matmul must be one of {sorted(FP32_MATMUL)}, got {fp32_matmul!r}")
     if not prompts:
         return []
     device = torch.device(device) if device is not None else model.device
     stop_ids = end_token_ids(tokenizer)
+    stop_set = set(stop_ids)
     pad_id = pad_token_id(tokenizer)
 
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
@@ -129,11 +145,9 @@ def generate(
 
     was_training = model.training
     model.eval()
-    precision = torch.get_float32_matmul_precision()
-    if device.type == "cuda":  # CPUs keep IEEE fp32 (the CPU pipeline's numbers stay as they were)
-        torch.set_float32_matmul_precision(FP32_MATMUL[fp32_matmul])
     try:
-        with tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress) as bar:
+        with fp32_matmul_precision(fp32_matmul, device), \
+                tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress) as bar:
             for indices in batches:
                 input_ids, attention_mask = _left_pad([encoded[i] for i in indices], pad_id, device)
                 generated = model.generate(
@@ -152,9 +166,8 @@ def generate(
                 )
                 new_tokens = generated[:, input_ids.shape[1]:].tolist()
                 for i, tokens in zip(indices, new_tokens):
-                    outputs[i] = _decode(tokenizer, tokens, set(stop_ids))
+                    outputs[i] = _decode(tokenizer, tokens, stop_set)
                 bar.update(len(indices))
     finally:
-        torch.set_float32_matmul_precision(precision)
         model.train(was_training)
     return outputs

@@ -493,7 +493,8 @@ def train(
     cuda_graphs = wanted_graphs and not checkpointing and world == 1
     if wanted_graphs and world > 1 and is_main:
         print("train: CUDA graphs off with several processes (not yet measured on several GPUs)")
-    if cfg.get("compile_layers", False):
+    compiled = bool(cfg.get("compile_layers", False))
+    if compiled:
         compile_layers(decoder)  # compiled at the first pass of each shape (for graphs: while capturing)
     forward = GraphedDecoder(decoder, device) if cuda_graphs else PackedDecoder(decoder)
     if cuda_graphs:
@@ -504,7 +505,7 @@ def train(
             p.grad = torch.zeros_like(p)
     if is_main:
         print(f"train: packed rows of {row_tokens} tokens, up to {rows_per_micro_batch} per micro-batch, "
-              f"CUDA graphs {'on' if cuda_graphs else 'off'}, compiled layers {'on' if cfg.get('compile_layers') else 'off'}")
+              f"CUDA graphs {'on' if cuda_graphs else 'off'}, compiled layers {'on' if compiled else 'off'}")
 
     optimizer = torch.optim.AdamW(
         trainable,
@@ -642,7 +643,7 @@ def train(
         "row_tokens": row_tokens,
         "rows_per_micro_batch": rows_per_micro_batch,
         "cuda_graphs": cuda_graphs,
-        "compile_layers": bool(cfg.get("compile_layers", False)),
+        "compile_layers": compiled,
         "gradient_checkpointing": checkpointing,
         "trainable_params": n_trainable,
         "device": str(device),
