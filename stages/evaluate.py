@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from stages import model_sources
+from stages import finetuned, model_sources
 from stages.atomic_io import write_atomic, write_json, write_jsonl
 from stages.generation import FP32_MATMUL, generate
 from stages.params import PARAMS_FILE, load_params
@@ -163,44 +163,12 @@ def eval_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_finetuned(kind: str, base_dir: Path, device: torch.device, dtype: torch.dtype):
-    """models/merged as saved by the merge stage, or the base model with models/adapter applied."""
+    """models/merged as saved by the merge stage, or the model that was trained: models/adapter on the
+    base exactly as training saw it (stages.finetuned: the NF4-dequantised base under QLoRA)."""
     check_finetuned_files(kind)
     if kind == "merged":
         return model_sources.load_model(MERGED_DIR, quantization="none", dtype=dtype, device=device)
-    return load_with_adapter(ADAPTER_DIR, base_dir, device, dtype)
-
-
-def load_with_adapter(adapter_dir: Path, base_dir: Path, device: torch.device, dtype: torch.dtype):
-    """Base model (bf16, not quantised: inference needs no NF4) with the LoRA adapter on top."""
-    from peft import PeftModel
-
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise EvalError(f"{adapter_dir.as_posix()}: no adapter_config.json (run the train stage)")
-    check_adapter_base(adapter_dir, base_dir)
-    model_sources.check_safetensors(adapter_dir, "adapter_model.safetensors")  # never peft's .bin fallback
-    base = model_sources.load_model(base_dir, quantization="none", dtype=dtype, device=device)
-    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False).to(device)
-
-
-def adapter_base_name(adapter_dir: Path) -> str | None:
-    """The base model name the adapter was trained on (training_info.json), None if not recorded."""
-    info_file = adapter_dir / "training_info.json"
-    if not info_file.is_file():
-        return None
-    info = json.loads(info_file.read_text(encoding="utf-8"))
-    return (info.get("base_model") or {}).get("name")
-
-
-def check_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
-    """Refuse an adapter trained on other base weights: its outputs would be meaningless."""
-    info_file = adapter_dir / "training_info.json"
-    if not info_file.is_file():
-        return
-    info = json.loads(info_file.read_text(encoding="utf-8"))
-    expected = (info.get("base_model") or {}).get("weights_sha256")
-    if expected and expected != model_sources.weights_sha256(base_dir):
-        raise EvalError(f"{info_file.as_posix()}: field 'base_model.weights_sha256': the adapter was trained on "
-                        f"other weights than {base_dir.as_posix()}")
+    return finetuned.load_adapter_model(ADAPTER_DIR, base_dir, device, dtype, base="trained")
 
 
 def prediction_rows(records, predictions, per_example, base_predictions=None, base_per_example=None) -> list[dict]:
@@ -281,7 +249,7 @@ def print_summary(result: dict) -> None:
 def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
-    except (EvalError, FileNotFoundError, ValueError) as err:
+    except (EvalError, finetuned.AdapterError, FileNotFoundError, ValueError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -31,8 +31,7 @@ import os
 import sys
 from pathlib import Path
 
-from stages import model_sources
-from stages.evaluate import EvalError, adapter_base_name, load_with_adapter
+from stages import finetuned, model_sources
 from stages.generation import generate
 from stages.linearize import MODES
 from stages.params import PARAMS_FILE, load_params
@@ -276,12 +275,19 @@ def load(args, device, dtype):
     folder = args.adapter
     if not (folder / "adapter_config.json").is_file():
         raise InputError(f"--adapter {folder.as_posix()}: no adapter_config.json (not an adapter folder)")
-    base_name = args.base or adapter_base_name(folder)
+    info = finetuned.read_training_info(folder, required=False)
+    base_name = args.base or finetuned.base_name(info)
     if not base_name:
         raise InputError(f"--adapter {folder.as_posix()}: training_info.json names no base model "
                          "(field 'base_model.name'); give it with --base")
     base_dir = model_sources.resolve_model(base_name)
-    model = load_with_adapter(folder, base_dir, device, dtype)
+    # The model that was trained: the adapter on the base as training saw it (stages.finetuned). An adapter
+    # whose training_info.json does not say how training held its base goes on the base as saved.
+    base = "trained" if finetuned.records_training_base(info) else "original"
+    if base == "original":
+        print(f"infer: {folder.as_posix()}/training_info.json does not record how training held the base "
+              "(train.quantization); the adapter goes on the base weights as saved", file=sys.stderr)
+    model = finetuned.load_adapter_model(folder, base_dir, device, dtype, base=base, info=info)
     tok_dir = folder if (folder / "tokenizer_config.json").is_file() else base_dir
     return model, model_sources.load_tokenizer(tok_dir)
 
@@ -289,7 +295,7 @@ def load(args, device, dtype):
 def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
-    except (InputError, EvalError, FileNotFoundError, WeightsError) as err:
+    except (InputError, finetuned.AdapterError, FileNotFoundError, WeightsError) as err:
         print(f"infer: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,39 +1,48 @@
-"""Merge stage: fold the LoRA adapter into the base model and save a plain model for evaluation.
+"""Merge stage: fold the LoRA adapter into a base model and save a plain model that equals it.
 
     python -m stages.merge [--params params.yaml]
 
-The base is reloaded unquantised in fp32 (merging into NF4 weights would round the base a second time),
-the adapter applied and merged, and the result saved in merge.dtype (bf16 by default; fp16 only after
-a check on validation prompts shows finite outputs with the same top-1 as bf16, since Gemma 3 overflows
-fp16). The saved model is reloaded and compared with base + adapter (fp32) on merge.verify_prompts
-validation prompts; the stage fails beyond merge.max_logit_diff / merge.min_top1_agreement.
+merge.base picks the model the merged checkpoint must reproduce (stages.finetuned): `trained`, the adapter
+on the base exactly as training saw it (the NF4-dequantised weights under train.quantization nf4: the
+model that was trained), or `original`, the adapter on the unquantised base (PEFT's merge_and_unload).
+The adapter is merged in fp32 and saved in merge.dtype; `auto` saves bf16 when the check below proves it
+faithful and fp32 otherwise (the reason printed and recorded).
 
-Outputs: models/merged/ (safetensors, tokenizer, generation_config.json), metrics/merge.json.
+The check runs in fp32 on merge.verify_prompts validation prompts and measures two distances from the
+stated model (base + adapter, unmerged): the base alone (`adapter_effect`: what the adapter changes) and
+the saved merged model (`merge_error`). It passes only when the merge error's mean KL is at most
+merge.max_error_ratio (0.01) times the adapter effect's. KL grows about with the square of a lost fraction
+of the effect, so 0.01 asks that ~90% of it be kept: the plain base (ratio 1) and a half-applied adapter
+(0.25 for small effects, 0.09 measured for a large one) fail, whatever their raw logit differences.
+
+Outputs: models/merged/ (safetensors, tokenizer, generation_config.json, merge_info.json), metrics/merge.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from stages import model_sources
+from stages import finetuned, model_sources
+from stages.atomic_io import write_json
+from stages.generation import end_token_ids
 from stages.params import PARAMS_FILE, load_params
-from stages.train import ADAPTER_DIR, read_jsonl, replace_dir, write_json
+from stages.atomic_io import replace_dir
+from stages.train import read_jsonl  # processed-record reading: one home in issue 18's reader
 
 VALIDATION_FILE = Path("data/processed/validation.jsonl")
 MERGED_DIR = Path("models/merged")
 METRICS_FILE = Path("metrics/merge.json")
+INFO_FILE = "merge_info.json"
 # float32 keeps the merge exact (base + adapter computed once, no rounding), at twice bf16's size
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-END_TOKENS = ("<end_of_turn>",)  # besides tokenizer.eos_token: Gemma's turn end, used by chat templates
-
+AUTO = ("bfloat16", "float32")  # merge.dtype auto: the first of these that the check proves faithful
 
 # Free space the merged folder needs beyond its estimated size: metadata, and the file system's own.
 DISK_MARGIN = 1.05
@@ -44,11 +53,12 @@ class MergeError(RuntimeError):
     pass
 
 
-def estimated_bytes(model, model_dir: Path) -> int:
-    """Bytes the saved merged model will take: its weights in their dtype, plus the base folder's other
-    files (tokenizer, configs), which are saved alongside. Tied tensors (Gemma's embedding is its output
-    head) are stored once."""
-    weights = sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
+def estimated_bytes(model, model_dir: Path, dtype: torch.dtype) -> int:
+    """Bytes the saved merged model will take: its weights in `dtype`, plus the base folder's other files
+    (tokenizer, configs), which are saved alongside. Tied tensors (Gemma's embedding is its output head)
+    are stored once; LoRA weights are merged away."""
+    numel = {t.data_ptr(): t.numel() for n, t in model.state_dict().items() if "lora_" not in n}
+    weights = sum(numel.values()) * torch.empty(0, dtype=dtype).element_size()
     others = sum(f.stat().st_size for f in Path(model_dir).iterdir() if f.is_file() and f.suffix != ".safetensors")
     return weights + others
 
@@ -62,55 +72,92 @@ def check_disk_space(folder: Path, needed: int) -> None:
                          f"{needed:,} bytes ({needed / 2**30:.2f} GiB), {free:,} bytes free ({free / 2**30:.2f} GiB)")
 
 
-def end_token_ids(tokenizer) -> list[int]:
-    """Every token that ends a generation for this model: <eos> and <end_of_turn> where it exists."""
-    ids = [tokenizer.eos_token_id]
-    for token in END_TOKENS:
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if token_id is not None and token_id != tokenizer.unk_token_id and token_id not in ids:
-            ids.append(token_id)
-    return ids
+class LogitDistance:
+    """How far a candidate's next-token distributions are from a reference's, accumulated over prompts:
+    top-1 agreement, mean KL(reference || candidate), the largest |logit difference| and its 99th / 99.9th
+    percentile over positions (one bad position or many)."""
 
+    def __init__(self):
+        self.agree = self.positions = 0
+        self.kl_sum = 0.0
+        self.finite = True
+        self.per_position: list[torch.Tensor] = []
 
-def check_base_identity(adapter_dir: Path, base_sha256: str) -> dict:
-    info_file = adapter_dir / "training_info.json"
-    if not info_file.is_file():
-        raise MergeError(f"{info_file} missing: run the train stage first")
-    info = json.loads(info_file.read_text())
-    trained_on = info["base_model"]["weights_sha256"]
-    if trained_on != base_sha256:
-        raise MergeError(
-            f"{adapter_dir} was trained on base weights sha256 {trained_on[:16]}... "
-            f"({info['base_model']['name']}), but model.name resolves to weights {base_sha256[:16]}...: "
-            "retrain the adapter or point model.name at the base it was trained on"
-        )
-    return info
+    def add(self, reference: torch.Tensor, candidate: torch.Tensor) -> None:
+        self.finite &= bool(torch.isfinite(candidate).all())
+        self.agree += int((reference.argmax(-1) == candidate.argmax(-1)).sum())
+        self.positions += reference.shape[0]
+        self.per_position.append((reference - candidate).abs().amax(-1).cpu())
+        # in float64: a small adapter's effect (KL ~1e-10) is below fp32's rounding of a 262k-term sum
+        self.kl_sum += float(torch.nn.functional.kl_div(candidate.double().log_softmax(-1),
+                                                        reference.double().log_softmax(-1),
+                                                        log_target=True, reduction="sum"))
+
+    def result(self) -> dict:
+        spread = torch.cat(self.per_position)
+        return {"mean_kl": self.kl_sum / self.positions, "top1_agreement": self.agree / self.positions,
+                "max_logit_diff": float(spread.max()), "p99_logit_diff": float(spread.quantile(0.99)),
+                "p999_logit_diff": float(spread.quantile(0.999)), "positions": self.positions,
+                "finite": self.finite}
 
 
 @torch.no_grad()
-def compare_logits(reference, candidate, prompts: list[list[int]], device: torch.device) -> dict:
-    """Top-1 agreement and largest |logit difference| of candidate vs reference over all prompt positions,
-    and how the differences spread: the 99th and 99.9th percentile over positions of each position's
-    largest |difference|, and the mean KL divergence of the candidate's next-token distribution from the
-    reference's. The gate uses the first two; the spread says whether a failing maximum is one position
-    or many (long full-table prompts failed on the maximum with 99.5% top-1 agreement, BENCHMARKS.md)."""
-    agree = positions = 0
-    finite = True
-    per_position, kl_sum = [], 0.0
+def measure_fidelity(stated, candidate, prompts: list[list[int]], device: torch.device) -> dict:
+    """`adapter_effect` (the base alone against the stated model, a PeftModel with its adapter) and
+    `merge_error` (candidate against the stated model) on the same prompt positions, all in the models'
+    own dtype (fp32 here), and error_ratio = merge error's mean KL / adapter effect's."""
+    effect, error = LogitDistance(), LogitDistance()
     for ids in prompts:
         x = torch.tensor([ids], device=device)
-        ref = reference(input_ids=x).logits[0].float()
-        out = candidate(input_ids=x).logits[0].float()
-        finite &= bool(torch.isfinite(out).all())
-        agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
-        positions += ref.shape[0]
-        per_position.append((ref - out).abs().amax(-1).cpu())
-        kl_sum += float(torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
-                                                   reduction="sum"))
-    spread = torch.cat(per_position)
-    return {"top1_agreement": agree / positions, "max_logit_diff": float(spread.max()),
-            "p99_logit_diff": float(spread.quantile(0.99)), "p999_logit_diff": float(spread.quantile(0.999)),
-            "mean_kl": kl_sum / positions, "positions": positions, "finite": finite}
+        reference = stated(input_ids=x).logits[0].float()
+        with stated.disable_adapter():
+            base = stated(input_ids=x).logits[0].float()
+        effect.add(reference, base)
+        error.add(reference, candidate(input_ids=x).logits[0].float())
+    result = {"adapter_effect": effect.result(), "merge_error": error.result()}
+    effect_kl, error_kl = result["adapter_effect"]["mean_kl"], result["merge_error"]["mean_kl"]
+    result["error_ratio"] = error_kl / effect_kl if effect_kl > 0 else float("inf")
+    return result
+
+
+def fidelity_problem(check: dict, max_error_ratio: float) -> str | None:
+    """Why the check fails, None if it passes."""
+    effect, error = check["adapter_effect"], check["merge_error"]
+    if not error["finite"]:
+        return "the merged model's logits are not finite"
+    if effect["mean_kl"] <= 0:
+        return ("the adapter changes no output on the check prompts (adapter effect mean KL 0): a merged model "
+                "cannot be told from the base; train more steps")
+    if check["error_ratio"] > max_error_ratio:
+        return (f"merge error mean KL {error['mean_kl']:.3e} is {check['error_ratio']:.3f} x the adapter's effect "
+                f"({effect['mean_kl']:.3e}; allowed {max_error_ratio}): the saved weights do not hold the adapter "
+                f"(top-1 agreement {error['top1_agreement']:.4f}, max logit diff {error['max_logit_diff']:.3f})")
+    return None
+
+
+def save_merged(stated, tokenizer, folder: Path, dtype: torch.dtype, name: str) -> None:
+    """Merge a copy of the stated model in its fp32 weights, round once to `dtype` and save it to folder."""
+    from transformers import GenerationConfig
+
+    merged = copy.deepcopy(stated).merge_and_unload().to(dtype)
+    merged.config.name_or_path = name
+    merged.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    generation = GenerationConfig.from_model_config(merged.config)
+    generation.eos_token_id = end_token_ids(tokenizer)
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.bos_token_id = tokenizer.bos_token_id
+    generation.save_pretrained(folder)
+
+
+def check_settings(cfg: dict) -> None:
+    if cfg["base"] not in finetuned.BASES:
+        raise MergeError(f"merge.base must be one of {finetuned.BASES}, got {cfg['base']!r}")
+    if cfg["dtype"] not in ("auto", *DTYPES):
+        raise MergeError(f"merge.dtype must be auto or one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
+    ratio = cfg["max_error_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise MergeError(f"merge.max_error_ratio must be a number in (0, 1), got {ratio!r}")
 
 
 def merge(
@@ -122,95 +169,91 @@ def merge(
     metrics_file: Path | None = METRICS_FILE,
     model_dir: Path | None = None,
 ) -> dict:
-    """Merge adapter_dir into the base, verify, save merged_dir; returns the metrics (raises MergeError).
-    model_dir overrides params model.name (tests)."""
-    from peft import PeftModel
-    from transformers import GenerationConfig
-
+    """Merge adapter_dir into the base merge.base names, verify, save merged_dir; returns the metrics
+    (raises MergeError). model_dir overrides params model.name (tests)."""
     cfg = params["merge"]
-    if cfg["dtype"] not in DTYPES:
-        raise MergeError(f"merge.dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
-    save_dtype = DTYPES[cfg["dtype"]]
-    start = time.perf_counter()
+    check_settings(cfg)
     device = model_sources.pick_device(cfg.get("device", "auto"))
     model_dir = Path(model_dir) if model_dir else model_sources.resolve_model(params["model"]["name"])
-    base_sha256 = model_sources.weights_sha256(model_dir)
-    check_base_identity(adapter_dir, base_sha256)
-    model_sources.check_safetensors(adapter_dir, "adapter_model.safetensors")  # never peft's .bin fallback
+    info = finetuned.read_training_info(adapter_dir)
+    base_sha256 = finetuned.check_base_identity(adapter_dir, info, model_dir)
     tokenizer = model_sources.load_tokenizer(model_dir)
     prompt_ids = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts[: int(cfg["verify_prompts"])]]
     if not prompt_ids:
         raise MergeError("no validation prompts to verify the merged model on")
 
-    def base_with_adapter():
-        base = model_sources.load_model(model_dir, quantization="none", dtype=torch.float32, device=device)
-        return PeftModel.from_pretrained(base, adapter_dir).eval()
-
-    # 1. merge in fp32 and save in the target dtype (in a temp folder next to the destination)
-    merged = base_with_adapter().merge_and_unload().to(save_dtype)
+    # The stated model in fp32, unmerged: what the merged checkpoint must reproduce.
+    stated = finetuned.load_adapter_model(adapter_dir, model_dir, device, torch.float32, base=cfg["base"], info=info)
     merged_dir.parent.mkdir(parents=True, exist_ok=True)
-    check_disk_space(merged_dir.parent, estimated_bytes(merged, model_dir))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{merged_dir.name}-", dir=merged_dir.parent))
-    try:
-        merged.config.name_or_path = f"{params['model']['name']} + LoRA {adapter_dir}"
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        generation = GenerationConfig.from_model_config(merged.config)
-        generation.eos_token_id = end_token_ids(tokenizer)
-        generation.pad_token_id = tokenizer.pad_token_id
-        generation.bos_token_id = tokenizer.bos_token_id
-        generation.save_pretrained(tmp)
-        del merged
+    name = f"{params['model']['name']} + LoRA {Path(adapter_dir).as_posix()} (on the {cfg['base']} base)"
+    attempts = []
+    for dtype_name in AUTO if cfg["dtype"] == "auto" else (cfg["dtype"],):
+        save_dtype = DTYPES[dtype_name]
+        check_disk_space(merged_dir.parent, estimated_bytes(stated, model_dir, save_dtype))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{merged_dir.name}-", dir=merged_dir.parent))
+        try:
+            save_merged(stated, tokenizer, tmp, save_dtype, name)
+            # The saved weights upcast and computed in fp32 on every device, so the check measures the
+            # rounding of the saved weights alone (bf16 compute on a GPU adds noise of its own).
+            saved = model_sources.load_model(tmp, quantization="none", dtype=torch.float32, device=device).eval()
+            check = measure_fidelity(stated, saved, prompt_ids, device)
+            problem = fidelity_problem(check, float(cfg["max_error_ratio"]))
+            if problem is None and save_dtype == torch.float16:
+                problem = fp16_problem(saved, tmp, prompt_ids, device)
+            del saved
+            attempts.append({"dtype": dtype_name, "error_ratio": check["error_ratio"], "problem": problem})
+            if problem is None:
+                break
+            shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
-        # 2. verify the model as saved against base + adapter in fp32. The saved weights are upcast and
-        #    computed in fp32 on every device, so the check measures the rounding of the saved weights
-        #    alone (bf16 *compute* on a GPU adds noise of its own: measured max logit diff 2.5 on an H200).
-        run_dtype = torch.float32
-        reference = base_with_adapter()
-        saved = model_sources.load_model(tmp, quantization="none", dtype=run_dtype, device=device).eval()
-        result = compare_logits(reference, saved, prompt_ids, device)
-        metrics = {
-            "dtype": cfg["dtype"],
-            "verify_compute_dtype": str(run_dtype).removeprefix("torch."),
-            "prompts": len(prompt_ids),
-            **result,
-            "max_logit_diff_allowed": float(cfg["max_logit_diff"]),
-            "min_top1_agreement": float(cfg["min_top1_agreement"]),
-            "eos_token_id": end_token_ids(tokenizer),
-            "base_weights_sha256": base_sha256,
-        }
-        if save_dtype == torch.float16:
-            # fp16 must prove itself against bf16 on the same prompts (Gemma 3 activations overflow fp16)
-            bf16 = model_sources.load_model(tmp, quantization="none", dtype=torch.bfloat16, device=device).eval()
-            fp16_check = compare_logits(bf16, saved, prompt_ids, device)
-            metrics["fp16_vs_bf16"] = fp16_check
-            if not fp16_check["finite"] or fp16_check["top1_agreement"] < float(cfg["min_top1_agreement"]):
-                raise MergeError(
-                    f"merge.dtype=float16 refused: on {len(prompt_ids)} validation prompts fp16 outputs are "
-                    f"{'finite' if fp16_check['finite'] else 'NOT finite (overflow)'} with top-1 agreement "
-                    f"{fp16_check['top1_agreement']:.4f} vs bf16 (need {cfg['min_top1_agreement']}); use bfloat16"
-                )
-        metrics["passed"] = (
-            result["finite"]
-            and result["max_logit_diff"] <= float(cfg["max_logit_diff"])
-            and result["top1_agreement"] >= float(cfg["min_top1_agreement"])
-        )
-        metrics["seconds"] = time.perf_counter() - start
-        if metrics_file is not None:  # written before failing too: it says by how much
-            write_json(metrics_file, metrics)
-        if not metrics["passed"]:
-            raise MergeError(
-                f"merged model disagrees with base + adapter on {len(prompt_ids)} validation prompts: "
-                f"top-1 agreement {result['top1_agreement']:.4f} (min {cfg['min_top1_agreement']}), "
-                f"max logit difference {result['max_logit_diff']:.3f} (max {cfg['max_logit_diff']}; 99.9th "
-                f"percentile of positions {result['p999_logit_diff']:.3f}, mean KL {result['mean_kl']:.2e}), "
-                f"finite={result['finite']}"
-            )
+    passed = problem is None
+    reason = ("; ".join(f"{a['dtype']} refused: {a['problem']}" for a in attempts[:-1]) if passed
+              else f"{dtype_name}: {problem}")
+    metrics = {
+        "base": cfg["base"],
+        "dtype": cfg["dtype"],
+        "stored_dtype": dtype_name if passed else None,
+        "reason": reason or f"{dtype_name} proved faithful",
+        "prompts": len(prompt_ids),
+        **check,
+        "max_error_ratio": float(cfg["max_error_ratio"]),
+        "attempts": attempts,
+        "passed": passed,
+        "eos_token_id": end_token_ids(tokenizer),
+        "base_weights_sha256": base_sha256,
+    }
+    if metrics_file is not None:  # written before failing too: it says by how much
+        write_json(metrics_file, metrics)
+    if not passed:
+        raise MergeError(f"merged model ({dtype_name}) is not base + adapter on {len(prompt_ids)} validation "
+                         f"prompts: {problem}")
+    try:
+        write_json(tmp / INFO_FILE, {k: metrics[k] for k in ("base", "stored_dtype", "reason", "error_ratio",
+                                                             "base_weights_sha256")})
         replace_dir(tmp, merged_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return metrics
+
+
+def fp16_problem(saved, folder: Path, prompt_ids, device) -> str | None:
+    """fp16 must prove itself against bf16 on the same prompts: Gemma 3's activations overflow fp16."""
+    fp16 = model_sources.load_model(folder, quantization="none", dtype=torch.float16, device=device).eval()
+    bf16 = model_sources.load_model(folder, quantization="none", dtype=torch.bfloat16, device=device).eval()
+    distance = LogitDistance()
+    with torch.no_grad():
+        for ids in prompt_ids:
+            x = torch.tensor([ids], device=device)
+            distance.add(bf16(input_ids=x).logits[0].float(), fp16(input_ids=x).logits[0].float())
+    result = distance.result()
+    if not result["finite"] or result["top1_agreement"] < 0.98:
+        return (f"float16 outputs are {'finite' if result['finite'] else 'NOT finite (overflow)'} with top-1 "
+                f"agreement {result['top1_agreement']:.4f} against bf16 (need 0.98); use bfloat16 or auto")
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -221,14 +264,16 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     prompts = [r["prompt"] for r in read_jsonl(VALIDATION_FILE)]
     try:
-        metrics = merge(params, ADAPTER_DIR, MERGED_DIR, prompts)
-    except (MergeError, model_sources.WeightsError) as err:
+        metrics = merge(params, finetuned.ADAPTER_DIR, MERGED_DIR, prompts)
+    except (MergeError, finetuned.AdapterError, model_sources.WeightsError) as err:
         sys.exit(f"merge: {err}")
-    print(
-        f"merge: {MERGED_DIR} ({metrics['dtype']}), top-1 agreement {metrics['top1_agreement']:.4f}, "
-        f"max logit diff {metrics['max_logit_diff']:.3f} (99.9th percentile {metrics['p999_logit_diff']:.3f}) "
-        f"on {metrics['prompts']} prompts"
-    )
+    effect, error = metrics["adapter_effect"], metrics["merge_error"]
+    print(f"merge: {MERGED_DIR.as_posix()} ({metrics['stored_dtype']}, the {metrics['base']} base), "
+          f"on {metrics['prompts']} prompts: adapter effect mean KL {effect['mean_kl']:.3e} "
+          f"(top-1 agreement with the base {effect['top1_agreement']:.4f}), merge error mean KL "
+          f"{error['mean_kl']:.3e} (ratio {metrics['error_ratio']:.2e}, top-1 {error['top1_agreement']:.4f})")
+    if metrics["stored_dtype"] != "bfloat16" and metrics["dtype"] == "auto":
+        print(f"merge: stored in {metrics['stored_dtype']}: {metrics['reason']}")
 
 
 if __name__ == "__main__":

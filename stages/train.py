@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from stages import distributed, model_sources
+from stages.atomic_io import replace_dir
 from stages.atomic_io import write_json as _write_json
 from stages.batching import (
     activation_bytes_per_token,
@@ -44,6 +45,7 @@ from stages.batching import (
     encode_record,
     plan_packed_micro_batches,
 )
+from stages.nf4 import dequantize_frozen_nf4
 from stages.packed_forward import GraphedDecoder, PackedDecoder, compile_layers
 from stages.params import PARAMS_FILE, load_params
 
@@ -113,17 +115,6 @@ def write_json(path: Path, obj) -> None:
     _write_json(path, obj, sort_keys=True)
 
 
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Put the finished folder `tmp` at `target`; a reader never sees a half-written `target`."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def peak_memory_gb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
@@ -180,41 +171,6 @@ def build_model(params: dict, model_dir: Path, device: torch.device, dtype: torc
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)  # adapter weights in fp32 (peft's autocast_adapter_dtype)
-
-
-class DequantizedLinear(torch.nn.Linear):
-    """A frozen NF4 linear layer held dequantised: the weight is exactly what bitsandbytes dequantises on
-    every pass (the NF4 values, in the compute dtype), and the forward casts as bitsandbytes' Linear4bit
-    does (input to the compute dtype, output back), so a QLoRA adapter trains against the same numbers."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
-
-
-def dequantize_frozen_nf4(model) -> int:
-    """Replace every bitsandbytes Linear4bit of `model` by a DequantizedLinear; returns how many.
-
-    Why: the base is frozen, so dequantising its 126 matrices on each forward and again in each backward
-    (bitsandbytes' training path: dequantise, then a bf16 matmul) recomputes the same tensor ~4 times a
-    micro-batch. Held dequantised, the 270M model costs 150 MB more memory (200 MB of bf16 linears
-    instead of 50 MB of NF4), launches half the kernels, and has no bitsandbytes call left in the
-    forward, which CUDA graphs need. train.nf4_dequantize_once: false keeps bitsandbytes' path."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
-
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit):
-                weight = dequantize_4bit(child.weight.data, child.weight.quant_state).to(child.compute_dtype)
-                linear = DequantizedLinear(child.in_features, child.out_features, bias=child.bias is not None,
-                                           device=weight.device, dtype=weight.dtype)
-                linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-                if child.bias is not None:
-                    linear.bias = torch.nn.Parameter(child.bias.data.to(weight.dtype), requires_grad=False)
-                setattr(parent, name, linear)
-                replaced += 1
-    return replaced
 
 
 def linear_params(config) -> int:

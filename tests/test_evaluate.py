@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from stages import evaluate
+from stages.finetuned import AdapterError
 from stages.model_sources import load_model, load_tokenizer
 from stages.totto_metrics import SUBSETS
 
@@ -125,7 +126,8 @@ def test_adapter_without_base_and_max_examples(project, tiny_model_dir):
     lora.save_pretrained(folder / "models" / "adapter", safe_serialization=True)
     from stages.model_sources import weights_sha256
     (folder / "models" / "adapter" / "training_info.json").write_text(json.dumps(
-        {"base_model": {"name": str(tiny_model_dir), "weights_sha256": weights_sha256(tiny_model_dir)}}))
+        {"base_model": {"name": str(tiny_model_dir), "weights_sha256": weights_sha256(tiny_model_dir)},
+         "params": {"train": {"quantization": "none"}}, "dtype": "bfloat16"}), encoding="utf-8")
     shutil.rmtree(folder / "models" / "merged")
     params["eval"].update(model="adapter", compare_base=False, max_examples=3)
     set_params(folder, params)
@@ -140,7 +142,7 @@ def test_adapter_without_base_and_max_examples(project, tiny_model_dir):
     # The same adapter on other base weights is refused.
     (folder / "models" / "adapter" / "training_info.json").write_text(json.dumps(
         {"base_model": {"name": "x", "weights_sha256": "0" * 64}}))
-    with pytest.raises(evaluate.EvalError, match="weights_sha256"):
+    with pytest.raises(AdapterError, match="weights_sha256"):
         evaluate.main([])
 
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import write_processed
 from dvc_project import dvc, git, make_tiny_project
-from stages import evaluate, infer, merge, model_sources, train
+from stages import evaluate, finetuned, infer, merge, model_sources, train
 from stages.atomic_io import current_umask, write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -342,15 +342,16 @@ def fresh_adapter(tmp_path_factory, tiny_model_dir) -> Path:
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.01)
     model.save_pretrained(folder)
-    info = {"base_model": {"name": str(tiny_model_dir), "weights_sha256": model_sources.weights_sha256(tiny_model_dir)}}
-    (folder / "training_info.json").write_text(json.dumps(info))
+    info = {"base_model": {"name": str(tiny_model_dir), "weights_sha256": model_sources.weights_sha256(tiny_model_dir)},
+            "params": {"train": {"quantization": "none"}}, "dtype": "float32"}
+    (folder / "training_info.json").write_text(json.dumps(info), encoding="utf-8")
     return folder
 
 
 def merge_params(tiny_model_dir) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["model"]["name"] = str(tiny_model_dir)
-    params["merge"].update(device="cpu", verify_prompts=2, min_top1_agreement=0.9)
+    params["merge"].update(device="cpu", verify_prompts=2)
     return params
 
 
@@ -410,12 +411,12 @@ def other_base(tmp_path_factory, tiny_model_dir) -> Path:
 
 def test_an_adapter_on_another_base_is_refused_everywhere(tiny_model_dir, fresh_adapter, other_base, tmp_path, capsys):
     params = merge_params(tiny_model_dir)
-    with pytest.raises(merge.MergeError, match=r"was trained on base weights sha256 [0-9a-f]{16}\.\.\. .*but model.name "
-                                               r"resolves to weights"):
+    with pytest.raises(finetuned.AdapterError, match=r"was trained on base weights sha256 [0-9a-f]{16}\.\.\. .*but "
+                                                     r".*other-base\d* has [0-9a-f]{16}"):
         merge.merge(params, fresh_adapter, tmp_path / "merged", PROMPTS, metrics_file=None, model_dir=other_base)
-    with pytest.raises(evaluate.EvalError, match=r"training_info.json: field 'base_model.weights_sha256': the adapter "
-                                                 r"was trained on other weights than .*other-base"):
-        evaluate.load_with_adapter(fresh_adapter, other_base, torch.device("cpu"), torch.float32)
+    with pytest.raises(finetuned.AdapterError, match=r"training_info.json: field 'base_model.weights_sha256': the "
+                                                     r"adapter was trained on base weights sha256"):
+        finetuned.load_adapter_model(fresh_adapter, other_base, torch.device("cpu"), torch.float32)
     table = tmp_path / "t.json"
     table.write_text(json.dumps({"rows": [["a"]], "highlight": [[0, 0]]}))
     code = infer.cli([str(table), "--adapter", str(fresh_adapter), "--base", str(other_base), "--device", "cpu",
@@ -461,7 +462,7 @@ def test_a_corrupt_adapter_file_is_named(tiny_model_dir, fresh_adapter, tmp_path
     with pytest.raises(model_sources.WeightsError, match=pattern):
         merge.merge(merge_params(tiny_model_dir), adapter, tmp_path / "merged", PROMPTS, metrics_file=None)
     with pytest.raises(model_sources.WeightsError, match=pattern):
-        evaluate.load_with_adapter(adapter, tiny_model_dir, torch.device("cpu"), torch.float32)
+        finetuned.load_adapter_model(adapter, tiny_model_dir, torch.device("cpu"), torch.float32)
     table = tmp_path / "t.json"
     table.write_text(json.dumps({"rows": [["a"]], "highlight": [[0, 0]]}))
     code = infer.cli([str(table), "--adapter", str(adapter), "--device", "cpu", "--params", str(REPO / "params.yaml")])
@@ -507,7 +508,7 @@ def test_pickle_weights_are_never_loaded(tiny_model_dir, fresh_adapter, tmp_path
     torch.save(Pickled(proof), adapter / "adapter_model.bin")
     message = r"adapter: no adapter_model.safetensors weights \(found adapter_model.bin"
     with pytest.raises(model_sources.WeightsError, match=message):
-        evaluate.load_with_adapter(adapter, tiny_model_dir, torch.device("cpu"), torch.float32)
+        finetuned.load_adapter_model(adapter, tiny_model_dir, torch.device("cpu"), torch.float32)
     with pytest.raises(model_sources.WeightsError, match=message):
         merge.merge(merge_params(tiny_model_dir), adapter, tmp_path / "merged", PROMPTS, metrics_file=None)
     assert not proof.exists()

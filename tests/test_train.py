@@ -163,7 +163,7 @@ def test_nf4_quantised_training_runs_a_step_on_cpu(tiny_model_dir, real_tokenize
 def test_nf4_weights_held_dequantised_compute_what_bitsandbytes_computes(tiny_model_dir):
     bnb = pytest.importorskip("bitsandbytes")
     from stages.model_sources import load_model
-    from stages.train import DequantizedLinear, dequantize_frozen_nf4
+    from stages.nf4 import DequantizedLinear, dequantize_frozen_nf4
 
     model = load_model(tiny_model_dir, quantization="nf4", dtype=torch.float32, device=torch.device("cpu"))
     layer = model.model.layers[0].mlp.up_proj

@@ -1,0 +1,116 @@
+"""The fine-tuned model: the adapter's identity (training_info.json), the base exactly as training computed
+with it, and the adapter on top. One home for merge, evaluate and infer.
+
+Two bases can carry an adapter (merge.base):
+- trained: the base as training saw it. Under train.quantization nf4 that is the base quantised to NF4 by
+  bitsandbytes in training's compute dtype and dequantised (stages.nf4), the weights QLoRA optimised the
+  adapter against; under none, the base in training's dtype. This is the model that was trained.
+- original: the base weights as saved, what PEFT's merge_and_unload puts the adapter on.
+The packaged Gemma 3 is itself a dequantised Q4_K_M model, so NF4 moves it far (BENCHMARKS.md, merge
+fidelity): the adapter on the original base is a different model from the one that was trained.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from stages import model_sources, nf4
+
+ADAPTER_DIR = Path("models/adapter")
+INFO_FILE = "training_info.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+BASES = ("trained", "original")
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot be used: missing or unreadable files, or trained on other weights."""
+
+
+def read_training_info(adapter_dir: Path, required: bool = True) -> dict | None:
+    """training_info.json of an adapter folder (written by the train stage); None if absent and not required."""
+    file = Path(adapter_dir) / INFO_FILE
+    if not file.is_file():
+        if required:
+            raise AdapterError(f"{file.as_posix()}: missing (run the train stage)")
+        return None
+    try:
+        info = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{file.as_posix()}: not valid JSON ({err}); re-run the train stage") from None
+    if not isinstance(info, dict):
+        raise AdapterError(f"{file.as_posix()}: expected a JSON object; re-run the train stage")
+    return info
+
+
+def base_name(info: dict | None) -> str | None:
+    """The model.name the adapter was trained on, None if not recorded."""
+    return ((info or {}).get("base_model") or {}).get("name")
+
+
+def check_base_identity(adapter_dir: Path, info: dict | None, base_dir: Path) -> str:
+    """Refuse an adapter trained on other base weights (its outputs would be meaningless); returns the
+    base's weights sha256."""
+    actual = model_sources.weights_sha256(base_dir)
+    expected = ((info or {}).get("base_model") or {}).get("weights_sha256")
+    if expected and expected != actual:
+        raise AdapterError(
+            f"{(Path(adapter_dir) / INFO_FILE).as_posix()}: field 'base_model.weights_sha256': the adapter was "
+            f"trained on base weights sha256 {expected[:16]}... ({base_name(info)}), but {Path(base_dir).as_posix()} "
+            f"has {actual[:16]}...: retrain the adapter or point model.name at the base it was trained on")
+    return actual
+
+
+def records_training_base(info: dict | None) -> bool:
+    """Whether training_info.json says how training held its base (this project's train stage records it;
+    an adapter made elsewhere may not)."""
+    train = ((info or {}).get("params") or {}).get("train") or {}
+    return "quantization" in train and "dtype" in (info or {})
+
+
+def training_base(info: dict | None) -> tuple[str, torch.dtype]:
+    """(quantization, compute dtype) of the base that training computed with, from training_info.json."""
+    try:
+        quantization = info["params"]["train"]["quantization"]
+        dtype = getattr(torch, info["dtype"])
+    except (KeyError, TypeError, AttributeError):
+        raise AdapterError(f"{INFO_FILE}: no params.train.quantization / dtype recorded: cannot rebuild the base "
+                           "as training saw it (re-run the train stage, or use merge.base: original)") from None
+    if quantization not in ("nf4", "none") or not isinstance(dtype, torch.dtype):
+        raise AdapterError(f"{INFO_FILE}: unknown training base quantization={quantization!r} dtype={info['dtype']!r}")
+    return quantization, dtype
+
+
+def load_base(base_dir: Path, info: dict | None, base: str, device: torch.device, dtype: torch.dtype):
+    """The base model that carries the adapter (module docstring), its weights cast to `dtype`."""
+    if base not in BASES:
+        raise AdapterError(f"base must be one of {BASES}, got {base!r}")
+    if base == "original":
+        return model_sources.load_model(base_dir, quantization="none", dtype=dtype, device=device)
+    quantization, train_dtype = training_base(info)
+    # Training's own path (stages.train.build_model): load, quantise in the compute dtype, dequantise.
+    model = model_sources.load_model(base_dir, quantization=quantization, dtype=train_dtype, device=device)
+    if quantization == "nf4":
+        nf4.dequantize_frozen_nf4(model)
+        # A plain model from here on: castable, and saved without a bitsandbytes quantization_config.
+        model.hf_quantizer.remove_quantization_config(model)
+    return model.to(dtype)
+
+
+def load_adapter_model(adapter_dir: Path, base_dir: Path, device: torch.device, dtype: torch.dtype,
+                       base: str = "trained", info: dict | None = None):
+    """The adapter of adapter_dir on the chosen base (PEFT, unmerged, eval mode). With base "trained" this
+    is the model training optimised."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise AdapterError(f"{adapter_dir.as_posix()}: no adapter_config.json (run the train stage)")
+    if info is None:
+        info = read_training_info(adapter_dir, required=(base == "trained"))
+    check_base_identity(adapter_dir, info, base_dir)
+    model_sources.check_safetensors(adapter_dir, ADAPTER_WEIGHTS)  # never peft's .bin fallback
+    model = load_base(base_dir, info, base, device, dtype)
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).to(device).eval()
