@@ -67,9 +67,11 @@ def check_record(tok, rec: dict, max_length: int) -> None:
 def test_demo_end_to_end(tmp_path, tokenizer):
     metrics, out = run(tmp_path)
     assert metrics["train"] == {"read": 30, "written": 30, "skipped": 0, "skipped_by_reason": {}, "sampled_out": 0,
-                                "truncated": 0, "max_tokens": metrics["train"]["max_tokens"]}
+                                "truncated": 0, "highlighted_cells_kept": {"all": 30, "some": 0, "none": 0},
+                                "max_tokens": metrics["train"]["max_tokens"]}
     assert metrics["validation"]["written"] == 15
-    assert metrics["total"] == {"read": 45, "written": 45, "skipped": 0, "sampled_out": 0, "truncated": 0}
+    assert metrics["total"] == {"read": 45, "written": 45, "skipped": 0, "sampled_out": 0, "truncated": 0,
+                                "highlighted_cells_kept": {"all": 45, "some": 0, "none": 0}}
     train, dev = records(out, "train"), records(out, "validation")
     for rec in train + dev:
         check_record(tokenizer, rec, 1024)
@@ -83,18 +85,22 @@ def test_demo_end_to_end(tmp_path, tokenizer):
 
 
 def test_output_is_deterministic(tmp_path):
-    _, a = run(tmp_path, "a", train_samples=12, linearization="full_table")
-    _, b = run(tmp_path, "b", train_samples=12, linearization="full_table")
+    # full_table at 1024 tokens cuts every highlighted cell off one demo table: skipped and counted
+    metrics, a = run(tmp_path, "a", train_samples=12, linearization="full_table", on_bad_record="skip")
+    _, b = run(tmp_path, "b", train_samples=12, linearization="full_table", on_bad_record="skip")
     for name in ("train.jsonl", "validation.jsonl", "m.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    assert len(records(a, "train")) == 12 and "<highlighted_cell>" in records(a, "train")[0]["prompt"]
+    lost = metrics["train"]["skipped_by_reason"]["highlights_truncated"]
+    assert lost == metrics["train"]["highlighted_cells_kept"]["none"] == 1
+    assert len(records(a, "train")) == 12 - lost and "<highlighted_cell>" in records(a, "train")[0]["prompt"]
 
 
 def test_long_inputs_lose_table_text_never_the_target(tmp_path, tokenizer):
-    metrics, out = run(tmp_path, max_length=110, linearization="full_table")
+    metrics, out = run(tmp_path, max_length=110, linearization="subtable")
     train = records(out, "train")
     truncated = [r for r in train if r["truncated"]]
     assert truncated and metrics["train"]["truncated"] == len(truncated) and metrics["train"]["written"] == 30
+    assert metrics["train"]["highlighted_cells_kept"]["some"] > 0 == metrics["train"]["highlighted_cells_kept"]["none"]
     for rec in train:
         check_record(tokenizer, rec, 110)
     rec = truncated[0]
@@ -109,13 +115,18 @@ def test_target_longer_than_max_length_is_a_bad_record(tmp_path):
     assert err.value.field == "references" and err.value.reason == "target_too_long"
     assert err.value.file.endswith("data/demo/train.jsonl") and err.value.line >= 1
 
-    # 28 tokens: some targets fit in both splits (a split left empty is an error of its own)
-    metrics, out = run(tmp_path, "skip", max_length=28, on_bad_record="skip")
+    # 28 tokens: every train record is skipped, counted by reason: its target does not fit, or what is left of
+    # its prompt shows none of its highlighted cells; the split left empty is an error of its own
+    with pytest.raises(ValueError, match=r"no train records left \(read 30, skipped 30 "
+                                         r"\{'highlights_truncated': \d+, 'target_too_long': \d+\}"):
+        run(tmp_path, "skip", max_length=28, on_bad_record="skip")
+    # 64 tokens: every target fits, but only some prompts keep a highlighted cell
+    metrics, out = run(tmp_path, "skip64", max_length=64, on_bad_record="skip")
     for split in ("train", "validation"):
         m = metrics[split]
-        assert m["skipped"] == m["skipped_by_reason"].get("target_too_long", 0) > 0
-        assert m["read"] == m["written"] + m["skipped"] + m["sampled_out"]
-        assert all(r["prompt_tokens"] + r["completion_tokens"] <= 28 for r in records(out, split))
+        assert m["skipped"] == m["skipped_by_reason"]["highlights_truncated"] == m["highlighted_cells_kept"]["none"] > 0
+        assert m["read"] == m["written"] + m["skipped"] + m["sampled_out"] > m["written"] > 0
+        assert all(r["prompt_tokens"] + r["completion_tokens"] <= 64 for r in records(out, split))
 
 
 def test_bad_input_ends_with_exit_status_2_and_file_line(tmp_path, capsys):

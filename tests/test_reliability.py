@@ -304,7 +304,8 @@ def raw_writes(function: ast.AST) -> list[str]:
 
 def test_every_stage_writes_its_files_atomically():
     """A file write in stages/ is either atomic_io (temp file, rename) or inside a function that builds a
-    temp folder (tempfile.mkdtemp) and renames it into place (os.replace / replace_dir)."""
+    temp folder (tempfile.mkdtemp) and renames it into place (os.replace / replace_dir), or fills one of
+    atomic_io's temp folders (staged_dir, StagedOutputs.folder)."""
     sample = ast.parse("def f(p):\n    open(p, 'w').write(p.read_text())\n    json.dump({}, p.open('a'))\n").body[0]
     assert sorted(raw_writes(sample)) == ["json.dump (line 3)", "open (line 2)", "p.open (line 3)"]  # what it finds
     offenders = []
@@ -320,7 +321,8 @@ def test_every_stage_writes_its_files_atomically():
             if not writes:
                 continue
             calls = {ast.unparse(n.func) for node in own for n in ast.walk(node) if isinstance(n, ast.Call)}
-            if not ({"tempfile.mkdtemp"} & calls and {"os.replace", "replace_dir"} & calls):
+            staged = {"staged_dir", "atomic_io.staged_dir", "stage.folder"} & calls  # atomic_io's temp folders
+            if not (staged or {"tempfile.mkdtemp"} & calls and {"os.replace", "replace_dir"} & calls):
                 offenders.append(f"{path.name}:{getattr(function, 'name', '<module>')}: {writes}")
     assert not offenders, offenders
 
