@@ -178,17 +178,18 @@ def clean_output_leftovers(path: str | Path) -> list[str]:
 
 
 def check_writable(folder: str | Path, what: str = "output folder") -> Path:
-    """Create `folder` if needed and prove a file can be created in it; an OutputError otherwise (a
-    read-only file system, no permission, a file in the way). Call it before long work."""
+    """Prove a file can be created in `folder` (or, while it does not exist yet, in the folder that will
+    hold it: nothing is created); an OutputError otherwise (a read-only file system, no permission, a
+    file in the way). Call it before long work."""
     folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{folder.as_posix()} ({what}): cannot write: {existing.as_posix()} is a file, not a "
+                          "folder: remove or rename it")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise output_error(err, folder, what) from None
-    if not folder.is_dir():
-        raise OutputError(f"{folder.as_posix()} ({what}): is a file, not a folder: remove or rename it")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=temp_prefix("write-test", "."), suffix=".tmp", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix("write-test", "."), suffix=".tmp", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
@@ -262,7 +263,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
-    """Put the finished folder `tmp` at `target`; a reader never sees a half-written `target`."""
+    """Put the finished folder `tmp` at `target`; a reader never sees a half-written `target`. The
+    folder gets a plain mkdir's permissions first (mkdtemp's are 0700), and once it is in place the
+    temps that interrupted earlier runs left next to it (".NAME-*", ".NAME.*") are removed."""
+    tmp, target = Path(tmp), Path(target)
+    try:
+        fix_permissions(tmp)
+    except OSError as err:
+        raise output_error(err, target) from err
     old = None
     try:
         if target.exists():
@@ -275,6 +283,7 @@ def replace_dir(tmp: Path, target: Path) -> None:
         raise output_error(err, target) from err
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    clean_output_leftovers(target)
 
 
 def _new_temp_dir(target: Path) -> Path:
@@ -287,10 +296,6 @@ def _new_temp_dir(target: Path) -> Path:
 
 
 def _finish_dir(tmp: Path, target: Path) -> None:
-    try:
-        fix_permissions(tmp)
-    except OSError as err:
-        raise output_error(err, target) from err
     replace_dir(tmp, target)
 
 

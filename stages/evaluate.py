@@ -163,7 +163,7 @@ def load_with_adapter(adapter_dir: Path, base_dir: Path, device: torch.device, d
     if not (adapter_dir / "adapter_config.json").is_file():
         raise EvalError(f"{adapter_dir.as_posix()}: no adapter_config.json (run the train stage)")
     check_adapter_base(adapter_dir, base_dir)
-    model_sources.check_safetensors(adapter_dir, "adapter_model.safetensors")  # never peft's .bin fallback
+    model_sources.check_adapter_files(adapter_dir)  # never peft's .bin fallback; rank matching the weights
     base = model_sources.load_model(base_dir, quantization="none", dtype=dtype, device=device)
     return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False).to(device)
 

@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from stages.atomic_io import OutputError, staged_outputs
+from stages.atomic_io import OutputError, check_writable, staged_outputs
 from stages.linearize import linearize
 from stages.model_sources import load_tokenizer, resolve_model
 from stages.params import PARAMS_FILE, load_params
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     mode = data.get("linearization", "subtable")
     include_question = bool(data.get("include_question", False))
 
+    check_writable(args.out_dir, "output folder")  # before the tokenizer and the reading
+    check_writable(args.metrics_file.parent, "metrics folder")
     tokenizer = cached_tokenizer(params["model"]["name"])
     end = completion_end(tokenizer)
 

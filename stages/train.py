@@ -37,7 +37,14 @@ from tqdm import tqdm
 
 from stages import distributed, model_sources
 from stages import readers
-from stages.atomic_io import OutputError, StagedOutputs, check_writable, replace_dir, staged_dir, staged_outputs  # noqa: F401 (replace_dir: merge's)
+from stages.atomic_io import (  # noqa: F401 (replace_dir: stages.merge imports it from here)
+    OutputError,
+    StagedOutputs,
+    check_writable,
+    replace_dir,
+    staged_dir,
+    staged_outputs,
+)
 from stages.atomic_io import write_json as _write_json
 from stages.batching import (
     activation_bytes_per_token,

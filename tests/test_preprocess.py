@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -178,3 +179,110 @@ def test_shared_fetaqa_end_to_end_with_question(tmp_path, tokenizer):
 def test_include_question_needs_a_source_with_questions(tmp_path):
     with pytest.raises(ValueError, match="include_question"):
         run(tmp_path, include_question=True)
+
+
+# ------------------------------------------------------------------------------------------ all or nothing
+
+
+def run_cli(tmp_path: Path, out: Path, **data) -> int:
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["data"]["path"] = str(REPO / "data" / "demo")
+    params["data"].update(data)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    return preprocess.cli(["--params", str(tmp_path / "p.yaml"), "--out-dir", str(out),
+                           "--metrics-file", str(out / "preprocess.json")])
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_a_bad_validation_record_leaves_the_previous_outputs_as_a_set(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(tmp_path, out, train_samples=5, validation_samples=3) == 0
+    before = outputs(out)
+    assert sorted(before) == ["preprocess.json", "train.jsonl", "validation.jsonl"]
+    lines = (REPO / "data" / "demo" / "dev.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    bad = tmp_path / "dev.jsonl"
+    bad.write_text(lines[0] + '{"example_id": 5, "table": [}\n', encoding="utf-8")
+    capsys.readouterr()
+    # another train sample: train.jsonl would change if anything were written before validation is read
+    assert run_cli(tmp_path, out, train_samples=7, validation_file=str(bad)) == 2
+    assert f"{bad.as_posix()}:2: field '<line>': invalid JSON" in capsys.readouterr().err
+    assert outputs(out) == before
+
+
+def test_a_full_disk_while_writing_leaves_the_previous_outputs_and_names_the_file(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from stages import atomic_io
+
+    out = tmp_path / "out"
+    assert run_cli(tmp_path, out, train_samples=5, validation_samples=3) == 0
+    before = outputs(out)
+    real, calls = os.fsync, []
+
+    def fsync(fd):  # the second output's temp file meets a full disk
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(atomic_io.os, "fsync", fsync)
+    capsys.readouterr()
+    assert run_cli(tmp_path, out, train_samples=7, validation_samples=3) == 2
+    err = capsys.readouterr().err
+    assert err == (f"preprocess: error: {(out / 'validation.jsonl').as_posix()}: cannot write: No space left on "
+                   "device: no space left on the device: free some space or write elsewhere\n")
+    assert outputs(out) == before  # and no temp file left
+
+
+def test_a_read_only_output_folder_is_named_before_any_work(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from stages import atomic_io
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(atomic_io.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(preprocess, "cached_tokenizer", lambda name: pytest.fail("the tokenizer was loaded"))
+    assert run_cli(tmp_path, tmp_path / "out") == 2
+    assert capsys.readouterr().err.startswith(f"preprocess: error: {(tmp_path / 'out').as_posix()} (output folder): "
+                                              "cannot write: Read-only file system")
+
+
+@pytest.mark.parametrize("value, message", [
+    (-3, "data.train_samples must be 0 (all) or a positive count, got -3"),
+    (31, "data.train_samples=31 but only 30 train records are left to draw from (read 30, skipped 0): lower it, "
+         "or set 0 for all of them"),
+    (2.5, "data.train_samples must be a whole number (0 = all), got 2.5"),
+])
+def test_train_samples_beyond_what_exists_or_negative_is_refused(tmp_path, capsys, value, message):
+    assert run_cli(tmp_path, tmp_path / "out", train_samples=value) == 2
+    assert capsys.readouterr().err == f"preprocess: error: {message}\n"
+
+
+@pytest.mark.skipif(not (SHARED / "totto").is_dir(), reason=f"shared ToTTo data not found at {SHARED / 'totto'}")
+def test_full_table_prompts_that_lose_every_highlighted_cell_are_refused_or_counted(tmp_path, capsys):
+    """The real ToTTo files at the default max_length: the full-table text of many tables is cut before
+    any highlighted cell (they were kept, reported only as "truncated")."""
+    assert run_cli(tmp_path, tmp_path / "out", source="totto", path=str(SHARED / "totto"),
+                   linearization="full_table") == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"preprocess: error: \S+train\.jsonl\.gz:\d+: field 'highlighted_cells': 4 of 8 train prompts "
+                        r"\(this is the first\) keep none of their highlighted cells once the table text is cut to "
+                        r"data.max_length=1024 tokens \(data.linearization: full_table\); raise data.max_length, use "
+                        r"data.linearization: subtable, or set data.on_bad_record: skip to skip them \(counted as "
+                        r"highlights_truncated\) \[highlights_truncated\]\n", err), err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+    metrics, _ = run(tmp_path, source="totto", path=str(SHARED / "totto"), linearization="full_table",
+                     on_bad_record="skip")
+    for split, none in (("train", 4), ("validation", 24)):
+        m = metrics[split]
+        assert m["highlighted_cells_kept"]["none"] == none
+        assert m["skipped_by_reason"] == {"highlights_truncated": none}
+        assert m["written"] == m["highlighted_cells_kept"]["all"] + m["highlighted_cells_kept"]["some"] == m["read"] - none
