@@ -27,6 +27,7 @@ A path that is a directory, a named pipe or a device where a regular file is exp
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import stat
@@ -91,15 +92,13 @@ def check_regular_file(path: str | Path, what: str = "input") -> Path:
                          + (" (or '-' with the data on stdin)" if what in _STDIN_KINDS else ""))
 
 
-_STDIN_KINDS = {"predictions", "input table"}
+_STDIN_KINDS = {"predictions", "input table", "input tables"}  # what the CLIs also read from stdin
 
 
 def _open_binary(source: str | Path, what: str) -> IO[bytes]:
     if str(source) == STDIN:
         buffer = getattr(sys.stdin, "buffer", None)  # bytes, so that bad UTF-8 is ours to report
         if buffer is None:  # a replaced sys.stdin without a buffer (tests): it is text already
-            import io
-
             return io.BytesIO(sys.stdin.read().encode("utf-8", "surrogatepass"))
         return buffer
     path = check_regular_file(source, what)
@@ -122,13 +121,6 @@ def iter_lines(source: str | Path, what: str = "input") -> Iterator[tuple[int, b
     finally:
         if str(source) != STDIN:
             fh.close()
-
-
-def split_lines(data: bytes, label: str = "<bytes>") -> list[tuple[int, bytes]]:
-    """`iter_lines` of bytes already in memory."""
-    import io
-
-    return list(_split(io.BytesIO(data), label))
 
 
 class Line(bytes):
@@ -297,9 +289,6 @@ class Prediction:
     id: str | None = None
 
 
-PREDICTION_FORMATS = ("text", "jsonl")
-
-
 def _name_format(path: str) -> str:
     name = path[:-3] if path.endswith(".gz") else path
     return {".jsonl": "jsonl", ".json": "json"}.get(os.path.splitext(name)[1], "text")
@@ -392,10 +381,10 @@ def _not_json_lines(label: str, lines, first) -> str:
 PROCESSED_FIELDS = {
     "id": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "prompt": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "completion": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "references": (lambda v: isinstance(v, list) and all(isinstance(r, str) for r in v), "a list of strings"),
     "table": (lambda v: isinstance(v, list), "a list of rows"),
     "highlighted_cells": (lambda v: isinstance(v, list), "a list of [row, column]"),
+    "completion": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
 }
 
 

@@ -257,3 +257,8 @@ def test_every_reader_splits_a_file_the_same_way(tmp_path, capsys):
 
     ((where, from_infer),) = infer.read_inputs(Args)
     assert where == f"{path.as_posix()}:2" and from_infer["table"] == example["table"]
+
+
+def test_one_line_leaves_no_line_break():
+    text = "a\r\nb\rc\nd\u2028e\u2029f\x85g\x0bh"
+    assert readers.one_line(text) == "a b c d e f g h" and len(readers.one_line(text).splitlines()) == 1

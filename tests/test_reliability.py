@@ -191,6 +191,13 @@ def test_outputs_have_normal_permissions(pipeline_run):
     for name in ("metrics/preprocess.json", "metrics/train.json", "metrics/merge.json", "metrics/eval.json",
                  "metrics/predictions.jsonl", "metrics/plots/by_table_size.csv"):
         assert (project / name).stat().st_mode & 0o777 == expected, name
+    # the model folders too (they were 0700, their safetensors 0600): train's adapter, merge's model
+    for folder in ("models/adapter", "models/merged"):
+        assert (project / folder).stat().st_mode & 0o777 == 0o777 & ~current_umask(), folder
+        files = [p for p in (project / folder).rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in files), folder
+        for file in files:
+            assert file.stat().st_mode & 0o777 == expected, file
 
 
 # ------------------------------------------------------------------------------------------------
