@@ -27,8 +27,6 @@ exit status 2.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import math
 import re
 import shlex
@@ -37,6 +35,7 @@ import sys
 import unicodedata
 from pathlib import Path
 
+from stages import readers
 from stages.atomic_io import write_atomic
 from stages.sources import BadRecordError, FieldError, check_text
 
@@ -164,44 +163,27 @@ def positive_int(text: str) -> int:
 def read_predictions(path: Path) -> list[dict]:
     """The rows of a predictions file, each checked; a bad one raises InputError naming file, line, field."""
     label = path.as_posix()
-    if not path.is_file():
-        raise InputError(f"{label}: no such file")
     rows, seen = [], {}
-    line_no = 0
     try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as fh:
-            for line_no, raw in enumerate(fh, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    row = check_row(parse_line(raw, label, line_no))
-                except FieldError as err:
-                    raise BadRecordError(label, line_no, err.field, err.message, err.reason) from None
-                if row["id"] in seen:
-                    raise BadRecordError(label, line_no, "id", f"duplicate id {row['id']} "
-                                         f"(first on line {seen[row['id']]})", "duplicate_id")
-                seen[row["id"]] = line_no
-                rows.append(row)
-    except BadRecordError as err:
+        for line_no, raw in readers.iter_lines(path, "predictions"):  # split as every reader splits
+            if not raw.strip():
+                continue
+            try:
+                row = check_row(readers.parse_json_line(raw))
+            except readers.LineError as err:
+                raise BadRecordError(label, line_no, "<line>", err.message, err.reason) from None
+            except FieldError as err:
+                raise BadRecordError(label, line_no, err.field, err.message, err.reason) from None
+            if row["id"] in seen:
+                raise BadRecordError(label, line_no, "id", f"duplicate id {row['id']} "
+                                     f"(first on line {seen[row['id']]})", "duplicate_id")
+            seen[row["id"]] = line_no
+            rows.append(row)
+    except (BadRecordError, readers.InputFileError) as err:
         raise InputError(str(err)) from None
-    except (OSError, EOFError) as err:  # unreadable, or a truncated or corrupt .gz
-        raise InputError(f"{label}:{line_no + 1}: field '<file>': cannot read ({type(err).__name__}: {err})") from None
     if not rows:
         raise InputError(f"{label}: no predictions (the file is empty)")
     return rows
-
-
-def parse_line(raw: bytes, label: str, line_no: int):
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise BadRecordError(label, line_no, "<line>", f"not UTF-8 ({err.reason} at byte {err.start})",
-                             "not_utf8") from None
-    except json.JSONDecodeError as err:
-        raise BadRecordError(label, line_no, "<line>", f"invalid JSON ({err.msg} at column {err.colno})",
-                             "invalid_json") from None
-    except (ValueError, RecursionError) as err:  # a 4300-digit number, nesting too deep
-        raise BadRecordError(label, line_no, "<line>", f"invalid JSON ({type(err).__name__})", "invalid_json") from None
 
 
 def check_row(row) -> dict:

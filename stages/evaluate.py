@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import sys
 import time
@@ -26,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from stages import finetuned, model_sources
-from stages.atomic_io import write_atomic, write_json, write_jsonl
+from stages import finetuned, model_sources, readers
+from stages.atomic_io import OutputError, StagedOutputs, check_writable, staged_outputs, write_atomic
 from stages.generation import FP32_MATMUL, generate
 from stages.params import PARAMS_FILE, load_params
 from stages.totto_metrics import NOT_COMPUTED, SUBSETS, compute_metrics, plot_tables
@@ -60,6 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     records = read_processed(VALIDATION_FILE, int(cfg["max_examples"]))
     prompts = [r["prompt"] for r in records]
     check_finetuned_files(cfg["model"])  # fail before the slow loading starts
+    for folder in {PREDICTIONS_FILE.parent, EVAL_FILE.parent, PLOTS_DIR}:
+        check_writable(folder)
 
     device = model_sources.pick_device(cfg["device"])
     dtype = eval_dtype(cfg.get("dtype", "auto"), device)
@@ -86,8 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         del base
         base_summary, base_per_example = compute_metrics(base_predictions, records, bleurt_checkpoint=bleurt)
 
-    write_jsonl(PREDICTIONS_FILE, prediction_rows(records, predictions, per_example,
-                                                  base_predictions, base_per_example))
+    rows = prediction_rows(records, predictions, per_example, base_predictions, base_per_example)
     result = {
         "finetuned": summary,
         "base": base_summary,
@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
             "fp32_matmul": gen_args["fp32_matmul"],
         },
     }
-    write_json(EVAL_FILE, result)
-    write_plots(PLOTS_DIR, records, predictions, per_example, base_predictions, base_per_example)
+    with staged_outputs() as stage:  # predictions, summary and plots change together or not at all
+        stage.write_jsonl(PREDICTIONS_FILE, rows)
+        stage.write_json(EVAL_FILE, result)
+        write_plots(PLOTS_DIR, records, predictions, per_example, base_predictions, base_per_example, stage)
     print_summary(result)
     return result
 
@@ -120,29 +122,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def read_processed(path: Path, max_examples: int = 0) -> list[dict]:
-    """Processed records of `path` (the first `max_examples`, all when 0); bad lines name file and line."""
-    if not path.is_file():
-        raise EvalError(f"{path.as_posix()}: no such file (run the preprocess stage first)")
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalError(f"{path.as_posix()}:{line_no}: invalid JSON ({err.msg})") from None
-            for field in ("id", "prompt", "references", "table", "highlighted_cells"):
-                if field not in record:
-                    raise EvalError(f"{path.as_posix()}:{line_no}: field {field!r}: missing")
-            if not isinstance(record["prompt"], str):
-                raise EvalError(f"{path.as_posix()}:{line_no}: field 'prompt': expected str")
-            records.append(record)
-            if max_examples > 0 and len(records) == max_examples:
-                break
-    if not records:
-        raise EvalError(f"{path.as_posix()}: no examples to evaluate")
-    return records
+    """Processed records of `path` (the first `max_examples`, all when 0), read and checked as every
+    model stage reads them (stages.readers); a bad line names file, line and field."""
+    try:
+        return readers.read_processed(path, max_examples)
+    except readers.InputFileError as err:
+        raise EvalError(str(err)) from None
 
 
 def check_finetuned_files(kind: str) -> None:
@@ -211,7 +196,8 @@ def bleurt_report(summary: dict, base_summary: dict | None) -> dict:
     }
 
 
-def write_plots(folder: Path, records, predictions, per_example, base_predictions=None, base_per_example=None):
+def write_plots(folder: Path, records, predictions, per_example, base_predictions=None, base_per_example=None,
+                stage: StagedOutputs | None = None):
     """CSV per breakdown: bucket, count, bleu, parent_f (+ base_bleu, base_parent_f with the base model)."""
     tables = plot_tables(predictions, records, per_example)
     base_tables = None if base_predictions is None else plot_tables(base_predictions, records, base_per_example)
@@ -228,7 +214,7 @@ def write_plots(folder: Path, records, predictions, per_example, base_prediction
         writer.writeheader()
         for row in rows:
             writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-        write_atomic(folder / file_name, buffer.getvalue())
+        (stage.write_text if stage else write_atomic)(folder / file_name, buffer.getvalue())
 
 
 def print_summary(result: dict) -> None:
@@ -249,7 +235,7 @@ def print_summary(result: dict) -> None:
 def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
-    except (EvalError, finetuned.AdapterError, FileNotFoundError, ValueError) as err:
+    except (EvalError, finetuned.AdapterError, FileNotFoundError, ValueError, OutputError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
     return 0

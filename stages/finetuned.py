@@ -12,16 +12,14 @@ fidelity): the adapter on the original base is a different model from the one th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from stages import model_sources, nf4
+from stages import model_sources, nf4, readers
 
 ADAPTER_DIR = Path("models/adapter")
 INFO_FILE = "training_info.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASES = ("trained", "original")
 
 
@@ -32,17 +30,14 @@ class AdapterError(ValueError):
 def read_training_info(adapter_dir: Path, required: bool = True) -> dict | None:
     """training_info.json of an adapter folder (written by the train stage); None if absent and not required."""
     file = Path(adapter_dir) / INFO_FILE
-    if not file.is_file():
+    if not file.exists():
         if required:
             raise AdapterError(f"{file.as_posix()}: missing (run the train stage)")
         return None
     try:
-        info = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{file.as_posix()}: not valid JSON ({err}); re-run the train stage") from None
-    if not isinstance(info, dict):
-        raise AdapterError(f"{file.as_posix()}: expected a JSON object; re-run the train stage")
-    return info
+        return readers.read_json_file(file, "the adapter's training_info.json", fix="re-run the train stage")
+    except readers.InputFileError as err:
+        raise AdapterError(str(err)) from None
 
 
 def base_name(info: dict | None) -> str | None:
@@ -111,6 +106,6 @@ def load_adapter_model(adapter_dir: Path, base_dir: Path, device: torch.device, 
     if info is None:
         info = read_training_info(adapter_dir, required=(base == "trained"))
     check_base_identity(adapter_dir, info, base_dir)
-    model_sources.check_safetensors(adapter_dir, ADAPTER_WEIGHTS)  # never peft's .bin fallback
+    model_sources.check_adapter_files(adapter_dir)  # safetensors only, its rank the weights' rank
     model = load_base(base_dir, info, base, device, dtype)
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).to(device).eval()

@@ -25,7 +25,6 @@ line and field, and exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -36,7 +35,8 @@ from stages.generation import generate
 from stages.linearize import MODES
 from stages.params import PARAMS_FILE, load_params
 from stages.model_sources import WeightsError
-from stages.preprocess import fit_prompt, table_text
+from stages import readers
+from stages.preprocess import cells_kept, fit_prompt_kept, table_text
 from stages.sources import FieldError, check_text, totto_example  # the ToTTo record validator preprocess uses
 
 SIMPLE_KEYS = {"title", "section", "header", "rows", "highlight", "question"}
@@ -60,24 +60,41 @@ def main(argv: list[str] | None = None) -> list[str]:
     dtype = model_sources.pick_dtype(device)
     model, tokenizer = load(args, device, dtype)
 
-    prompts = [make_prompt(tokenizer, example, where, mode, include_question, budget) for where, example in examples]
+    on_bad = params["data"].get("on_bad_record", "error")
+    prompts = [make_prompt(tokenizer, example, where, mode, include_question, budget, on_bad)
+               for where, example in examples]
     sentences = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, device,
                          progress=len(prompts) > 1)
     for sentence in sentences:
-        print(sentence.replace("\n", " "), flush=True)  # one line per input, whatever the model wrote
+        print(readers.one_line(sentence), flush=True)  # one line per input, whatever the model wrote
     return sentences
 
 
-def make_prompt(tokenizer, example: dict, where: str, mode: str, include_question: bool, budget: int) -> str:
-    """The model input for one example, built as stages.preprocess builds it (table text cut to `budget`)."""
+def make_prompt(tokenizer, example: dict, where: str, mode: str, include_question: bool, budget: int,
+                on_bad_record: str = "error") -> str:
+    """The model input for one example, built as stages.preprocess builds it (table text cut to `budget`).
+    A cut that leaves none of the highlighted cells is refused as preprocess refuses it; under
+    data.on_bad_record: skip it is said in one line and the prompt kept (infer answers every input)."""
     question = example.get("question") if include_question else None
     if include_question and not question:
         raise InputError(f"{where}: field 'question': required by this model (data.include_question: true)")
-    prompt, _, truncated = fit_prompt(tokenizer, table_text(tokenizer, example, mode, budget), question, budget)
+    spans: list = []
+    text = table_text(tokenizer, example, mode, budget, spans)
+    prompt, _, truncated, kept_chars = fit_prompt_kept(tokenizer, text, question, budget)
     if prompt is None:
         raise InputError(f"{where}: the prompt cannot fit in data.max_length - --max-new-tokens = {budget} tokens")
     if truncated:
-        print(f"infer: warning: {where}: table text cut to fit {budget} tokens", file=sys.stderr)
+        kept, total = cells_kept(spans, kept_chars), len(example["highlighted_cells"])
+        if kept == 0:
+            message = (f"{where}: field 'highlighted_cells': the table text cut to fit {budget} tokens keeps none of "
+                       f"the {total} highlighted cells (--linearization {mode}); use --linearization subtable, a "
+                       "smaller --max-new-tokens or a larger data.max_length")
+            if on_bad_record == "error":
+                raise InputError(message + ", or data.on_bad_record: skip to answer anyway")
+            print(f"infer: warning: {message}; answering anyway (data.on_bad_record: skip)", file=sys.stderr)
+        else:
+            print(f"infer: warning: {where}: table text cut to fit {budget} tokens, keeping {kept} of the {total} "
+                  "highlighted cells", file=sys.stderr)
     return prompt
 
 
@@ -112,63 +129,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def read_inputs(args) -> list[tuple[str, dict]]:
-    """(location, normalised example) for every input table."""
-    if args.batch is not None:
-        path = args.batch
-        text = read_text(path)
-        examples = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path.as_posix()}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-            except RecursionError:
-                raise InputError(f"{where}: JSON nested too deeply") from None
-            except ValueError as err:  # e.g. an integer of more than 4300 digits
-                raise InputError(f"{where}: invalid JSON ({err})") from None
-            examples.append((where, to_example(obj, where, path.as_posix(), line_no)))
-        if not examples:
-            raise InputError(f"{path.as_posix()}: no tables (the file is empty)")
-        return examples
-
-    label = "<stdin>" if args.file in (None, "-") else Path(args.file).as_posix()
-    text = read_stdin() if args.file in (None, "-") else read_text(Path(args.file))
-    if not text.strip():
-        raise InputError(f"{label}: empty input (expected one JSON object)")
+    """(location, normalised example) for every input table, read by stages.readers as every other
+    reader reads its files (BOM, line endings, U+2028 inside strings, pipes, '-' for stdin)."""
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(f"{label}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
-    except RecursionError:
-        raise InputError(f"{label}: JSON nested too deeply") from None
-    except ValueError as err:  # e.g. an integer of more than 4300 digits
-        raise InputError(f"{label}: invalid JSON ({err})") from None
-    return [(label, to_example(obj, label, label, 1))]
-
-
-def read_text(path: Path) -> str:
-    if not path.is_file():
-        raise InputError(f"{path.as_posix()}: no such file")
-    try:
-        return decode(path.read_bytes(), path.as_posix())
-    except OSError as err:
-        raise InputError(f"{path.as_posix()}: cannot read ({err.strerror or err})") from None
-
-
-def read_stdin() -> str:
-    buffer = getattr(sys.stdin, "buffer", None)  # bytes, so that bad UTF-8 is ours to report
-    return sys.stdin.read() if buffer is None else decode(buffer.read(), "<stdin>")
-
-
-def decode(data: bytes, label: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise InputError(f"{label}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        if args.batch is not None:
+            label = readers.label_of(args.batch)
+            examples = []
+            for line_no, raw in readers.iter_lines(args.batch, "input tables"):
+                if not raw.strip():
+                    continue
+                where = f"{label}:{line_no}"
+                try:
+                    obj = readers.parse_json_line(raw)
+                except readers.LineError as err:
+                    raise InputError(f"{where}: {err.message}") from None
+                examples.append((where, to_example(obj, where, label, line_no)))
+            if not examples:
+                raise InputError(f"{label}: no tables (the file is empty)")
+            return examples
+        source = readers.STDIN if args.file in (None, readers.STDIN) else args.file
+        label = readers.label_of(source)
+        return [(label, to_example(readers.read_json_document(source, "input table"), label, label, 1))]
+    except readers.InputFileError as err:
+        raise InputError(str(err)) from None
 
 
 def to_example(obj, where: str, source_file: str, line: int) -> dict:
@@ -215,7 +198,7 @@ def simple_to_example(obj: dict) -> dict:
     if not isinstance(highlight, list) or not highlight:
         raise FieldError("highlight", "expected a non-empty list of [row, column] pairs", "wrong_type")
     offset = 1 if header else 0  # rows are counted without the header row
-    cells = []
+    cells, seen = [], {}
     for i, pair in enumerate(highlight):
         if (not isinstance(pair, list) or len(pair) != 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
@@ -227,6 +210,10 @@ def simple_to_example(obj: dict) -> dict:
         if not 0 <= c < len(rows[r]):
             raise FieldError(f"highlight[{i}]", f"column {c} outside row {r}'s columns 0..{len(rows[r]) - 1}",
                               "out_of_range")
+        if (r, c) in seen:  # the cell would be written into the prompt twice
+            raise FieldError(f"highlight[{i}]", f"[{r}, {c}] repeats highlight[{seen[r, c]}]: list each cell once",
+                             "duplicate_highlight")
+        seen[r, c] = i
         cells.append([r + offset, c])
 
     question = obj.get("question")
@@ -295,7 +282,7 @@ def load(args, device, dtype):
 def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
-    except (InputError, finetuned.AdapterError, FileNotFoundError, WeightsError) as err:
+    except (InputError, finetuned.AdapterError, FileNotFoundError, WeightsError, readers.InputFileError) as err:
         print(f"infer: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -18,25 +18,42 @@ from stages.tables import highlighted_subtable, table_with_headers
 MODES = ("subtable", "full_table")
 
 
-def linearize(example: dict, mode: str = "subtable") -> str:
-    """The table text of a normalised example (see stages.sources) in the given mode."""
+def linearize(example: dict, mode: str = "subtable", spans: list | None = None) -> str:
+    """The table text of a normalised example (see stages.sources) in the given mode.
+
+    With `spans` (a list), appends the (start, end) character offsets in the text of each highlighted
+    cell's value, in text order: what stages.preprocess needs to tell which highlighted cells a
+    truncated prompt still holds."""
+    parts = [_titles(example), "<table> "]
+    size = sum(map(len, parts))
+
+    def add(text: str) -> None:
+        nonlocal size
+        parts.append(text)
+        size += len(text)
+
+    def add_cell(tag: str, item: dict, highlighted: bool) -> None:
+        head = f"<{tag}> "
+        add(head)
+        if highlighted and spans is not None:
+            spans.append((size, size + len(item["cell"]["value"])))
+        add(_cell(tag, item)[len(head):])
+
     if mode == "subtable":
-        body = "".join(
-            _cell("cell", item) for item in highlighted_subtable(example["table"], example["highlighted_cells"])
-        )
+        for item in highlighted_subtable(example["table"], example["highlighted_cells"]):
+            add_cell("cell", item, True)
     elif mode == "full_table":
         highlighted = {(int(r), int(c)) for r, c in example["highlighted_cells"]}
-        rows = []
         for row in table_with_headers(example["table"]):
-            cells = "".join(
-                _cell("highlighted_cell" if (item["row_index"], item["col_index"]) in highlighted else "cell", item)
-                for item in row
-            )
-            rows.append(f"<row> {cells}</row> ")
-        body = "".join(rows)
+            add("<row> ")
+            for item in row:
+                is_highlighted = (item["row_index"], item["col_index"]) in highlighted
+                add_cell("highlighted_cell" if is_highlighted else "cell", item, is_highlighted)
+            add("</row> ")
     else:
         raise ValueError(f"data.linearization must be one of {MODES}, got {mode!r}")
-    return f"{_titles(example)}<table> {body}</table>"
+    add("</table>")
+    return "".join(parts)
 
 
 def _titles(example: dict) -> str:

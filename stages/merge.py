@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from stages import finetuned, model_sources
-from stages.atomic_io import write_json
+from stages import readers
+from stages.atomic_io import OutputError, check_free_space, check_writable, staged_dir, write_json
 from stages.generation import end_token_ids
 from stages.params import PARAMS_FILE, load_params
-from stages.atomic_io import replace_dir
-from stages.train import read_jsonl  # processed-record reading: one home in issue 18's reader
 
 VALIDATION_FILE = Path("data/processed/validation.jsonl")
 MERGED_DIR = Path("models/merged")
@@ -61,15 +58,6 @@ def estimated_bytes(model, model_dir: Path, dtype: torch.dtype) -> int:
     weights = sum(numel.values()) * torch.empty(0, dtype=dtype).element_size()
     others = sum(f.stat().st_size for f in Path(model_dir).iterdir() if f.is_file() and f.suffix != ".safetensors")
     return weights + others
-
-
-def check_disk_space(folder: Path, needed: int) -> None:
-    """Refuse to start writing what the disk cannot hold: a half-written model is only lost time."""
-    needed = int(needed * DISK_MARGIN) + DISK_SLACK_BYTES
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise MergeError(f"not enough disk space in {folder.as_posix()} for the merged model: needs about "
-                         f"{needed:,} bytes ({needed / 2**30:.2f} GiB), {free:,} bytes free ({free / 2**30:.2f} GiB)")
 
 
 class LogitDistance:
@@ -135,19 +123,38 @@ def fidelity_problem(check: dict, max_error_ratio: float) -> str | None:
     return None
 
 
-def save_merged(stated, tokenizer, folder: Path, dtype: torch.dtype, name: str) -> None:
-    """Merge a copy of the stated model in its fp32 weights, round once to `dtype` and save it to folder."""
+class Unfaithful(Exception):
+    """A saved merge that the check refused (its numbers in .check)."""
+
+    def __init__(self, check: dict):
+        super().__init__(check["problem"])
+        self.check = check
+
+
+def save_checked(stated, tokenizer, merged_dir: Path, dtype: torch.dtype, name: str, verify) -> dict:
+    """Merge a copy of the stated model in its fp32 weights, round once to `dtype`, save it next to
+    merged_dir and check the saved files (`verify(folder) -> dict` with a "problem"); only a checkpoint that
+    passes replaces merged_dir (atomic_io.staged_dir: a refused or interrupted one is removed)."""
     from transformers import GenerationConfig
 
-    merged = copy.deepcopy(stated).merge_and_unload().to(dtype)
-    merged.config.name_or_path = name
-    merged.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    generation = GenerationConfig.from_model_config(merged.config)
-    generation.eos_token_id = end_token_ids(tokenizer)
-    generation.pad_token_id = tokenizer.pad_token_id
-    generation.bos_token_id = tokenizer.bos_token_id
-    generation.save_pretrained(folder)
+    with staged_dir(merged_dir) as tmp:
+        merged = copy.deepcopy(stated).merge_and_unload().to(dtype)
+        merged.config.name_or_path = name
+        merged.save_pretrained(tmp, safe_serialization=True)
+        del merged
+        tokenizer.save_pretrained(tmp)
+        generation = GenerationConfig.from_model_config(stated.get_base_model().config)
+        generation.eos_token_id = end_token_ids(tokenizer)
+        generation.pad_token_id = tokenizer.pad_token_id
+        generation.bos_token_id = tokenizer.bos_token_id
+        generation.save_pretrained(tmp)
+        check = verify(tmp)
+        if check["problem"] is not None:
+            raise Unfaithful(check)
+        write_json(tmp / INFO_FILE, {"base": check["base"], "stored_dtype": check["dtype"],
+                                     "error_ratio": check["error_ratio"],
+                                     "base_weights_sha256": check["base_weights_sha256"]})
+    return check
 
 
 def check_settings(cfg: dict) -> None:
@@ -173,7 +180,11 @@ def merge(
     (raises MergeError). model_dir overrides params model.name (tests)."""
     cfg = params["merge"]
     check_settings(cfg)
-    device = model_sources.pick_device(cfg.get("device", "auto"))
+    merged_dir = Path(merged_dir)
+    check_writable(merged_dir.parent, "merged model folder")  # before minutes of work, not after
+    if metrics_file is not None:
+        check_writable(Path(metrics_file).parent, "metrics folder")
+    device = model_sources.pick_device(cfg["device"])
     model_dir = Path(model_dir) if model_dir else model_sources.resolve_model(params["model"]["name"])
     info = finetuned.read_training_info(adapter_dir)
     base_sha256 = finetuned.check_base_identity(adapter_dir, info, model_dir)
@@ -184,41 +195,44 @@ def merge(
 
     # The stated model in fp32, unmerged: what the merged checkpoint must reproduce.
     stated = finetuned.load_adapter_model(adapter_dir, model_dir, device, torch.float32, base=cfg["base"], info=info)
-    merged_dir.parent.mkdir(parents=True, exist_ok=True)
     name = f"{params['model']['name']} + LoRA {Path(adapter_dir).as_posix()} (on the {cfg['base']} base)"
-    attempts = []
-    for dtype_name in AUTO if cfg["dtype"] == "auto" else (cfg["dtype"],):
-        save_dtype = DTYPES[dtype_name]
-        check_disk_space(merged_dir.parent, estimated_bytes(stated, model_dir, save_dtype))
-        tmp = Path(tempfile.mkdtemp(prefix=f".{merged_dir.name}-", dir=merged_dir.parent))
-        try:
-            save_merged(stated, tokenizer, tmp, save_dtype, name)
+
+    def verify(dtype_name: str):
+        def check_folder(folder: Path) -> dict:
             # The saved weights upcast and computed in fp32 on every device, so the check measures the
             # rounding of the saved weights alone (bf16 compute on a GPU adds noise of its own).
-            saved = model_sources.load_model(tmp, quantization="none", dtype=torch.float32, device=device).eval()
+            saved = model_sources.load_model(folder, quantization="none", dtype=torch.float32, device=device).eval()
             check = measure_fidelity(stated, saved, prompt_ids, device)
-            problem = fidelity_problem(check, float(cfg["max_error_ratio"]))
-            if problem is None and save_dtype == torch.float16:
-                problem = fp16_problem(saved, tmp, prompt_ids, device)
             del saved
-            attempts.append({"dtype": dtype_name, "error_ratio": check["error_ratio"], "problem": problem})
-            if problem is None:
-                break
-            shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            problem = fidelity_problem(check, float(cfg["max_error_ratio"]))
+            if problem is None and dtype_name == "float16":
+                problem = fp16_problem(folder, prompt_ids, device)
+            return {**check, "problem": problem, "dtype": dtype_name, "base": cfg["base"],
+                    "base_weights_sha256": base_sha256}
+        return check_folder
 
-    passed = problem is None
-    reason = ("; ".join(f"{a['dtype']} refused: {a['problem']}" for a in attempts[:-1]) if passed
-              else f"{dtype_name}: {problem}")
+    merged_dir.parent.mkdir(parents=True, exist_ok=True)
+    attempts = []
+    for dtype_name in AUTO if cfg["dtype"] == "auto" else (cfg["dtype"],):
+        needed = int(estimated_bytes(stated, model_dir, DTYPES[dtype_name]) * DISK_MARGIN) + DISK_SLACK_BYTES
+        check_free_space(merged_dir.parent, needed, f"the merged model ({dtype_name})")
+        try:
+            check = save_checked(stated, tokenizer, merged_dir, DTYPES[dtype_name], name, verify(dtype_name))
+        except Unfaithful as refused:
+            check = refused.check
+        attempts.append({"dtype": dtype_name, "error_ratio": check["error_ratio"], "problem": check["problem"]})
+        if check["problem"] is None:
+            break
+
+    passed = check["problem"] is None
+    refused = "; ".join(f"{a['dtype']} refused: {a['problem']}" for a in attempts if a["problem"])
     metrics = {
         "base": cfg["base"],
         "dtype": cfg["dtype"],
         "stored_dtype": dtype_name if passed else None,
-        "reason": reason or f"{dtype_name} proved faithful",
+        "reason": refused or f"{dtype_name} proved faithful",
         "prompts": len(prompt_ids),
-        **check,
+        **{k: check[k] for k in ("adapter_effect", "merge_error", "error_ratio")},
         "max_error_ratio": float(cfg["max_error_ratio"]),
         "attempts": attempts,
         "passed": passed,
@@ -229,18 +243,11 @@ def merge(
         write_json(metrics_file, metrics)
     if not passed:
         raise MergeError(f"merged model ({dtype_name}) is not base + adapter on {len(prompt_ids)} validation "
-                         f"prompts: {problem}")
-    try:
-        write_json(tmp / INFO_FILE, {k: metrics[k] for k in ("base", "stored_dtype", "reason", "error_ratio",
-                                                             "base_weights_sha256")})
-        replace_dir(tmp, merged_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                         f"prompts: {check['problem']}")
     return metrics
 
 
-def fp16_problem(saved, folder: Path, prompt_ids, device) -> str | None:
+def fp16_problem(folder: Path, prompt_ids, device) -> str | None:
     """fp16 must prove itself against bf16 on the same prompts: Gemma 3's activations overflow fp16."""
     fp16 = model_sources.load_model(folder, quantization="none", dtype=torch.float16, device=device).eval()
     bf16 = model_sources.load_model(folder, quantization="none", dtype=torch.bfloat16, device=device).eval()
@@ -262,11 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    prompts = [r["prompt"] for r in read_jsonl(VALIDATION_FILE)]
     try:
+        prompts = [r["prompt"] for r in readers.read_processed(VALIDATION_FILE)]
         metrics = merge(params, finetuned.ADAPTER_DIR, MERGED_DIR, prompts)
-    except (MergeError, finetuned.AdapterError, model_sources.WeightsError) as err:
-        sys.exit(f"merge: {err}")
+    except (MergeError, finetuned.AdapterError, model_sources.WeightsError, OutputError, readers.InputFileError) as err:
+        print(f"merge: error: {err}", file=sys.stderr)
+        sys.exit(2)
     effect, error = metrics["adapter_effect"], metrics["merge_error"]
     print(f"merge: {MERGED_DIR.as_posix()} ({metrics['stored_dtype']}, the {metrics['base']} base), "
           f"on {metrics['prompts']} prompts: adapter effect mean KL {effect['mean_kl']:.3e} "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from stages import gpu_slots
+from stages.atomic_io import clean_leftovers, fix_permissions, temp_prefix
 
 PACKAGED = "packaged"
 PACKAGED_NAME = "gemma-3-270m (packaged Q4_K_M GGUF, dequantised to bf16)"
@@ -65,6 +67,82 @@ def check_safetensors(folder: Path, pattern: str = "*.safetensors") -> list[Path
             raise WeightsError(f"{file.as_posix()}: corrupt safetensors file ({err}); "
                                "fetch it again (dvc pull, or delete it and rerun the stage that writes it)") from None
     return files
+
+
+def safetensors_shapes(file: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, from a safetensors file's header alone (8 bytes of length, then JSON); the
+    file must have passed check_safetensors."""
+    with open(file, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size).decode("utf-8"))
+    return {name: list(meta["shape"]) for name, meta in header.items() if name != "__metadata__"}
+
+
+def _config_file(path: Path, what: str, fix: str) -> dict:
+    from stages.readers import InputFileError, read_json_file
+
+    try:
+        return read_json_file(path, what, fix=fix)
+    except InputFileError as err:
+        raise WeightsError(str(err)) from None
+
+
+def check_model_files(model_dir: Path) -> dict:
+    """The model folder's config.json, read (a truncated or non-JSON file is named, not a
+    JSONDecodeError from inside transformers) and checked against its weights' shapes: the embedding
+    must be vocab_size x hidden_size and the layers num_hidden_layers. Returns the config."""
+    model_dir = Path(model_dir)
+    config_file = model_dir / "config.json"
+    fix = "fetch the model again, or rerun the stage that wrote the folder"
+    files = check_safetensors(model_dir)
+    config = _config_file(config_file, "the model's config.json", fix)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    shapes = {}
+    for file in files:
+        shapes.update(safetensors_shapes(file))
+    embedding = next((shape for name, shape in shapes.items() if name.endswith("embed_tokens.weight")), None)
+    expected = [text.get("vocab_size"), text.get("hidden_size")]
+    if embedding is not None and None not in expected and embedding != expected:
+        raise WeightsError(f"{config_file.as_posix()}: fields 'vocab_size', 'hidden_size' ({expected[0]} x "
+                           f"{expected[1]}) disagree with the weights' embedding {embedding[0]} x {embedding[1]}: "
+                           f"the config belongs to another model; {fix}")
+    layers = {int(part) for name in shapes for prev, part in zip(name.split("."), name.split(".")[1:])
+              if prev == "layers" and part.isdigit()}
+    wanted = text.get("num_hidden_layers")
+    if layers and isinstance(wanted, int) and len(layers) != wanted:
+        raise WeightsError(f"{config_file.as_posix()}: field 'num_hidden_layers' ({wanted}) disagrees with the "
+                           f"weights' {len(layers)} layers: the config belongs to another model; {fix}")
+    return config
+
+
+def check_adapter_files(adapter_dir: Path) -> dict:
+    """A LoRA adapter folder as peft will load it: adapter_model.safetensors sound (never a pickle
+    fallback), adapter_config.json a JSON object, and its rank `r` (or rank_pattern) the rank of every
+    lora_A / lora_B tensor, read from the safetensors header before peft's size-mismatch traceback
+    could. Returns the adapter config; raises WeightsError naming the file."""
+    adapter_dir = Path(adapter_dir)
+    (weights,) = check_safetensors(adapter_dir, "adapter_model.safetensors")
+    config_file = adapter_dir / "adapter_config.json"
+    fix = "rerun the train stage, or restore the adapter folder whole"
+    config = _config_file(config_file, "the adapter's adapter_config.json", fix)
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise WeightsError(f"{config_file.as_posix()}: field 'r': expected a positive integer, got {rank!r} ({fix})")
+    patterns = config.get("rank_pattern") or {}
+    for name, shape in sorted(safetensors_shapes(weights).items()):
+        parts = name.split(".")
+        kind = next((p for p in parts if p in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")), None)
+        if kind is None or len(shape) < 2:
+            continue
+        module = ".".join(parts[: parts.index(kind)])
+        want = next((r for key, r in patterns.items() if re.match(rf"(.*\.)?({key})$", module)), rank)
+        has = shape[0] if kind.endswith("A") else shape[1]
+        if has != want:
+            field = "rank_pattern" if want != rank else "r"
+            raise WeightsError(f"{config_file.as_posix()}: field {field!r}: rank {want} disagrees with "
+                               f"{weights.as_posix()}, whose {name} has shape {shape} (rank {has}): the two files "
+                               f"come from different runs; {fix}")
+    return config
 
 
 def cache_root() -> Path:
@@ -116,7 +194,8 @@ def packaged_model_dir() -> Path:
 
     gguf = assemble(cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    clean_leftovers(target.parent, ".convert-")  # folders of conversions that were killed half-way
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix("convert"), dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
@@ -131,6 +210,7 @@ def packaged_model_dir() -> Path:
         if target.exists():  # another process won the race
             shutil.rmtree(tmp)
         else:
+            fix_permissions(tmp)  # a plain folder's modes, not mkdtemp's 0700
             os.replace(tmp, target)  # atomic: a half-converted folder is never seen as done
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -200,6 +280,10 @@ _SAID_FP32 = False
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
+    config = Path(model_dir) / "tokenizer_config.json"
+    if config.exists():  # a truncated one is named, not a JSONDecodeError from inside transformers
+        _config_file(config, "the tokenizer's tokenizer_config.json", "fetch the model again, or rerun the stage "
+                     "that wrote the folder")
     return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 
 
@@ -214,7 +298,7 @@ def load_model(
     """Load the causal LM from safetensors, optionally 4-bit NF4 (bitsandbytes, double quant)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    check_safetensors(model_dir)
+    check_model_files(model_dir)  # config.json readable and matching the weights (which it checks too)
     device = device or pick_device()
     kwargs = dict(
         dtype=dtype,

@@ -16,7 +16,7 @@ Normalised example (the contract every later stage codes against):
    "source_file": str, "line": int}
 
 Bad records (invalid JSON, non-UTF-8 bytes, missing or mistyped fields, highlighted cells out of
-range, empty tables, empty references, impossible spans, duplicate ids, text that is not valid
+range or listed twice, empty tables, empty references, impossible spans, duplicate ids, text that is not valid
 Unicode, JSON nested too deeply) raise `BadRecordError` naming file, line and field; with
 ``on_bad_record="skip"`` they are skipped and counted by reason in a `LoadReport`. Nothing is dropped
 without being counted. `totto_example` validates one record outside a file (stages.infer uses it);
@@ -25,12 +25,12 @@ its `FieldError` names the field and the caller adds where the record came from.
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+
+from stages.readers import InputFileError, LineError, check_regular_file, iter_lines, parse_json_line
 
 SPLITS = ("train", "validation")
 ON_BAD_RECORD = ("error", "skip")
@@ -116,10 +116,26 @@ def load_split(params_data: dict, split: str, report: LoadReport | None = None) 
     else:
         raise ValueError(f"data.source={source!r}: expected demo, totto, fetaqa or hf:<dataset>")
 
-    samples = int(params_data.get(f"{split}_samples", 0) or 0)
+    samples = check_samples(params_data, split, len(examples), report)
     kept = subsample(examples, samples, int(params_data.get("seed", 0)))
     report.sampled_out += len(examples) - len(kept)
     return kept
+
+
+def check_samples(params_data: dict, split: str, available: int, report: LoadReport) -> int:
+    """data.<split>_samples as a count: an integer from 0 (all) to the number of records left to draw
+    from; a larger one would silently give fewer examples than asked for."""
+    key = f"{split}_samples"
+    value = params_data.get(key, 0)
+    value = 0 if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"data.{key} must be a whole number (0 = all), got {value!r}")
+    if value < 0:
+        raise ValueError(f"data.{key} must be 0 (all) or a positive count, got {value}")
+    if value > available:
+        raise ValueError(f"data.{key}={value} but only {available} {split} records are left to draw from (read "
+                         f"{report.read}, skipped {report.skipped}): lower it, or set 0 for all of them")
+    return value
 
 
 def subsample(examples: list[dict], n: int, seed: int) -> list[dict]:
@@ -223,36 +239,30 @@ def _split_file(params_data: dict, split: str, kind: str, default_dir: Path | No
 
 def _read_records(path, convert, on_bad_record, report) -> list[dict]:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        check_regular_file(path, "data file")
+    except InputFileError as err:
+        raise FileNotFoundError(str(err)) from None
     return _collect(_json_lines(path), path.as_posix(), convert, on_bad_record, report)
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON or the BadRecordError that parsing raised) for each non-blank line."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    """(line number, parsed JSON or the BadRecordError that parsing raised) for each non-blank line,
+    split by stages.readers as every other reader splits them."""
     label = path.as_posix()
     line_no = 0
     try:
-        with opener(path, "rb") as fh:
-            for line_no, raw in enumerate(fh, start=1):
-                if not raw.strip():  # a blank line (e.g. a trailing one) is not a record
-                    continue
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    yield line_no, BadRecordError(label, line_no, "<line>", f"not UTF-8 ({err.reason} at byte {err.start})", "not_utf8")
-                    continue
-                try:
-                    yield line_no, json.loads(text)
-                except json.JSONDecodeError as err:
-                    yield line_no, BadRecordError(label, line_no, "<line>", f"invalid JSON ({err.msg} at column {err.colno})", "invalid_json")
-                except RecursionError:  # json's C parser gives up on deep nesting; no real record nests so deep
-                    yield line_no, BadRecordError(label, line_no, "<line>", "JSON nested too deeply", "invalid_json")
-                except ValueError as err:  # e.g. an integer of more than 4300 digits
-                    yield line_no, BadRecordError(label, line_no, "<line>", f"invalid JSON ({err})", "invalid_json")
-    except (OSError, EOFError) as err:  # truncated or corrupt gzip: the file itself is broken
-        raise BadRecordError(label, line_no + 1, "<file>", f"cannot read file ({type(err).__name__}: {err})", "corrupt_file") from err
+        for line_no, raw in iter_lines(path, "data file"):
+            if not raw.strip():  # a blank line (e.g. a trailing one) is not a record
+                continue
+            try:
+                yield line_no, parse_json_line(raw)
+            except LineError as err:
+                yield line_no, BadRecordError(label, line_no, "<line>", err.message, err.reason)
+    except InputFileError as err:  # truncated or corrupt gzip, mixed line endings: the file itself
+        if err.line is not None:
+            raise BadRecordError(label, err.line, "<line>", err.detail, err.reason) from None
+        raise BadRecordError(label, line_no + 1, "<file>", err.detail, err.reason) from None
 
 
 def _collect(rows: Iterable[tuple[int, Any]], label: str, convert: Callable, on_bad_record: str, report) -> list[dict]:
@@ -384,7 +394,7 @@ def _validate_table(table) -> list[list[dict]]:
 def _validate_highlights(cells, table: list[list[dict]], key: str) -> list[list[int]]:
     if not isinstance(cells, list):
         raise FieldError(key, f"expected a list of [row, col], got {type(cells).__name__}", "wrong_type")
-    out = []
+    out, seen = [], {}
     for i, pair in enumerate(cells):
         if (
             not isinstance(pair, (list, tuple))
@@ -397,6 +407,10 @@ def _validate_highlights(cells, table: list[list[dict]], key: str) -> list[list[
             raise FieldError(f"{key}[{i}]", f"row {r} outside the table's {len(table)} rows", "highlight_out_of_range")
         if not 0 <= c < len(table[r]):
             raise FieldError(f"{key}[{i}]", f"column {c} outside row {r}'s {len(table[r])} cells", "highlight_out_of_range")
+        if (r, c) in seen:  # the cell would be written into the prompt twice
+            raise FieldError(f"{key}[{i}]", f"[{r}, {c}] repeats {key}[{seen[r, c]}]: list each cell once",
+                             "duplicate_highlight")
+        seen[r, c] = i
         out.append([r, c])
     if not out:
         raise FieldError(key, "no highlighted cells", "no_highlighted_cells")

@@ -20,6 +20,7 @@ Outputs: models/adapter/ (+ training_info.json), checkpoints/, metrics/train.jso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -35,7 +36,15 @@ import torch
 from tqdm import tqdm
 
 from stages import distributed, model_sources
-from stages.atomic_io import replace_dir
+from stages import readers
+from stages.atomic_io import (  # noqa: F401 (replace_dir: stages.merge imports it from here)
+    OutputError,
+    StagedOutputs,
+    check_writable,
+    replace_dir,
+    staged_dir,
+    staged_outputs,
+)
 from stages.atomic_io import write_json as _write_json
 from stages.batching import (
     activation_bytes_per_token,
@@ -77,22 +86,8 @@ def process_seconds() -> float | None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not JSON ({err})") from err
-            for field in ("prompt", "completion"):
-                if not isinstance(record.get(field), str) or not record[field]:
-                    raise ValueError(f"{path}:{line_no}: field {field!r} missing or not a non-empty string")
-            records.append(record)
-    if not records:
-        raise ValueError(f"{path}: no records")
-    return records
+    """The processed records of `path`, read and checked as every model stage reads them."""
+    return readers.read_processed(path)
 
 
 def sha256_file(path: Path) -> str:
@@ -607,16 +602,17 @@ def train(
     }
     if live is not None:
         live.end()
-    if metrics_dir is not None:
-        write_json(Path(metrics_dir) / "train.json", stats)
-    if adapter_dir is not None:
-        info = {
-            "base_model": {"name": params["model"]["name"], "weights_sha256": base_sha256},
-            "data_sha256": data_sha256,
-            "params": {"train": params["train"], "lora": params["lora"], "model": params["model"]},
-            **stats,
-        }
-        save_adapter(model, tokenizer, Path(adapter_dir), info)
+    with staged_outputs() as stage:  # metrics/train.json and the adapter change together or not at all
+        if metrics_dir is not None:
+            stage.write_json(Path(metrics_dir) / "train.json", stats, sort_keys=True)
+        if adapter_dir is not None:
+            info = {
+                "base_model": {"name": params["model"]["name"], "weights_sha256": base_sha256},
+                "data_sha256": data_sha256,
+                "params": {"train": params["train"], "lora": params["lora"], "model": params["model"]},
+                **stats,
+            }
+            save_adapter(model, tokenizer, Path(adapter_dir), info, stage)
     if world > 1:
         distributed.barrier()  # every rank returns once rank 0's outputs exist
     return {**stats, "history": history}  # the logged rows too (for benchmarks), not in the files above
@@ -630,18 +626,14 @@ def log_row(live, row: dict) -> None:
     live.next_step()
 
 
-def save_adapter(model, tokenizer, adapter_dir: Path, info: dict) -> None:
-    """models/adapter/: adapter_model.safetensors, adapter_config.json, tokenizer, training_info.json."""
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}-", dir=adapter_dir.parent))
-    try:
+def save_adapter(model, tokenizer, adapter_dir: Path, info: dict, stage: StagedOutputs | None = None) -> None:
+    """models/adapter/: adapter_model.safetensors, adapter_config.json, tokenizer, training_info.json,
+    written to a temp folder that `stage` (with the stage's other outputs) or a staged_dir of its own
+    renames into place, with a plain mkdir's permissions."""
+    with contextlib.nullcontext(stage.folder(adapter_dir)) if stage else staged_dir(adapter_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "training_info.json", info)
-        replace_dir(tmp, adapter_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -666,7 +658,12 @@ def main(argv: list[str] | None = None) -> None:
     rank, _ = distributed.rank_and_world()
     try:
         records = read_jsonl(TRAIN_FILE)
+        if rank == 0:  # before the long work: the outputs' folders must take files
+            for folder in (ADAPTER_DIR.parent, METRICS_DIR, CHECKPOINT_DIR):
+                check_writable(folder)
         stats = train(params, records, ADAPTER_DIR, data_sha256=sha256_file(TRAIN_FILE), dvclive=not args.no_dvclive)
+    except (readers.InputFileError, OutputError) as err:
+        parser.exit(2, f"train: error: {err}\n")
     finally:
         distributed.shutdown()
     if rank == 0:

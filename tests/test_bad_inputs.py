@@ -121,6 +121,8 @@ CASES = [
     ("huge column span", changed("table.1.0.column_span", 10**12), "table[1][0].column_span", "bad_span", True),
     ("huge row span", changed("table.1.0.row_span", 70_000), "table[1][0].row_span", "bad_span", True),
     ("fractional span", changed("table.1.0.column_span", 1.5), "table[1][0].column_span", "wrong_type", True),
+    ("duplicate highlighted cell", changed("highlighted_cells", [[1, 0], [1, 1], [1, 0]]), "highlighted_cells[2]",
+     "duplicate_highlight", True),
     ("empty reference", changed("sentence_annotations.0.final_sentence", "  "),
      "sentence_annotations.final_sentence[0]", "empty_reference", True),
     ("no annotations", changed("sentence_annotations", []), "sentence_annotations", "empty_reference", False),
@@ -402,6 +404,13 @@ def test_score_names_a_bad_example(tmp_path, capsys, case, bad, field, reason, _
      "p.jsonl:2: field 'prediction': not valid Unicode"),
     ("p.jsonl", b'{"prediction": "a"}\n' + b"[" * 100_000 + b"\n", "p.jsonl:2: invalid JSON (RecursionError"),
     ("p.jsonl.gz", gzip.compress(b'{"prediction": "a"}\n' * 3)[:-12], "p.jsonl.gz: cannot read"),
+    # a \r inside a prediction would shift every later line: a lone \r among \n endings is named
+    ("p.txt", b"one\ntw\ro\nthree\n", "p.txt:2: a lone carriage return (\\r) ends this line while other lines end "
+                                      "with \\n"),
+    ("p.json", b'[{"prediction": "a"}, {"prediction": "b"}, {"prediction": "c"}]\n',
+     "p.json: holds one JSON list, not JSON lines"),
+    ("p.json", b'{"prediction": "a", "id": 1}\n{"prediction": "b", "id": 3}\n{"prediction": "c"}\n',
+     "p.json:2: field 'id': '3' does not match example '2'"),
 ])
 def test_score_names_a_bad_prediction_file(tmp_path, capsys, examples_file, name, content, message):
     predictions = write_lines(tmp_path / name, content)
@@ -409,6 +418,26 @@ def test_score_names_a_bad_prediction_file(tmp_path, capsys, examples_file, name
     assert (code, out) == (2, "")
     assert message.format(examples=examples_file, predictions=predictions) in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, content", [
+    ("p.txt", b"\xef\xbb\xbf" + b"Earth has one moon.\n" * 3),  # a BOM stayed in prediction 1: BLEU 98.53
+    ("p.txt", b"Earth has one moon.\r\n" * 3),
+    ("p.txt", b"Earth has one moon.\r" * 3),
+    ("p.json", b"".join(b'{"prediction": "Earth has one moon.", "id": %d}\n' % i for i in (1, 2, 3))),  # was text
+    ("p.txt", b'{"prediction": "Earth has one moon."}\n' * 3),
+])
+def test_score_reads_every_shape_of_a_perfect_prediction_file_as_perfect(tmp_path, capsys, examples_file, name,
+                                                                          content):
+    code, out, err = run_score(capsys, write_lines(tmp_path / name, content), examples_file)
+    assert code == 0, err
+    assert json.loads(out)["overall"]["bleu"] == pytest.approx(100)
+
+
+def test_score_reads_predictions_from_stdin(tmp_path, capsys, examples_file, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"Earth has one moon.\n" * 3)))
+    code, out, err = run_score(capsys, Path("-"), examples_file)
+    assert code == 0 and json.loads(out)["overall"]["bleu"] == pytest.approx(100), err
 
 
 def test_score_of_no_examples_is_an_error(tmp_path, capsys):

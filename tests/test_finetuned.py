@@ -73,7 +73,7 @@ def test_a_trained_base_needs_the_training_record(nf4_adapter, tiny_model_dir, t
 
 @pytest.mark.parametrize("content, message", [
     (None, "training_info.json: missing"),
-    ('{"base_model": ', "training_info.json: not valid JSON"),
+    ('{"base_model": ', "training_info.json:1: invalid JSON"),
     ("[1, 2]", "training_info.json: expected a JSON object"),
 ])
 def test_training_info_problems_name_the_file(tmp_path, content, message):

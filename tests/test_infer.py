@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -91,9 +92,22 @@ def test_prompt_is_the_one_preprocess_builds(tokenizer, totto_line, tmp_path):
 
 def test_long_table_is_cut_to_the_budget_with_a_warning(tokenizer, totto_line, capsys):
     example = infer.to_example(json.loads(totto_line), "x", "x", 1)
-    prompt = infer.make_prompt(tokenizer, example, "x", "full_table", False, 40)
+    prompt = infer.make_prompt(tokenizer, example, "x", "subtable", False, 48)
+    assert len(tokenizer(prompt, add_special_tokens=True)["input_ids"]) <= 48
+    assert re.fullmatch(r"infer: warning: x: table text cut to fit 48 tokens, keeping [12] of the 3 highlighted "
+                        r"cells\n", capsys.readouterr().err)
+
+
+def test_a_cut_that_keeps_no_highlighted_cell_is_refused_or_said(tokenizer, totto_line, capsys):
+    """As preprocess refuses such a prompt (or, under data.on_bad_record: skip, counts it), infer refuses it
+    in one line; under skip it says so and answers anyway, one sentence per input."""
+    example = infer.to_example(json.loads(totto_line), "x", "x", 1)
+    with pytest.raises(infer.InputError, match=r"^x: field 'highlighted_cells': the table text cut to fit 40 tokens "
+                                               r"keeps none of the 3 highlighted cells \(--linearization full_table\)"):
+        infer.make_prompt(tokenizer, example, "x", "full_table", False, 40)
+    prompt = infer.make_prompt(tokenizer, example, "x", "full_table", False, 40, on_bad_record="skip")
     assert len(tokenizer(prompt, add_special_tokens=True)["input_ids"]) <= 40
-    assert "table text cut" in capsys.readouterr().err
+    assert "keeps none of the 3 highlighted cells" in capsys.readouterr().err
 
 
 def test_file_stdin_and_batch_print_one_sentence_per_table(tiny_model_dir, tokenizer, totto_line, tmp_path,

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import write_processed
 from dvc_project import dvc, git, make_tiny_project
-from stages import evaluate, finetuned, infer, merge, model_sources, train
+from stages import atomic_io, evaluate, finetuned, infer, merge, model_sources, train
 from stages.atomic_io import current_umask, write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,6 +191,13 @@ def test_outputs_have_normal_permissions(pipeline_run):
     for name in ("metrics/preprocess.json", "metrics/train.json", "metrics/merge.json", "metrics/eval.json",
                  "metrics/predictions.jsonl", "metrics/plots/by_table_size.csv"):
         assert (project / name).stat().st_mode & 0o777 == expected, name
+    # the model folders too (they were 0700, their safetensors 0600): train's adapter, merge's model
+    for folder in ("models/adapter", "models/merged"):
+        assert (project / folder).stat().st_mode & 0o777 == 0o777 & ~current_umask(), folder
+        files = [p for p in (project / folder).rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in files), folder
+        for file in files:
+            assert file.stat().st_mode & 0o777 == expected, file
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,7 +311,8 @@ def raw_writes(function: ast.AST) -> list[str]:
 
 def test_every_stage_writes_its_files_atomically():
     """A file write in stages/ is either atomic_io (temp file, rename) or inside a function that builds a
-    temp folder (tempfile.mkdtemp) and renames it into place (os.replace / replace_dir)."""
+    temp folder (tempfile.mkdtemp) and renames it into place (os.replace / replace_dir), or fills one of
+    atomic_io's temp folders (staged_dir, StagedOutputs.folder)."""
     sample = ast.parse("def f(p):\n    open(p, 'w').write(p.read_text())\n    json.dump({}, p.open('a'))\n").body[0]
     assert sorted(raw_writes(sample)) == ["json.dump (line 3)", "open (line 2)", "p.open (line 3)"]  # what it finds
     offenders = []
@@ -320,7 +328,8 @@ def test_every_stage_writes_its_files_atomically():
             if not writes:
                 continue
             calls = {ast.unparse(n.func) for node in own for n in ast.walk(node) if isinstance(n, ast.Call)}
-            if not ({"tempfile.mkdtemp"} & calls and {"os.replace", "replace_dir"} & calls):
+            staged = {"staged_dir", "atomic_io.staged_dir", "stage.folder"} & calls  # atomic_io's temp folders
+            if not (staged or {"tempfile.mkdtemp"} & calls and {"os.replace", "replace_dir"} & calls):
                 offenders.append(f"{path.name}:{getattr(function, 'name', '<module>')}: {writes}")
     assert not offenders, offenders
 
@@ -378,12 +387,12 @@ def test_an_interrupted_merge_keeps_the_previous_model(tiny_model_dir, fresh_ada
 def test_merge_refuses_to_start_without_the_disk_space(tiny_model_dir, fresh_adapter, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     free = 3 * 2**20
-    monkeypatch.setattr(merge.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - free, free))
+    monkeypatch.setattr(atomic_io.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - free, free))
     merged = tmp_path / "models" / "merged"
-    with pytest.raises(merge.MergeError) as err:
+    with pytest.raises(atomic_io.OutputError) as err:
         merge.merge(merge_params(tiny_model_dir), fresh_adapter, merged, PROMPTS, metrics_file=None)
     message = str(err.value)
-    assert f"not enough disk space in {merged.parent.as_posix()} for the merged model: needs about " in message
+    assert f"{merged.parent.as_posix()}: not enough disk space for the merged model (bfloat16): needs about " in message
     assert f"{free:,} bytes free" in message
     assert not merged.exists() and list(merged.parent.iterdir()) == []
     # the estimate covers the merged model, which has the base's tensors in bf16 and its tokenizer files
@@ -422,7 +431,7 @@ def test_an_adapter_on_another_base_is_refused_everywhere(tiny_model_dir, fresh_
     code = infer.cli([str(table), "--adapter", str(fresh_adapter), "--base", str(other_base), "--device", "cpu",
                       "--params", str(REPO / "params.yaml")])
     err = capsys.readouterr().err
-    assert code == 2 and "field 'base_model.weights_sha256': the adapter was trained on other weights" in err, err
+    assert code == 2 and "field 'base_model.weights_sha256': the adapter was trained on base weights sha256" in err, err
 
 
 def corrupt(path: Path, how: str) -> None:
