@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from stages import model_sources
-from stages.params import PARAMS_FILE, load_params
+from stages.errors import UserError, run_cli
+from stages.params import PARAMS_FILE, default_params_file, load_params
 from stages.train import ADAPTER_DIR, read_jsonl, replace_dir, write_json
 
 VALIDATION_FILE = Path("data/processed/validation.jsonl")
@@ -40,7 +41,7 @@ DISK_MARGIN = 1.05
 DISK_SLACK_BYTES = 64 * 2**20
 
 
-class MergeError(RuntimeError):
+class MergeError(UserError, RuntimeError):
     pass
 
 
@@ -232,4 +233,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # $TOTTO_PARAMS as the default --params (a --params given on the command line comes later and wins)
+    sys.exit(run_cli(main, "merge", ["--params", str(default_params_file()), *sys.argv[1:]],
+                     user_errors=(FileNotFoundError,)))

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 from pathlib import Path
 
 from stages.atomic_io import write_json, write_jsonl
+from stages.errors import run_cli
 from stages.linearize import linearize
 from stages.model_sources import load_tokenizer, resolve_model
-from stages.params import PARAMS_FILE, load_params
+from stages.params import default_params_file, load_params
 from stages.prompts import build_prompt, completion_end
 from stages.sources import SPLITS, BadRecordError, LoadReport, load_split
 
@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     params = load_params(args.params)
     data = params["data"]
-    max_length = int(data["max_length"])
-    mode = data.get("linearization", "subtable")
-    include_question = bool(data.get("include_question", False))
+    max_length = data["max_length"]
+    mode = data["linearization"]
+    include_question = data["include_question"]
 
     tokenizer = cached_tokenizer(params["model"]["name"])
     end = completion_end(tokenizer)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
                     example["source_file"], example["line"], "references",
                     f"target does not fit in data.max_length={max_length} tokens", "target_too_long",
                 )
-                if data.get("on_bad_record", "error") == "error":
+                if data["on_bad_record"] == "error":
                     raise error
                 report.skip(error.reason)
                 report.kept -= 1
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stages.preprocess", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path(os.environ.get("TOTTO_PARAMS", PARAMS_FILE)),
+    parser.add_argument("--params", type=Path, default=default_params_file(),
                         help="params file (default: $TOTTO_PARAMS or params.yaml)")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="folder for train.jsonl and validation.jsonl")
     parser.add_argument("--metrics-file", type=Path, default=METRICS_FILE, help="counts of this run (JSON)")
@@ -193,7 +193,7 @@ def split_metrics(report: LoadReport, records: list[dict], truncated: int) -> di
 
 
 def print_summary(data: dict, mode: str, metrics: dict, out_dir: Path) -> None:
-    print(f"preprocess: source={data.get('source')} linearization={mode} max_length={data['max_length']}")
+    print(f"preprocess: source={data['source']} linearization={mode} max_length={data['max_length']}")
     for split in SPLITS:
         m = metrics[split]
         reasons = ", ".join(f"{k}={v}" for k, v in m["skipped_by_reason"].items()) or "none"
@@ -202,13 +202,10 @@ def print_summary(data: dict, mode: str, metrics: dict, out_dir: Path) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Run main(); bad input or settings end with one clear line on stderr and exit status 2."""
-    try:
-        main(argv)
-    except (BadRecordError, FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"preprocess: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """Run main(); bad input or settings end with one clear line on stderr and exit status 2.
+    Besides UserErrors: a missing file, a data problem found by sources (ValueError: an empty split, no
+    questions) and a hub dataset that cannot be fetched (RuntimeError)."""
+    return run_cli(main, "preprocess", argv, user_errors=(FileNotFoundError, ValueError, RuntimeError))
 
 
 if __name__ == "__main__":
