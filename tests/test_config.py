@@ -377,3 +377,27 @@ def test_the_train_stage_refuses_bad_target_modules_before_loading_the_model(tmp
     assert result.stderr.startswith("train: error: lora.target_modules: o_prj, down_projj: no such module in model "
                                     "packaged (its adaptable modules: down_proj, ")
     assert seconds < 20 and not (tmp_path / "models").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_the_enums_agree_with_the_modules_that_implement_them():
+    from stages import config, generation, linearize, merge, sources
+
+    assert set(config.LINEARIZATIONS) == set(linearize.MODES)
+    assert set(config.ON_BAD_RECORD) == set(sources.ON_BAD_RECORD)
+    assert set(config.EVAL_CACHES) == set(generation.CACHES)
+    assert set(config.FP32_MATMULS) == set(generation.FP32_MATMUL)
+    # merge.dtype auto is issue 16's (the fidelity check picks bf16 or float32); the others are stored dtypes
+    assert set(config.MERGE_DTYPES) - {"auto"} == set(merge.DTYPES)
+
+
+def test_device_auto_announces_a_cpu_fallback(monkeypatch, capsys):
+    import torch
+
+    from stages import model_sources
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model_sources.pick_device("auto") == torch.device("cpu")
+    assert "device auto: no CUDA GPU available, running on the CPU" in capsys.readouterr().err
+    model_sources.pick_device("cpu")  # asked for: nothing to announce
+    assert capsys.readouterr().err == ""
