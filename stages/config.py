@@ -172,7 +172,7 @@ class ModelConfig(Group):
 
 
 @dataclass
-class LoraConfig(Group):
+class LoRAConfig(Group):
     GROUP = "lora"
     r: int = setting(8, "LoRA rank", math=True)
     alpha: float = setting(16, "LoRA scaling numerator (scale = alpha / r)", math=True)
@@ -301,7 +301,7 @@ class Config:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -425,7 +425,8 @@ def load_config(path: str | Path) -> Config:
 # ------------------------------------------------------------------------------------------ model checks
 def model_module_names(model_dir: Path) -> list[str]:
     """Dotted names of the model's modules that LoRA can adapt (linear, embedding, conv), read from a model
-    built on the meta device from its config.json: no weights are read, and it takes well under a second."""
+    built on the meta device from its config.json: no weights are read (about a second, plus importing
+    transformers, which the stage needs anyway)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
