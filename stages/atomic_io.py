@@ -28,8 +28,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from stages.errors import UserError
 
-class OutputError(OSError):
+
+class OutputError(UserError, OSError):
     """An output that cannot be written; the message is one line naming the path and what to do."""
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from stages import readers
 from stages.atomic_io import write_atomic
+from stages.errors import UserError, run_cli
 from stages.sources import BadRecordError, FieldError, check_text
 
 DEFAULT_OUT = Path("docs/ERRORS.md")
@@ -107,21 +108,22 @@ FIELDS = ("id", "prompt", "prediction", "references", "parent")
 SCORES = ("parent_precision", "parent_recall", "parent_f")
 
 
-class InputError(Exception):
+class InputError(UserError):
     """Bad input (a missing file, a bad line), reported as one line with exit status 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: bad input ends with one line on stderr and exit status 2 (stages.errors.run_cli)."""
+    return run_cli(analysis_command, "error_analysis", argv)
+
+
+def analysis_command(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    try:
-        if args.out.resolve() == args.full.resolve():
-            raise InputError(f"--out and --full are both {args.out.as_posix()}: the full report must be "
-                             "another file (it holds dataset text that is never committed)")
-        rows = read_predictions(args.predictions)
-    except InputError as err:
-        print(f"error_analysis: error: {err}", file=sys.stderr)
-        return 2
+    if args.out.resolve() == args.full.resolve():
+        raise InputError(f"--out and --full are both {args.out.as_posix()}: the full report must be "
+                         "another file (it holds dataset text that is never committed)")
+    rows = read_predictions(args.predictions)
     for row in rows:
         row["analysis"] = analyse(row)
     worst = worst_examples(rows, args.worst)

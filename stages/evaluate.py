@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,9 +25,10 @@ from pathlib import Path
 import torch
 
 from stages import finetuned, model_sources, readers
-from stages.atomic_io import OutputError, StagedOutputs, check_writable, staged_outputs, write_atomic
-from stages.generation import FP32_MATMUL, generate
-from stages.params import PARAMS_FILE, load_params
+from stages.atomic_io import StagedOutputs, check_writable, staged_outputs, write_atomic
+from stages.errors import UserError, run_cli
+from stages.generation import generate
+from stages.params import default_params_file, load_params
 from stages.totto_metrics import NOT_COMPUTED, SUBSETS, compute_metrics, plot_tables
 
 VALIDATION_FILE = Path("data/processed/validation.jsonl")
@@ -38,24 +38,18 @@ PREDICTIONS_FILE = Path("metrics/predictions.jsonl")
 EVAL_FILE = Path("metrics/eval.json")
 PLOTS_DIR = Path("metrics/plots")
 PLOT_FILES = {"by_highlighted_cells": "by_highlighted.csv", "by_table_size": "by_table_size.csv"}
-MODEL_KINDS = ("merged", "adapter")
 
 
-class EvalError(Exception):
+class EvalError(UserError):
     """Bad input or settings, reported as one line without a traceback."""
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    params = load_params(args.params)
+    params = load_params(args.params)  # eval.model, eval.fp32_matmul, ... checked there (stages.config)
     cfg = params["eval"]
-    if cfg["model"] not in MODEL_KINDS:
-        raise EvalError(f"eval.model must be one of {MODEL_KINDS}, got {cfg['model']!r}")
-    fp32_matmul = cfg.get("fp32_matmul", "tf32")
-    if fp32_matmul not in FP32_MATMUL:
-        raise EvalError(f"eval.fp32_matmul must be one of {sorted(FP32_MATMUL)}, got {fp32_matmul!r}")
-    if int(cfg.get("num_threads", 0) or 0) > 0:
-        torch.set_num_threads(int(cfg["num_threads"]))
+    if cfg["num_threads"] > 0:
+        torch.set_num_threads(cfg["num_threads"])
     records = read_processed(VALIDATION_FILE, int(cfg["max_examples"]))
     prompts = [r["prompt"] for r in records]
     check_finetuned_files(cfg["model"])  # fail before the slow loading starts
@@ -63,14 +57,13 @@ def main(argv: list[str] | None = None) -> dict:
         check_writable(folder)
 
     device = model_sources.pick_device(cfg["device"])
-    dtype = eval_dtype(cfg.get("dtype", "auto"), device)
+    dtype = eval_dtype(cfg["dtype"], device)
     base_dir = model_sources.resolve_model(params["model"]["name"])
     model = load_finetuned(cfg["model"], base_dir, device, dtype)
     tokenizer = model_sources.load_tokenizer(base_dir)  # the one preprocess built the prompts with
-    bleurt = cfg.get("bleurt_checkpoint") or None
-    gen_args = dict(max_new_tokens=int(cfg["max_new_tokens"]), batch_size=int(cfg["batch_size"]), device=device,
-                    cache=cfg.get("cache", "dynamic"), batch_tokens=int(cfg.get("batch_tokens", 0) or 0),
-                    fp32_matmul=fp32_matmul)
+    bleurt = cfg["bleurt_checkpoint"] or None
+    gen_args = dict(max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["batch_size"], device=device,
+                    cache=cfg["cache"], batch_tokens=cfg["batch_tokens"], fp32_matmul=cfg["fp32_matmul"])
 
     start = time.perf_counter()
     predictions = generate(model, tokenizer, prompts, **gen_args)
@@ -116,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path(os.environ.get("TOTTO_PARAMS", PARAMS_FILE)),
+    parser.add_argument("--params", type=Path, default=default_params_file(),
                         help="params file (default: $TOTTO_PARAMS or params.yaml)")
     return parser.parse_args(argv)
 
@@ -233,12 +226,9 @@ def print_summary(result: dict) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    try:
-        main(argv)
-    except (EvalError, finetuned.AdapterError, FileNotFoundError, ValueError, OutputError) as err:
-        print(f"evaluate: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """Run main(); bad input or settings end with one clear line on stderr and exit status 2 (besides
+    UserErrors: a missing file, and ValueErrors of the metrics, e.g. an unusable BLEURT checkpoint)."""
+    return run_cli(main, "evaluate", argv, user_errors=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

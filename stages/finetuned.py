@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 
 from stages import model_sources, nf4, readers
+from stages.errors import UserError
 
 ADAPTER_DIR = Path("models/adapter")
 INFO_FILE = "training_info.json"
 BASES = ("trained", "original")
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """An adapter folder that cannot be used: missing or unreadable files, or trained on other weights."""
 
 

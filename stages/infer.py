@@ -26,34 +26,32 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
-from stages import finetuned, model_sources
+from stages import finetuned, model_sources, readers
+from stages.errors import UserError, run_cli
 from stages.generation import generate
 from stages.linearize import MODES
-from stages.params import PARAMS_FILE, load_params
-from stages.model_sources import WeightsError
-from stages import readers
+from stages.params import default_params_file, load_params
 from stages.preprocess import cells_kept, fit_prompt_kept, table_text
 from stages.sources import FieldError, check_text, totto_example  # the ToTTo record validator preprocess uses
 
 SIMPLE_KEYS = {"title", "section", "header", "rows", "highlight", "question"}
 
 
-class InputError(Exception):
+class InputError(UserError):
     """Bad input or arguments, reported as one line without a traceback."""
 
 
 def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
     params = load_params(args.params)
-    mode = args.linearization or params["data"].get("linearization", "subtable")
+    mode = args.linearization or params["data"]["linearization"]
     if mode not in MODES:
         raise InputError(f"--linearization must be one of {MODES}, got {mode!r}")
-    include_question = bool(params["data"].get("include_question", False))
-    budget = int(params["data"]["max_length"]) - args.max_new_tokens
+    include_question = params["data"]["include_question"]
+    budget = params["data"]["max_length"] - args.max_new_tokens
 
     examples = read_inputs(args)  # all input is checked before the model is loaded
     device = model_sources.pick_device(args.device)
@@ -112,7 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="examples generated together (default 16)")
     parser.add_argument("--linearization", choices=MODES, help="table text mode (default: params data.linearization)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    parser.add_argument("--params", type=Path, default=Path(os.environ.get("TOTTO_PARAMS", PARAMS_FILE)),
+    parser.add_argument("--params", type=Path, default=default_params_file(),
                         help="params file (default: $TOTTO_PARAMS or params.yaml)")
     args = parser.parse_args(argv)
     if args.batch is not None and args.file is not None:
@@ -280,12 +278,9 @@ def load(args, device, dtype):
 
 
 def cli(argv: list[str] | None = None) -> int:
-    try:
-        main(argv)
-    except (InputError, finetuned.AdapterError, FileNotFoundError, WeightsError, readers.InputFileError) as err:
-        print(f"infer: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """Run main(); bad input or settings end with one line on stderr and exit status 2 (InputError,
+    EvalError, WeightsError are UserErrors; FileNotFoundError: a model folder that is not there)."""
+    return run_cli(main, "infer", argv, user_errors=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from stages import finetuned, model_sources
-from stages import readers
-from stages.atomic_io import OutputError, check_free_space, check_writable, staged_dir, write_json
+from stages import finetuned, model_sources, readers
+from stages.atomic_io import check_free_space, check_writable, staged_dir, write_json
+from stages.config import group_settings
+from stages.errors import UserError, run_cli
 from stages.generation import end_token_ids
-from stages.params import PARAMS_FILE, load_params
+from stages.params import default_params_file, load_params
 
 VALIDATION_FILE = Path("data/processed/validation.jsonl")
 MERGED_DIR = Path("models/merged")
@@ -46,7 +47,7 @@ DISK_MARGIN = 1.05
 DISK_SLACK_BYTES = 64 * 2**20
 
 
-class MergeError(RuntimeError):
+class MergeError(UserError, RuntimeError):
     pass
 
 
@@ -157,16 +158,6 @@ def save_checked(stated, tokenizer, merged_dir: Path, dtype: torch.dtype, name: 
     return check
 
 
-def check_settings(cfg: dict) -> None:
-    if cfg["base"] not in finetuned.BASES:
-        raise MergeError(f"merge.base must be one of {finetuned.BASES}, got {cfg['base']!r}")
-    if cfg["dtype"] not in ("auto", *DTYPES):
-        raise MergeError(f"merge.dtype must be auto or one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
-    ratio = cfg["max_error_ratio"]
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-        raise MergeError(f"merge.max_error_ratio must be a number in (0, 1), got {ratio!r}")
-
-
 def merge(
     params: dict,
     adapter_dir: Path,
@@ -178,8 +169,7 @@ def merge(
 ) -> dict:
     """Merge adapter_dir into the base merge.base names, verify, save merged_dir; returns the metrics
     (raises MergeError). model_dir overrides params model.name (tests)."""
-    cfg = params["merge"]
-    check_settings(cfg)
+    cfg = group_settings("merge", params["merge"])  # checked, defaults filled in (stages.config)
     merged_dir = Path(merged_dir)
     check_writable(merged_dir.parent, "merged model folder")  # before minutes of work, not after
     if metrics_file is not None:
@@ -265,16 +255,13 @@ def fp16_problem(folder: Path, prompt_ids, device) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default params.yaml)")
+    parser.add_argument("--params", type=Path, default=default_params_file(),
+                        help="params file (default: $TOTTO_PARAMS or params.yaml)")
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
-    try:
-        prompts = [r["prompt"] for r in readers.read_processed(VALIDATION_FILE)]
-        metrics = merge(params, finetuned.ADAPTER_DIR, MERGED_DIR, prompts)
-    except (MergeError, finetuned.AdapterError, model_sources.WeightsError, OutputError, readers.InputFileError) as err:
-        print(f"merge: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    params = load_params(args.params)  # every setting checked here, before anything is loaded
+    prompts = [r["prompt"] for r in readers.read_processed(VALIDATION_FILE)]
+    metrics = merge(params, finetuned.ADAPTER_DIR, MERGED_DIR, prompts)
     effect, error = metrics["adapter_effect"], metrics["merge_error"]
     print(f"merge: {MERGED_DIR.as_posix()} ({metrics['stored_dtype']}, the {metrics['base']} base), "
           f"on {metrics['prompts']} prompts: adapter effect mean KL {effect['mean_kl']:.3e} "
@@ -285,4 +272,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # FileNotFoundError: model.name's folder missing
+    sys.exit(run_cli(main, "merge", user_errors=(FileNotFoundError,)))

@@ -26,12 +26,13 @@ import torch
 
 from stages import gpu_slots
 from stages.atomic_io import clean_leftovers, fix_permissions, temp_prefix
+from stages.errors import UserError
 
 PACKAGED = "packaged"
 PACKAGED_NAME = "gemma-3-270m (packaged Q4_K_M GGUF, dequantised to bf16)"
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Weights that cannot be loaded safely: none in safetensors, or a corrupt safetensors file (named)."""
 
 
@@ -243,6 +244,9 @@ def pick_device(requested: str = "auto") -> torch.device:
                              "its own: use auto or cuda")
     if requested == "auto":
         if not torch.cuda.is_available():
+            # said, not silent: on a GPU host this means a broken driver or CUDA_VISIBLE_DEVICES="",
+            # and the run would be ~100x slower (stderr: stdout is the output of stages.infer)
+            print("note: device auto: no CUDA GPU available, running on the CPU", file=sys.stderr)
             return torch.device("cpu")
         if torch.cuda.device_count() > 1:
             device = torch.device("cuda", gpu_slots.claim(gpu_slots.visible_gpus(torch.cuda.device_count())))

@@ -23,10 +23,11 @@ import os
 import sys
 from pathlib import Path
 
-from stages.atomic_io import OutputError, check_writable, staged_outputs
+from stages.atomic_io import check_writable, staged_outputs
+from stages.errors import run_cli
 from stages.linearize import linearize
 from stages.model_sources import load_tokenizer, resolve_model
-from stages.params import PARAMS_FILE, load_params
+from stages.params import default_params_file, load_params
 from stages.prompts import build_prompt, completion_end
 from stages.sources import SPLITS, BadRecordError, LoadReport, load_split
 
@@ -42,9 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     params = load_params(args.params)
     data = params["data"]
-    max_length = int(data["max_length"])
-    mode = data.get("linearization", "subtable")
-    include_question = bool(data.get("include_question", False))
+    max_length = data["max_length"]
+    mode = data["linearization"]
+    include_question = data["include_question"]
 
     check_writable(args.out_dir, "output folder")  # before the tokenizer and the reading
     check_writable(args.metrics_file.parent, "metrics folder")
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Every split is read, checked and built before anything is written: a bad record in the validation
     # split must not leave a new train.jsonl next to the old validation.jsonl and metrics.
-    on_bad = data.get("on_bad_record", "error")
+    on_bad = data["on_bad_record"]
     metrics, outputs = {}, {}
     for split in SPLITS:
         report = LoadReport()
@@ -126,7 +127,7 @@ def lost_highlights_message(split: str, lost: int, built: int, mode: str, max_le
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stages.preprocess", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path(os.environ.get("TOTTO_PARAMS", PARAMS_FILE)),
+    parser.add_argument("--params", type=Path, default=default_params_file(),
                         help="params file (default: $TOTTO_PARAMS or params.yaml)")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="folder for train.jsonl and validation.jsonl")
     parser.add_argument("--metrics-file", type=Path, default=METRICS_FILE, help="counts of this run (JSON)")
@@ -260,7 +261,7 @@ def split_metrics(report: LoadReport, records: list[dict], truncated: int, highl
 
 
 def print_summary(data: dict, mode: str, metrics: dict, out_dir: Path) -> None:
-    print(f"preprocess: source={data.get('source')} linearization={mode} max_length={data['max_length']}")
+    print(f"preprocess: source={data['source']} linearization={mode} max_length={data['max_length']}")
     for split in SPLITS:
         m = metrics[split]
         reasons = ", ".join(f"{k}={v}" for k, v in m["skipped_by_reason"].items()) or "none"
@@ -272,13 +273,10 @@ def print_summary(data: dict, mode: str, metrics: dict, out_dir: Path) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Run main(); bad input or settings end with one clear line on stderr and exit status 2."""
-    try:
-        main(argv)
-    except (BadRecordError, FileNotFoundError, ValueError, RuntimeError, OutputError) as err:
-        print(f"preprocess: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """Run main(); bad input or settings end with one clear line on stderr and exit status 2.
+    Besides UserErrors: a missing file, a data problem found by sources (ValueError: an empty split, no
+    questions) and a hub dataset that cannot be fetched (RuntimeError)."""
+    return run_cli(main, "preprocess", argv, user_errors=(FileNotFoundError, ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -36,12 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from stages.errors import UserError
+
 BOM = b"\xef\xbb\xbf"
 STDIN = "-"
 STDIN_LABEL = "<stdin>"
 
 
-class InputFileError(ValueError):
+class InputFileError(UserError, ValueError):
     """An input file that cannot be read as what it should be; the message names it (and the line).
     `line`, `detail` (the message without file and line) and `reason` let stages.sources report it as
     one of its BadRecordErrors."""

@@ -23,11 +23,12 @@ import sys
 from pathlib import Path
 
 from stages import readers
+from stages.errors import UserError, run_cli
 from stages.sources import BadRecordError, read_totto_jsonl
 from stages.totto_metrics import compute_metrics
 
 
-class InputError(Exception):
+class InputError(UserError):
     """Bad command-line input, reported without a traceback."""
 
 
@@ -79,17 +80,18 @@ def score_files(predictions_path, examples_path, bleurt_checkpoint=None) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: bad input ends with one line on stderr and exit status 2 (stages.errors.run_cli)."""
+    return run_cli(score_command, "score", argv)
+
+
+def score_command(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--predictions", required=True, help="text (one per line) or JSON-lines predictions ('-': stdin)")
     parser.add_argument("--examples", required=True, help="ToTTo .jsonl or .jsonl.gz examples")
     parser.add_argument("--bleurt-checkpoint", default=None,
                         help="local BLEURT checkpoint folder (default: BLEURT not computed)")
     args = parser.parse_args(argv)
-    try:
-        summary = score_files(args.predictions, args.examples, args.bleurt_checkpoint)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary = score_files(args.predictions, args.examples, args.bleurt_checkpoint)
     print(json.dumps(summary, indent=2))
     return 0
 

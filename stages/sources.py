@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from stages.config import group_settings
+from stages.errors import UserError
 from stages.readers import InputFileError, LineError, check_regular_file, iter_lines, parse_json_line
 
 SPLITS = ("train", "validation")
@@ -53,7 +55,7 @@ _FILE_NAMES = {
 }
 
 
-class BadRecordError(ValueError):
+class BadRecordError(UserError, ValueError):
     """A record that cannot be used, located by file, line (1-based) and field."""
 
     def __init__(self, file: str | Path, line: int, field: str, message: str, reason: str = "invalid"):
@@ -99,10 +101,9 @@ def load_split(params_data: dict, split: str, report: LoadReport | None = None) 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     report = report if report is not None else LoadReport()
-    on_bad = params_data.get("on_bad_record", "error")
-    if on_bad not in ON_BAD_RECORD:
-        raise ValueError(f"data.on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad!r}")
-    source = str(params_data.get("source", "demo"))
+    params_data = group_settings("data", params_data)  # checked, defaults filled in (stages.config)
+    on_bad = params_data["on_bad_record"]
+    source = params_data["source"]
 
     if source == "demo":
         path = _split_file(params_data, split, "totto", default_dir=DEMO_DIR)
@@ -180,7 +181,7 @@ def read_hf_gem(
     except ImportError as err:  # pragma: no cover - datasets is pinned in requirements.txt
         raise RuntimeError("data.source hf:... needs the 'datasets' package") from err
 
-    explicit = str(params_data.get(f"{split}_file") or "")
+    explicit = params_data[f"{split}_file"]
     if explicit:
         path = Path(explicit)
         if not path.is_file():
@@ -211,14 +212,14 @@ def read_hf_gem(
 
 
 def _split_file(params_data: dict, split: str, kind: str, default_dir: Path | None = None) -> Path:
-    explicit = str(params_data.get(f"{split}_file") or "")
+    explicit = params_data[f"{split}_file"]
     if explicit:
         path = Path(explicit)
         if not path.is_file():
             raise FileNotFoundError(f"data.{split}_file={explicit!r}: no such file")
         return path
-    folder = Path(str(params_data.get("path") or default_dir or ""))
-    if not str(params_data.get("path") or default_dir or ""):
+    folder = Path(params_data["path"] or default_dir or "")
+    if not (params_data["path"] or default_dir):
         raise ValueError(f"data.path is empty and data.{split}_file is not set")
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -298,7 +299,7 @@ def _collect(rows: Iterable[tuple[int, Any]], label: str, convert: Callable, on_
 # Schema mapping and validation. FieldError carries field and reason; _collect adds file and line.
 
 
-class FieldError(ValueError):
+class FieldError(UserError, ValueError):
     """A bad field of one record; whoever read the record adds the file and line."""
 
     def __init__(self, field: str, message: str, reason: str):

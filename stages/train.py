@@ -37,14 +37,8 @@ from tqdm import tqdm
 
 from stages import distributed, model_sources
 from stages import readers
-from stages.atomic_io import (  # noqa: F401 (replace_dir: stages.merge imports it from here)
-    OutputError,
-    StagedOutputs,
-    check_writable,
-    replace_dir,
-    staged_dir,
-    staged_outputs,
-)
+from stages.atomic_io import StagedOutputs, check_writable, staged_dir, staged_outputs
+from stages.config import check_target_modules, math_keys
 from stages.atomic_io import write_json as _write_json
 from stages.batching import (
     activation_bytes_per_token,
@@ -54,21 +48,16 @@ from stages.batching import (
     encode_record,
     plan_packed_micro_batches,
 )
+from stages.errors import run_cli
 from stages.nf4 import dequantize_frozen_nf4
 from stages.packed_forward import GraphedDecoder, PackedDecoder, compile_layers
-from stages.params import PARAMS_FILE, load_params
+from stages.params import default_params_file, load_params, validate_params
 
 TRAIN_FILE = Path("data/processed/train.jsonl")
 ADAPTER_DIR = Path("models/adapter")
 CHECKPOINT_DIR = Path("checkpoints")
 METRICS_DIR = Path("metrics")
 KEEP_CHECKPOINTS = 2
-# Settings that do not change what is computed (only how fast, or how often we log/save): a checkpoint
-# written under other values of these is still a valid resume point.
-NOT_IN_RUN_KEY = {
-    "logging_steps", "save_steps", "device", "num_threads", "micro_batch_tokens", "cpu_micro_batch_tokens",
-    "max_memory_gb", "peak_flops", "num_gpus", "cuda_graphs", "nf4_dequantize_once",
-}
 # Dense bf16 peak FLOP/s per device, for MFU (train.peak_flops overrides; unknown devices get no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 HEAD_CHUNK_BYTES = 2**27  # fp32 logits of one loss chunk (128 positions of Gemma's 262,144 vocabulary)
@@ -149,13 +138,13 @@ def build_model(params: dict, model_dir: Path, device: torch.device, dtype: torc
     cfg, lora = params["train"], params["lora"]
     model = model_sources.load_model(model_dir, quantization=cfg["quantization"], dtype=dtype, device=device)
     model.config.use_cache = False
-    if cfg["quantization"] == "nf4" and cfg.get("nf4_fp32_upcast", False):
+    if cfg["quantization"] == "nf4" and cfg["nf4_fp32_upcast"]:
         # peft's recipe: freeze, cast the non-quantised weights (norms, embeddings = tied head) to fp32.
         # Gradient checkpointing is not forced here: the loop enables it only if the memory cap needs it.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model.requires_grad_(False)
-    if cfg["quantization"] == "nf4" and cfg.get("nf4_dequantize_once", True):
+    if cfg["quantization"] == "nf4" and cfg["nf4_dequantize_once"]:
         dequantize_frozen_nf4(model)  # after the upcast, which would otherwise cast these to fp32 too
     config = LoraConfig(
         r=lora["r"],
@@ -190,7 +179,7 @@ def train_flops(config, lengths: list[int], label_tokens: int) -> float:
 
 
 def peak_flops(cfg: dict, device: torch.device) -> float | None:
-    if cfg.get("peak_flops"):
+    if cfg["peak_flops"]:
         return float(cfg["peak_flops"])
     if device.type != "cuda":
         return None  # MFU is reported on CUDA only
@@ -200,9 +189,15 @@ def peak_flops(cfg: dict, device: torch.device) -> float | None:
 
 # ----------------------------------------------------------------------------------------- checkpoints
 def run_key(params: dict, base_sha256: str, data_sha256: str) -> str:
-    """What a checkpoint must match to be resumed from: the math of the run, not its speed knobs."""
-    train_cfg = {k: v for k, v in params["train"].items() if k not in NOT_IN_RUN_KEY}
-    blob = json.dumps([train_cfg, params["lora"], base_sha256, data_sha256], sort_keys=True)
+    """What a checkpoint must match to be resumed from: the math of the run, not its speed knobs.
+
+    Whole groups: the training data (its sha256: every data.* setting acts through it), the base model
+    (its weights' sha256: model.name), lora.*, and the train.* fields marked math=True in stages.config.
+    Anything else (logging, saving, devices, memory and speed knobs) leaves a checkpoint resumable; an
+    unknown key cannot reach here (stages.config refuses it)."""
+    train_cfg = {k: params["train"][k] for k in math_keys("train")}
+    lora = {k: params["lora"][k] for k in math_keys("lora")}
+    blob = json.dumps([train_cfg, lora, base_sha256, data_sha256], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -368,24 +363,26 @@ def train(
 
     Inside a process group (a torchrun launch, see main) every rank calls this with the same arguments;
     rank 0 alone writes the adapter, checkpoints, metrics and the progress bar."""
-    from transformers import get_scheduler
-
+    params = validate_params(params)  # settings built in code (tests, benchmarks) get the same checks
     cfg = params["train"]
     start_time = time.perf_counter()
     startup = process_seconds()  # what the train stage spent before train(): Python, imports, reading
-    device = model_sources.pick_device(cfg.get("device", "auto"))
+    model_dir = Path(model_dir) if model_dir else model_sources.resolve_model(params["model"]["name"])
+    # lora.target_modules against the model's module names (read from its config, no weights): a name
+    # that matches nothing would otherwise leave that layer silently unadapted
+    check_target_modules(params["lora"]["target_modules"], model_dir, params["model"]["name"])
+    device = model_sources.pick_device(cfg["device"])
     dtype = model_sources.pick_dtype(device)
     rank, world = distributed.rank_and_world()  # (0, 1) for a single process
     is_main = rank == 0
     if not is_main:  # the other ranks only read (checkpoints) and compute
         adapter_dir = metrics_dir = None
         progress = False
-    if cfg.get("num_threads"):
+    if cfg["num_threads"]:
         torch.set_num_threads(int(cfg["num_threads"]))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    model_dir = Path(model_dir) if model_dir else model_sources.resolve_model(params["model"]["name"])
     base_sha256 = model_sources.weights_sha256(model_dir)
     data_sha256 = data_sha256 or records_sha256(train_records)
     key = run_key(params, base_sha256, data_sha256)
@@ -411,11 +408,11 @@ def train(
     # only if not even the longest example fits, recompute activations (gradient checkpointing).
     # CPUs run faster with small micro-batches (cache-sized matmuls); GPUs want large ones.
     budget = int(cfg["micro_batch_tokens"])
-    if device.type == "cpu" and cfg.get("cpu_micro_batch_tokens"):
+    if device.type == "cpu" and cfg["cpu_micro_batch_tokens"]:
         budget = int(cfg["cpu_micro_batch_tokens"])
     checkpointing = False
     row_tokens = row_length([len(ids) for ids, _ in examples])
-    if cfg.get("max_memory_gb"):
+    if cfg["max_memory_gb"]:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         fixed = weight_bytes + n_trainable * 4 * 3 + 3 * HEAD_CHUNK_BYTES  # + grads and Adam moments
         act_bytes = 2 if dtype == torch.bfloat16 else 4
@@ -440,11 +437,11 @@ def train(
     # (checkpointing's recomputation makes some), so they are used on CUDA without checkpointing, and
     # in one process only: under torchrun they have not yet been run on several GPUs (the measured
     # multi-GPU path is the eager one), so each rank runs eager until that is measured.
-    wanted_graphs = device.type == "cuda" and bool(cfg.get("cuda_graphs", True))
+    wanted_graphs = device.type == "cuda" and cfg["cuda_graphs"]
     cuda_graphs = wanted_graphs and not checkpointing and world == 1
     if wanted_graphs and world > 1 and is_main:
         print("train: CUDA graphs off with several processes (not yet measured on several GPUs)")
-    compiled = bool(cfg.get("compile_layers", False))
+    compiled = cfg["compile_layers"]
     if compiled:
         compile_layers(decoder)  # compiled at the first pass of each shape (for graphs: while capturing)
     forward = GraphedDecoder(decoder, device) if cuda_graphs else PackedDecoder(decoder)
@@ -464,6 +461,8 @@ def train(
         weight_decay=float(cfg["weight_decay"]),
         fused=device.type == "cuda",
     )
+    from transformers import get_scheduler  # imports peft and bitsandbytes (~2 s): after the checks
+
     scheduler = get_scheduler(
         cfg["lr_scheduler"],
         optimizer,
@@ -638,15 +637,14 @@ def save_adapter(model, tokenizer, adapter_dir: Path, info: dict, stage: StagedO
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default params.yaml)")
+    parser.add_argument("--params", type=Path, default=default_params_file(),
+                        help="params file (default: $TOTTO_PARAMS or params.yaml)")
     parser.add_argument("--no-dvclive", action="store_true",
                         help="skip the per-step dvclive log (for GPU hosts without dvc); metrics/train.json is kept")
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
-    num_gpus, requested = params["train"].get("num_gpus", 1), params["train"].get("device", "auto")
-    if not isinstance(num_gpus, int) or num_gpus < 1:
-        parser.exit(2, f"train: {args.params}: train.num_gpus must be a positive integer, got {num_gpus!r}\n")
+    params = load_params(args.params)  # every setting checked here, before anything is loaded
+    num_gpus, requested = params["train"]["num_gpus"], params["train"]["device"]
     if num_gpus > 1 and not distributed.launched():
         # One process per GPU: this same command again, under torchrun (replaces this process).
         problem = distributed.device_problem(num_gpus, requested)
@@ -662,8 +660,6 @@ def main(argv: list[str] | None = None) -> None:
             for folder in (ADAPTER_DIR.parent, METRICS_DIR, CHECKPOINT_DIR):
                 check_writable(folder)
         stats = train(params, records, ADAPTER_DIR, data_sha256=sha256_file(TRAIN_FILE), dvclive=not args.no_dvclive)
-    except (readers.InputFileError, OutputError) as err:
-        parser.exit(2, f"train: error: {err}\n")
     finally:
         distributed.shutdown()
     if rank == 0:
@@ -679,4 +675,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # FileNotFoundError: data/processed/train.jsonl or model.name's folder missing
+    sys.exit(run_cli(main, "train", user_errors=(FileNotFoundError,)))

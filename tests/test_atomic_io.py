@@ -194,8 +194,8 @@ def test_the_next_run_removes_every_kind_of_leftover(tmp_path):
 
 
 def test_replace_dir_gives_plain_permissions_and_removes_leftovers(tmp_path):
-    """merge builds its folder with tempfile.mkdtemp and replace_dir (imported from stages.train)."""
-    from stages.train import replace_dir
+    """A stage builds its folder with tempfile.mkdtemp and atomic_io.replace_dir."""
+    from stages.atomic_io import replace_dir
 
     (tmp_path / ".merged-oldrun").mkdir()
     tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=tmp_path))

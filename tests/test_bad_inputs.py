@@ -385,7 +385,7 @@ def test_score_names_a_bad_example(tmp_path, capsys, case, bad, field, reason, _
     predictions = write_lines(tmp_path / "p.txt", b"one\ntwo\n")
     code, out, err = run_score(capsys, predictions, examples)
     assert (code, out) == (2, "")
-    assert err.startswith(f"error: {examples.as_posix()}:2: field {field!r}: ") and "Traceback" not in err
+    assert err.startswith(f"score: error: {examples.as_posix()}:2: field {field!r}: ") and "Traceback" not in err
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -459,7 +459,7 @@ def test_score_takes_any_prediction_bytes_or_names_the_problem(tmp_path, capsys,
     if code == 0:
         assert json.loads(out)["overall"]["count"] == 3
     else:
-        assert code == 2 and err.startswith(f"error: {predictions}") and "Traceback" not in err
+        assert code == 2 and err.startswith(f"score: error: {predictions}") and "Traceback" not in err
 
 
 def test_score_in_a_subprocess_prints_no_traceback(tmp_path, examples_file):
@@ -467,7 +467,7 @@ def test_score_in_a_subprocess_prints_no_traceback(tmp_path, examples_file):
     result = subprocess.run([sys.executable, "-m", "stages.score", "--predictions", str(predictions),
                              "--examples", str(examples_file)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == f"error: {predictions}:1: field 'prediction': expected a JSON object with a string 'prediction'\n"
+    assert result.stderr == f"score: error: {predictions}:1: field 'prediction': expected a JSON object with a string 'prediction'\n"
 
 
 # ------------------------------------------------------------------------------------------ infer

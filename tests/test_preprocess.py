@@ -255,14 +255,15 @@ def test_a_read_only_output_folder_is_named_before_any_work(tmp_path, capsys, mo
 
 
 @pytest.mark.parametrize("value, message", [
-    (-3, "data.train_samples must be 0 (all) or a positive count, got -3"),
+    (-3, "data.train_samples must be >= 0, got -3"),  # stages.config, before any data is read
     (31, "data.train_samples=31 but only 30 train records are left to draw from (read 30, skipped 0): lower it, "
          "or set 0 for all of them"),
-    (2.5, "data.train_samples must be a whole number (0 = all), got 2.5"),
+    (2.5, "data.train_samples must be an integer, got 2.5 (a float)"),
 ])
 def test_train_samples_beyond_what_exists_or_negative_is_refused(tmp_path, capsys, value, message):
     assert run_cli(tmp_path, tmp_path / "out", train_samples=value) == 2
-    assert capsys.readouterr().err == f"preprocess: error: {message}\n"
+    err = capsys.readouterr().err
+    assert err.startswith("preprocess: error: ") and err.endswith(f"{message}\n") and err.count("\n") == 1, err
 
 
 @pytest.mark.skipif(not (SHARED / "totto").is_dir(), reason=f"shared ToTTo data not found at {SHARED / 'totto'}")

@@ -106,5 +106,5 @@ def test_command_line_error_has_no_traceback(tmp_path, fixture_files):
         [sys.executable, "-m", "stages.score", "--predictions", str(path), "--examples", str(EXAMPLES)],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.startswith("error: ")
+    assert result.stderr.startswith("score: error: ")
     assert "Traceback" not in result.stderr
