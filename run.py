@@ -29,8 +29,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
-BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
-PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
+
+
+def venv_paths(venv_dir: Path, os_name: str = os.name) -> tuple[Path, Path]:
+    """(scripts folder, python) of a virtual environment: Scripts\\python.exe on Windows, bin/python elsewhere."""
+    scripts = venv_dir / ("Scripts" if os_name == "nt" else "bin")
+    return scripts, scripts / ("python.exe" if os_name == "nt" else "python")
+
+
+BIN, PYTHON = venv_paths(VENV)
 STAMP = VENV / ".requirements.sha256"
 TORCH_INDEX = "https://download.pytorch.org/whl/"
 # The CUDA builds PyTorch publishes for each pinned torch (https://pytorch.org/get-started/locally/, "Previous

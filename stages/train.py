@@ -46,7 +46,7 @@ from stages.batching import (
     plan_packed_micro_batches,
 )
 from stages.packed_forward import GraphedDecoder, PackedDecoder, compile_layers
-from stages.params import PARAMS_FILE, load_params
+from stages.params import PARAMS_FILE, ParamsError, load_params
 
 TRAIN_FILE = Path("data/processed/train.jsonl")
 ADAPTER_DIR = Path("models/adapter")
@@ -733,7 +733,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="skip the per-step dvclive log (for GPU hosts without dvc); metrics/train.json is kept")
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
+    try:
+        params = load_params(args.params)
+    except ParamsError as err:
+        parser.exit(2, f"train: {err}\n")
     num_gpus, requested = params["train"].get("num_gpus", 1), params["train"].get("device", "auto")
     if not isinstance(num_gpus, int) or num_gpus < 1:
         parser.exit(2, f"train: {args.params}: train.num_gpus must be a positive integer, got {num_gpus!r}\n")

@@ -152,6 +152,7 @@ def pipeline_run(tmp_path_factory, tiny_model_dir) -> dict:
     return run
 
 
+@pytest.mark.posix_only("SIGKILL (Windows has TerminateProcess, a different path, not tested)")
 def test_sigkill_of_the_train_stage_then_dvc_repro_resumes(pipeline_run):
     run, project = pipeline_run, pipeline_run["project"]
     killed_at, last = run["killed_at"], run["last"]
@@ -169,6 +170,7 @@ def test_sigkill_of_the_train_stage_then_dvc_repro_resumes(pipeline_run):
     assert "changed" not in status and "modified" not in status, status  # dvc.lock records the finished run
 
 
+@pytest.mark.posix_only("SIGKILL (Windows has TerminateProcess, a different path, not tested)")
 def test_fake_credentials_appear_in_no_output_log_or_commit(pipeline_run):
     project, env, log = pipeline_run["project"], pipeline_run["env"], "\n".join(pipeline_run["log"])
     assert "Running stage 'evaluate'" in log  # the whole pipeline ran
@@ -185,6 +187,7 @@ def test_fake_credentials_appear_in_no_output_log_or_commit(pipeline_run):
     assert (found.returncode, found.stdout) == (1, ""), found.stdout + found.stderr
 
 
+@pytest.mark.posix_only("POSIX permission bits and umask (Windows files have ACLs)")
 def test_outputs_have_normal_permissions(pipeline_run):
     project = pipeline_run["project"]
     expected = 0o666 & ~current_umask()
@@ -232,6 +235,7 @@ def test_half_written_checkpoints_are_never_loaded(tiny_model_dir, real_tokenize
 # Atomic outputs
 
 
+@pytest.mark.posix_only("POSIX permission bits and umask (Windows files have ACLs)")
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path, umask, mode):
     old = os.umask(umask)
@@ -245,6 +249,7 @@ def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path, umask, mode)
     assert (tmp_path / "out.json").stat().st_mode & 0o777 == mode == (tmp_path / "plain.json").stat().st_mode & 0o777
 
 
+@pytest.mark.posix_only("SIGKILL (Windows has TerminateProcess, a different path, not tested)")
 def test_sigkill_during_an_atomic_write_leaves_the_previous_file(tmp_path):
     target = tmp_path / "train.jsonl"
     target.write_text("previous complete output\n", encoding="utf-8")
