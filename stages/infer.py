@@ -36,7 +36,7 @@ from stages.evaluate import EvalError, adapter_base_name, load_with_adapter
 from stages.generation import generate
 from stages.linearize import MODES
 from stages.params import PARAMS_FILE, load_params
-from stages.model_sources import WeightsError
+from stages.model_sources import DeviceError, WeightsError
 from stages.preprocess import fit_prompt, table_text
 from stages.sources import FieldError, check_text, totto_example  # the ToTTo record validator preprocess uses
 
@@ -289,7 +289,7 @@ def load(args, device, dtype):
 def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
-    except (InputError, EvalError, FileNotFoundError, WeightsError) as err:
+    except (InputError, EvalError, FileNotFoundError, WeightsError, DeviceError) as err:
         print(f"infer: error: {err}", file=sys.stderr)
         return 2
     return 0
