@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import gc
 import json
 import random
 import sys
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         records = synthetic_records(tokenizer, args.examples, args.prompt_tokens, n)
         results.append(run_one(f"cap{args.cap_gb:g}-completion{n}", params, records, model_dir, tokenizer,
                                args.cap_gb, args.steps))
+        gc.collect()  # the run's model and CUDA graph pools, before the next run (and auto's free-memory reading)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         print(json.dumps(results[-1]), flush=True)
