@@ -53,7 +53,7 @@ def main(argv=None):
         apply_override(params, assignment)
     params_file = args.out / f"params-{args.name}.yaml"
     args.out.mkdir(parents=True, exist_ok=True)
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
     row = {"name": args.name, "overrides": args.set, "stages": {}}
     for stage in args.stages:
@@ -67,7 +67,7 @@ def main(argv=None):
         t = time.perf_counter()
         subprocess.run(cmd, check=True)
         seconds = time.perf_counter() - t
-        row["stages"][stage] = {"wall_seconds": seconds, "metrics": json.loads(Path(OUTPUTS[stage]).read_text())}
+        row["stages"][stage] = {"wall_seconds": seconds, "metrics": json.loads(Path(OUTPUTS[stage]).read_text(encoding="utf-8"))}
     common.write_results(args.out, f"recipe-{args.name}", [row], {
         "command": "python -m bench.run_recipe " + " ".join(sys.argv[1:])})
 

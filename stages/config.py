@@ -402,6 +402,8 @@ def read_yaml(path: str | Path):
         problem = (err.problem or err.context or "invalid YAML").replace("\t", "\\t")
         if "\\t" in problem:
             problem += " (a tab: YAML indents with spaces)"
+        elif "escape" in problem:  # the Windows trap: "C:\Users\..." in double quotes reads \U as an escape
+            problem += " (a Windows path: write it with / or in single quotes; in double quotes \\ starts an escape)"
         raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{label}: YAML syntax error: {err}") from None

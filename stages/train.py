@@ -46,6 +46,7 @@ from stages.batching import (
     collate_packed,
     completion_loss,
     encode_record,
+    head_chunk_bytes,
     plan_packed_micro_batches,
 )
 from stages.errors import run_cli
@@ -60,7 +61,38 @@ METRICS_DIR = Path("metrics")
 KEEP_CHECKPOINTS = 2
 # Dense bf16 peak FLOP/s per device, for MFU (train.peak_flops overrides; unknown devices get no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
-HEAD_CHUNK_BYTES = 2**27  # fp32 logits of one loss chunk (128 positions of Gemma's 262,144 vocabulary)
+# train.max_memory_gb: auto caps peak memory at the GPU's free memory (measured when the stage starts,
+# before the model loads) less this margin: 10% of it and 0.5 GiB more. The cap bounds what PyTorch
+# allocates; the margin leaves room for what it does not count (the caching allocator's fragmentation,
+# memory another program such as Windows' desktop takes meanwhile).
+AUTO_MEMORY_MARGIN = (0.10, 0.5)
+
+
+def memory_cap_setting(value) -> float | str:
+    """train.max_memory_gb checked: "auto" or a number of GiB >= 0 (0 = no cap)."""
+    if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ValueError(f"train.max_memory_gb must be auto or a number of GiB >= 0 (0 = no cap), got {value!r}")
+
+
+def auto_memory_cap_gb(free_bytes: int) -> float:
+    """The cap of max_memory_gb: auto on a GPU with `free_bytes` free (see AUTO_MEMORY_MARGIN)."""
+    share, reserve_gb = AUTO_MEMORY_MARGIN
+    return max(0.0, free_bytes * (1 - share) / 2**30 - reserve_gb)
+
+
+def memory_cap(value, device: torch.device, mem_get_info=None) -> tuple[float, str]:
+    """(cap in GiB, 0 = none; how it was chosen) for train.max_memory_gb=`value` on `device`."""
+    value = memory_cap_setting(value)
+    if value != "auto":
+        return float(value), f"max_memory_gb={value}"
+    if device.type != "cuda":
+        return 0.0, "max_memory_gb=auto: no cap off a GPU"
+    free, total = (mem_get_info or torch.cuda.mem_get_info)(device)
+    cap = auto_memory_cap_gb(free)
+    share, reserve_gb = AUTO_MEMORY_MARGIN
+    return cap, (f"max_memory_gb=auto: {free / 2**30:.2f} GiB of {total / 2**30:.2f} GiB free on {device}, "
+                 f"less {share:.0%} and {reserve_gb} GiB")
 
 
 # ----------------------------------------------------------------------------------------------- I/O
@@ -249,7 +281,7 @@ def save_checkpoint(
 def checkpoint_complete(ckpt: Path, key: str) -> bool:
     """A checkpoint of this run whose state.json parses and whose files have the sizes it records."""
     try:
-        state = json.loads((ckpt / "state.json").read_text())
+        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
         files = state["files"]
         return state["run_key"] == key and bool(files) and all(
             (ckpt / name).stat().st_size == size for name, size in files.items())
@@ -281,7 +313,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, device: torch.devic
     set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors", device=str(device)))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    state = json.loads((ckpt / "state.json").read_text())
+    state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
     state["rng_restored"] = (ckpt / rng_file(rank)).is_file()
     if state["rng_restored"]:
         set_rng_state(torch.load(ckpt / rng_file(rank), weights_only=True), device)
@@ -373,6 +405,11 @@ def train(
     check_target_modules(params["lora"]["target_modules"], model_dir, params["model"]["name"])
     device = model_sources.pick_device(cfg["device"])
     dtype = model_sources.pick_dtype(device)
+    cap_gb, cap_why = memory_cap(cfg["max_memory_gb"], device)  # before the model takes memory
+    compiled = bool(cfg["compile_layers"])
+    problem = model_sources.compile_problem("train.compile_layers", device) if compiled else None
+    if problem:
+        raise model_sources.DeviceError(problem)
     rank, world = distributed.rank_and_world()  # (0, 1) for a single process
     is_main = rank == 0
     if not is_main:  # the other ranks only read (checkpoints) and compute
@@ -412,25 +449,25 @@ def train(
         budget = int(cfg["cpu_micro_batch_tokens"])
     checkpointing = False
     row_tokens = row_length([len(ids) for ids, _ in examples])
-    if cfg["max_memory_gb"]:
+    if cap_gb:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        fixed = weight_bytes + n_trainable * 4 * 3 + 3 * HEAD_CHUNK_BYTES  # + grads and Adam moments
+        # + LoRA's grads and Adam moments, and the head's loss chunk as completion_loss computes it
+        fixed = weight_bytes + n_trainable * 4 * 3 + head_chunk_bytes(head.shape[0], softcap)
         act_bytes = 2 if dtype == torch.bfloat16 else 4
         per_token = activation_bytes_per_token(base.config, act_bytes)
         budget_before_cap = budget
-        budget = budget_for_memory(budget, cfg["max_memory_gb"], fixed_bytes=fixed, bytes_per_token=per_token)
+        budget = budget_for_memory(budget, cap_gb, fixed_bytes=fixed, bytes_per_token=per_token, why=cap_why)
         if budget < row_tokens:  # not even one packed row fits
             checkpointing = True
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             per_token = base.config.num_hidden_layers * base.config.hidden_size * act_bytes + (
                 per_token // base.config.num_hidden_layers
             )
-            budget = budget_for_memory(
-                budget_before_cap, cfg["max_memory_gb"], fixed_bytes=fixed, bytes_per_token=per_token
-            )
-        if is_main:
-            print(f"train: max_memory_gb={cfg['max_memory_gb']} -> micro_batch_tokens={budget}, "
-                  f"gradient checkpointing={checkpointing}")
+            budget = budget_for_memory(budget_before_cap, cap_gb, fixed_bytes=fixed, bytes_per_token=per_token,
+                                       why=cap_why)
+    if is_main:
+        print(f"train: memory cap {f'{cap_gb:.2f} GiB' if cap_gb else 'none'} ({cap_why}) -> "
+              f"micro_batch_tokens={budget}, gradient checkpointing={checkpointing}")
     # Packed rows of one length (the longest example), as many per micro-batch as the budget holds.
     rows_per_micro_batch = max(1, budget // row_tokens)
     # CUDA graphs need fixed shapes (packed rows give them) and no RNG reads inside a capture
@@ -441,7 +478,6 @@ def train(
     cuda_graphs = wanted_graphs and not checkpointing and world == 1
     if wanted_graphs and world > 1 and is_main:
         print("train: CUDA graphs off with several processes (not yet measured on several GPUs)")
-    compiled = cfg["compile_layers"]
     if compiled:
         compile_layers(decoder)  # compiled at the first pass of each shape (for graphs: while capturing)
     forward = GraphedDecoder(decoder, device) if cuda_graphs else PackedDecoder(decoder)
@@ -614,7 +650,9 @@ def train(
             save_adapter(model, tokenizer, Path(adapter_dir), info, stage)
     if world > 1:
         distributed.barrier()  # every rank returns once rank 0's outputs exist
-    return {**stats, "history": history}  # the logged rows too (for benchmarks), not in the files above
+    # the logged rows and the memory cap too (for benchmarks), not in the files above: the cap depends on
+    # the host (its free memory), and these files are DVC outputs
+    return {**stats, "history": history, "memory_cap_gb": cap_gb}
 
 
 def log_row(live, row: dict) -> None:
@@ -646,11 +684,11 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)  # every setting checked here, before anything is loaded
     num_gpus, requested = params["train"]["num_gpus"], params["train"]["device"]
     if num_gpus > 1 and not distributed.launched():
-        # One process per GPU: this same command again, under torchrun (replaces this process).
+        # One process per GPU: this same command again, under torchrun, as a child whose status we exit with.
         problem = distributed.device_problem(num_gpus, requested)
         if problem:
             parser.exit(2, f"train: {args.params}: {problem}\n")
-        distributed.relaunch(num_gpus, "stages.train", sys.argv[1:] if argv is None else list(argv))
+        raise SystemExit(distributed.relaunch(num_gpus, "stages.train", sys.argv[1:] if argv is None else list(argv)))
     if distributed.launched():
         distributed.init(model_sources.pick_device(requested))
     rank, _ = distributed.rank_and_world()
@@ -659,7 +697,8 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:  # before the long work: the outputs' folders must take files
             for folder in (ADAPTER_DIR.parent, METRICS_DIR, CHECKPOINT_DIR):
                 check_writable(folder)
-        stats = train(params, records, ADAPTER_DIR, data_sha256=sha256_file(TRAIN_FILE), dvclive=not args.no_dvclive)
+        stats = train(params, records, ADAPTER_DIR, data_sha256=sha256_file(TRAIN_FILE),
+                      dvclive=not args.no_dvclive)
     finally:
         distributed.shutdown()
     if rank == 0:

@@ -68,7 +68,7 @@ def private_env(home: Path, site_cache: Path | None = None) -> dict:
 def dvc(cwd: Path, env: dict, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """`dvc ARGS` in cwd; raises with dvc's output when it fails (unless check=False)."""
     result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                            text=True, timeout=timeout, stdin=subprocess.DEVNULL, encoding="utf-8")
     if check and result.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
@@ -77,7 +77,7 @@ def dvc(cwd: Path, env: dict, *args: str, check: bool = True, timeout: float = 6
 def git(cwd: Path, env: dict, *args: str) -> str:
     """`git ARGS` in cwd with the test identity; returns stdout, raises with stderr when it fails."""
     result = subprocess.run(["git", "-c", f"user.name={GIT_NAME}", "-c", f"user.email={GIT_EMAIL}", *args],
-                            cwd=cwd, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, encoding="utf-8")
     if result.returncode != 0:
         raise AssertionError(f"git {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result.stdout

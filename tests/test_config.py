@@ -333,7 +333,7 @@ def run_stage(stage: str, cwd: Path, args: list[str], env: dict | None = None) -
     environ.update(PYTHONPATH=str(REPO), **(env or {}))
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, env=environ,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, encoding="utf-8", timeout=120)
     return result, time.perf_counter() - start
 
 

@@ -27,7 +27,7 @@ def stage_modules(script: str) -> set[str]:
 
 
 def test_every_stage_lists_the_code_it_runs_among_its_deps():
-    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
     for name, stage in pipeline["stages"].items():
         assert stage["cmd"] == f"python -m stages.{name}"
         missing = stage_modules(f"stages/{name}.py") - set(stage["deps"])
@@ -35,15 +35,15 @@ def test_every_stage_lists_the_code_it_runs_among_its_deps():
 
 
 def test_every_stage_reads_only_declared_param_groups():
-    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     declared = {p.split(".")[0] for stage in pipeline["stages"].values() for p in stage["params"]}
     assert declared == set(params), "every params.yaml group belongs to a stage"
 
 
 def test_models_are_dvc_outputs_and_artifacts_never_git():
-    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
     outs = [o if isinstance(o, str) else next(iter(o)) for s in pipeline["stages"].values() for o in s.get("outs", [])]
     assert "models/adapter" in outs and "models/merged" in outs
     assert {a["path"] for a in pipeline["artifacts"].values()} == {"models/adapter", "models/merged"}
-    assert "/models/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "/models/" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()

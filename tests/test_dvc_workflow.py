@@ -99,7 +99,7 @@ def snapshot(root: Path, folder: str) -> dict[str, bytes]:
 
 
 def predictions(root: Path) -> list[tuple]:
-    rows = [json.loads(line) for line in (root / "metrics" / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (root / "metrics" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     return [(row["id"], row["prediction"], row["base_prediction"]) for row in rows]
 
 

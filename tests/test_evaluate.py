@@ -75,7 +75,7 @@ def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_mod
     folder, _, records = project
     result = evaluate.main([])
 
-    rows = [json.loads(line) for line in (folder / "metrics" / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (folder / "metrics" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in rows] == [r["id"] for r in records]
     for row, rec in zip(rows, records):
         assert {"id", "prompt", "prediction", "base_prediction", "references", "overlap", "parent",
@@ -87,7 +87,7 @@ def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_mod
     # The 'merged' model is the base model itself here, so both must answer identically.
     assert [r["prediction"] for r in rows] == [r["base_prediction"] for r in rows]
 
-    saved = json.loads((folder / "metrics" / "eval.json").read_text())
+    saved = json.loads((folder / "metrics" / "eval.json").read_text(encoding="utf-8"))
     assert saved == json.loads(json.dumps(result))
     assert set(saved) >= {"finetuned", "base", "gain", "bleurt", "examples", "generation"}
     assert saved["examples"] == 5 and saved["bleurt"] == "not computed"
@@ -103,12 +103,12 @@ def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_mod
     out = model.generate(input_ids=ids, do_sample=False, max_new_tokens=6, eos_token_id=[1, 106], pad_token_id=0)
     assert rows[1]["prediction"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
-    with open(folder / "metrics" / "plots" / "by_highlighted.csv", newline="") as fh:
+    with open(folder / "metrics" / "plots" / "by_highlighted.csv", newline="", encoding="utf-8") as fh:
         by_highlighted = list(csv.DictReader(fh))
     assert [r["bucket"] for r in by_highlighted] == ["1", "2", "3", "5+"]
     assert [int(r["count"]) for r in by_highlighted] == [2, 1, 1, 1]
     assert set(by_highlighted[0]) == {"bucket", "count", "bleu", "parent_f", "base_bleu", "base_parent_f"}
-    with open(folder / "metrics" / "plots" / "by_table_size.csv", newline="") as fh:
+    with open(folder / "metrics" / "plots" / "by_table_size.csv", newline="", encoding="utf-8") as fh:
         by_size = list(csv.DictReader(fh))
     assert sum(int(r["count"]) for r in by_size) == 5
     assert [r["bucket"] for r in by_size] == ["1-50", "51-100", "101-200"]
@@ -134,14 +134,14 @@ def test_adapter_without_base_and_max_examples(project, tiny_model_dir):
 
     result = evaluate.main([])
     assert result["base"] is None and result["gain"] is None and result["examples"] == 3
-    rows = [json.loads(line) for line in (folder / "metrics" / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (folder / "metrics" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 3 and all("base_prediction" not in r for r in rows)
-    with open(folder / "metrics" / "plots" / "by_highlighted.csv", newline="") as fh:
+    with open(folder / "metrics" / "plots" / "by_highlighted.csv", newline="", encoding="utf-8") as fh:
         assert next(csv.reader(fh)) == ["bucket", "count", "bleu", "parent_f"]
 
     # The same adapter on other base weights is refused.
     (folder / "models" / "adapter" / "training_info.json").write_text(json.dumps(
-        {"base_model": {"name": "x", "weights_sha256": "0" * 64}}))
+        {"base_model": {"name": "x", "weights_sha256": "0" * 64}}), encoding="utf-8")
     with pytest.raises(AdapterError, match="weights_sha256"):
         evaluate.main([])
 
@@ -152,7 +152,7 @@ def test_missing_inputs_are_clear_errors(project, capsys):
     assert evaluate.cli([]) == 2
     assert "models/merged" in capsys.readouterr().err
 
-    (folder / "data" / "processed" / "validation.jsonl").write_text('{"id": "1", "prompt": "x"}\n')
+    (folder / "data" / "processed" / "validation.jsonl").write_text('{"id": "1", "prompt": "x"}\n', encoding="utf-8")
     assert evaluate.cli([]) == 2
     assert "validation.jsonl:1: field 'references'" in capsys.readouterr().err
 
