@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -193,8 +194,8 @@ def write_gguf(model_dir: Path, out_path: Path, out_type: str, *, name: str, tok
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}-", dir=out_path.parent))
+    tmp = tmp_dir / out_path.name
     try:
         writer = gguf.GGUFWriter(tmp, ARCH)
         rope = config.get("rope_parameters") or {}
@@ -268,11 +269,10 @@ def write_gguf(model_dir: Path, out_path: Path, out_type: str, *, name: str, tok
         writer.close()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would keep the file from other users
+        os.chmod(tmp, 0o666 & ~current_umask())  # the file a plain open() would make, readable by others
         os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     expected = {key: value for key, (value, _) in meta.items()}
     expected["general.architecture"] = ARCH
     expected["tokenizer.ggml.tokens"] = vocab["tokens"]
