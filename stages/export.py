@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 from stages import gguf_export, model_sources
-from stages.atomic_io import write_json
+from stages.atomic_io import current_umask, write_json
 from stages.params import PARAMS_FILE, load_params
 
 MERGED_DIR = Path("models/merged")
@@ -70,8 +72,7 @@ def check_config(cfg) -> dict:
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"export.{key} must be an integer >= 1, got {value!r}")
-    if not isinstance(cfg["device"], str) or not (cfg["device"] in ("auto", "cpu", "cuda")
-                                                  or cfg["device"].startswith("cuda:")):
+    if not isinstance(cfg["device"], str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]):
         raise ConfigError(f"export.device must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}")
     bounds = cfg["bounds"]
     if not isinstance(bounds, dict):
@@ -130,6 +131,7 @@ def export(params: dict, merged_dir: Path, out_dir: Path, prompts: list[str], *,
 
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())
         (tmp / DISABLED_NOTE).write_text("export.enabled is false in params.yaml: no GGUF file was written.\n",
                                          encoding="utf-8")
         replace_dir(tmp, out_dir)
@@ -151,6 +153,7 @@ def export(params: dict, merged_dir: Path, out_dir: Path, prompts: list[str], *,
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # a plain folder's permissions, not mkdtemp's private 0700
     metrics = {"enabled": True, "name": cfg["name"], "merged_dtype": merged_config.get("dtype"),
                "verify_compute_dtype": "float32", "prompts": len(prompts), "max_new_tokens": cfg["max_new_tokens"],
                "files": {}}

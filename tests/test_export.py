@@ -201,6 +201,11 @@ def test_the_stage_writes_verified_files_and_metrics_without_timings(tmp_path, m
     metrics = export_stage.export(stage_params(name="tiny"), model_dir, out, prompts,
                                   metrics_file=tmp_path / "export.json")
     assert sorted(p.name for p in out.iterdir()) == ["tiny-bf16.gguf", "tiny-q8_0.gguf"]
+    from stages.atomic_io import current_umask
+
+    umask = current_umask()  # the permissions plain mkdir / open give, not mkdtemp's private 0700 / 0600
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in out.iterdir())
     assert metrics["passed"] and json.loads((tmp_path / "export.json").read_text()) == metrics
     bf16, q8 = metrics["files"]["bf16"], metrics["files"]["q8_0"]
     assert bf16["greedy_identical"] == 1.0 and bf16["top1_agreement"] == 1.0 and bf16["max_logit_diff"] < 1e-4
@@ -228,6 +233,7 @@ def test_the_stage_fails_in_one_line_beyond_the_bound_and_keeps_the_old_files(tm
     ("verify_prompts", 0, "export.verify_prompts must be an integer >= 1"),
     ("bounds", {"bf16": {"max_mean_kl": 1e-3, "min_top1_agreement": 0.99}}, "export.bounds.q8_0: missing"),
     ("name", "a/b", "export.name must be a plain file name stem"),
+    ("device", "cuda:x", "export.device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_a_bad_setting_stops_the_stage_with_its_key_and_status_2(tmp_path, capsys, key, value, named):
     params = stage_params()
