@@ -174,7 +174,8 @@ def _load_tensors(model_dir: Path) -> dict:
 
 def write_gguf(model_dir: Path, out_path: Path, out_type: str, *, name: str, tokenizer) -> dict:
     """Write model_dir (a Gemma3ForCausalLM folder) to out_path as GGUF of out_type (TYPES); returns what
-    was written (tensors_written, tensors: their GGUF names, metadata: key -> value, bytes). The file appears only when complete (written beside it, then renamed)."""
+    was written (tensors_written, tensors: their GGUF names, metadata: key -> value, bytes). The file
+    appears only when complete (written in a temp folder beside it, then renamed)."""
     import gguf
 
     if out_type not in TYPES:
@@ -182,6 +183,8 @@ def write_gguf(model_dir: Path, out_path: Path, out_type: str, *, name: str, tok
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     check_exportable(config, (model_dir / "config.json").as_posix())
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ExportError(f"{(model_dir / 'tokenizer.json').as_posix()} missing: the vocabulary is read from it")
     tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     vocab = vocab_metadata(tokenizer_json, tokenizer)
     n_vocab = len(vocab["tokens"])
