@@ -36,7 +36,7 @@ def read_training_info(adapter_dir: Path, required: bool = True) -> dict | None:
             raise AdapterError(f"{file.as_posix()}: missing (run the train stage)")
         return None
     try:
-        return readers.read_json_file(file, "the adapter's training_info.json", fix="re-run the train stage")
+        return readers.read_json_file(file, "the adapter's training_info.json", fix="rerun the train stage")
     except readers.InputFileError as err:
         raise AdapterError(str(err)) from None
 

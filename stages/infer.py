@@ -269,10 +269,10 @@ def load(args, device, dtype):
     # The model that was trained: the adapter on the base as training saw it (stages.finetuned). An adapter
     # whose training_info.json does not say how training held its base goes on the base as saved.
     base = "trained" if finetuned.records_training_base(info) else "original"
+    model = finetuned.load_adapter_model(folder, base_dir, device, dtype, base=base, info=info)
     if base == "original":
         print(f"infer: {folder.as_posix()}/training_info.json does not record how training held the base "
-              "(train.quantization); the adapter goes on the base weights as saved", file=sys.stderr)
-    model = finetuned.load_adapter_model(folder, base_dir, device, dtype, base=base, info=info)
+              "(train.quantization); the adapter is on the base weights as saved", file=sys.stderr)
     tok_dir = folder if (folder / "tokenizer_config.json").is_file() else base_dir
     return model, model_sources.load_tokenizer(tok_dir)
 

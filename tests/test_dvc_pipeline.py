@@ -44,6 +44,6 @@ def test_every_stage_reads_only_declared_param_groups():
 def test_models_are_dvc_outputs_and_artifacts_never_git():
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
     outs = [o if isinstance(o, str) else next(iter(o)) for s in pipeline["stages"].values() for o in s.get("outs", [])]
-    assert "models/adapter" in outs and "models/merged" in outs
-    assert {a["path"] for a in pipeline["artifacts"].values()} == {"models/adapter", "models/merged"}
+    assert "models/adapter" in outs and "models/merged" in outs and "models/gguf" in outs
+    assert {a["path"] for a in pipeline["artifacts"].values()} == {"models/adapter", "models/merged", "models/gguf"}
     assert "/models/" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()

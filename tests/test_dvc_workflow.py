@@ -22,7 +22,7 @@ from configobj import ConfigObj
 from dvc_project import dvc, git, make_tiny_project, set_params
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["preprocess", "train", "merge", "evaluate"]
+STAGES = ["preprocess", "train", "merge", "evaluate", "export"]  # dvc.yaml order (export: disabled here)
 # metrics/eval.json keys (stages/evaluate.py) that a comparison of two runs is about, as DVC flattens them
 SCORES = [f"{run}.overall.{score}" for run in ("finetuned", "base")
           for score in ("bleu", "parent_precision", "parent_recall", "parent_f")]
@@ -148,8 +148,8 @@ def test_an_eval_param_change_reruns_only_evaluate(eval_change):
     assert ran_stages(eval_change["output"]) == ["evaluate"], eval_change["output"]
 
 
-def test_a_lora_param_change_reruns_train_merge_and_evaluate_but_not_preprocess(lora_change):
-    assert ran_stages(lora_change["output"]) == ["train", "merge", "evaluate"], lora_change["output"]
+def test_a_lora_param_change_reruns_train_merge_evaluate_and_export_but_not_preprocess(lora_change):
+    assert ran_stages(lora_change["output"]) == ["train", "merge", "evaluate", "export"], lora_change["output"]
     assert "Stage 'preprocess' didn't change, skipping" in lora_change["output"]
 
 
@@ -191,7 +191,7 @@ def test_exp_run_with_a_set_param_is_listed_by_exp_show(project, lora_change):
 
     run = dvc(root, env, "exp", "run", "-n", "rank-16", "-S", "lora.r=16")
 
-    assert ran_stages(run.stdout) == ["train", "merge", "evaluate"], run.stdout
+    assert ran_stages(run.stdout) == ["train", "merge", "evaluate", "export"], run.stdout
     listed = {exp["name"]: exp for exp in experiments(root, env)}
     assert listed["rank-16"]["params"]["lora"]["r"] == 16
     assert lookup(listed["rank-16"]["metrics"]["metrics/eval.json"], "finetuned.overall.count") == 6
