@@ -712,6 +712,12 @@ def log_row(live, row: dict) -> None:
 def save_adapter(model, tokenizer, adapter_dir: Path, info: dict) -> None:
     """models/adapter/: adapter_model.safetensors, adapter_config.json, tokenizer, training_info.json."""
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    # PEFT holds target_modules as a set and writes it in set order, which follows Python's per-process
+    # string hash seed: sorted, adapter_config.json (and so the folder's DVC hash) is the same every run.
+    for config in getattr(model, "peft_config", {}).values():
+        for name, value in vars(config).items():
+            if isinstance(value, (set, frozenset)):
+                setattr(config, name, sorted(value))
     tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}-", dir=adapter_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -88,7 +88,8 @@ def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_mod
 
     # eval.json holds the scores and nothing that varies from run to run; the times go to the runtime file
     saved = json.loads((folder / "metrics" / "eval.json").read_text())
-    assert set(saved) == {"finetuned", "base", "gain", "examples", "same_as_base"}
+    assert set(saved) == {"bleu", "parent_f", "parent_f_gain", "finetuned", "base", "gain", "examples", "same_as_base"}
+    assert saved["bleu"] == saved["finetuned"]["overall"]["bleu"] and saved["parent_f_gain"] == 0.0
     assert saved == json.loads(json.dumps({k: result[k] for k in saved}))
     assert saved["examples"] == 5 and saved["same_as_base"] == 5
     assert saved["finetuned"]["overall"]["count"] == 5
