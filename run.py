@@ -4,6 +4,9 @@
     python3 run.py repro [dvc repro args]   run the pipeline (`dvc repro`) on the committed params
     python3 run.py test [pytest args]       run the test suite
     python3 run.py dvc ARGS...              any other dvc command inside the project's environment
+    python3 run.py pull [TARGET ...]        dvc pull, with one clear message when the remote lacks the outputs
+    python3 run.py infer ARGS...            python -m stages.infer (write a sentence for a table)
+    python3 run.py score ARGS...            python -m stages.score (score a predictions file)
 
 (On Windows: `py run.py ...` in PowerShell.) Each creates the virtual environment .venv from
 requirements.txt on first use and reuses it afterwards; it re-installs only when requirements.txt, or the
@@ -142,7 +145,9 @@ def test_command(rest: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in {"repro", "test", "dvc"}:
+    # command -> what it runs inside .venv (the stages' modules import torch, dvc... from there)
+    modules = {"pull": "stages.pull", "infer": "stages.infer", "score": "stages.score"}
+    if not argv or argv[0] not in {"repro", "test", "dvc", *modules}:
         print(__doc__, file=sys.stderr)
         return 2
     ensure_venv()
@@ -159,6 +164,8 @@ def main(argv: list[str]) -> int:
         cmd = [str(PYTHON), "-m", "dvc", "repro", *rest]
     elif command == "dvc":
         cmd = [str(PYTHON), "-m", "dvc", *rest]
+    elif command in modules:
+        cmd = [str(PYTHON), "-m", modules[command], *rest]
     else:
         env.update(encoding_warning_env())
         cmd = test_command(rest)

@@ -30,13 +30,15 @@ import yaml
 from bench import common
 from bench.run_recipe import apply_override
 from stages.params import load_params
+from stages.runtime import read_runtime
 from stages.train import batch_indices, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_stage(params: dict, data: Path, folder: Path) -> dict:
-    """Run the train stage in `folder`; returns metrics/train.json and the per-step log."""
+    """Run the train stage in `folder`; returns metrics/train.json with metrics/runtime/train.json, and the
+    per-step log."""
     (folder / "data" / "processed").mkdir(parents=True)
     try:
         (folder / "data" / "processed" / "train.jsonl").symlink_to(data.resolve())
@@ -49,7 +51,8 @@ def run_stage(params: dict, data: Path, folder: Path) -> dict:
     t = time.perf_counter()
     subprocess.run(cmd, cwd=folder, env=env, check=True)
     wall = time.perf_counter() - t
-    stats = json.loads((folder / "metrics" / "train.json").read_text(encoding="utf-8"))
+    stats = {**json.loads((folder / "metrics" / "train.json").read_text(encoding="utf-8")),
+             **read_runtime("train", folder / "metrics" / "runtime")}  # world size, memory, times
     last = sorted((folder / "checkpoints").glob("step-*"))[-1]
     history = json.loads((last / "state.json").read_text(encoding="utf-8"))["history"]
     return {"stats": stats, "history": history, "wall": wall}

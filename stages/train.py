@@ -14,7 +14,10 @@ With train.num_gpus = N > 1 the command re-executes itself under torchrun, one p
 (stages.distributed): every process draws the same effective batch, computes its share, and the
 gradients are summed across processes, so the step is the one-GPU step; only rank 0 writes outputs.
 
-Outputs: models/adapter/ (+ training_info.json), checkpoints/, metrics/train.json, metrics/train/ (dvclive).
+Outputs: models/adapter/ (+ training_info.json), metrics/train.json, metrics/train/ (dvclive: loss, learning
+rate, gradient norm per step), all DVC-tracked and the same on every fresh run; how the run went (times,
+throughput, memory, resume point) goes to metrics/runtime/train.json (stages.runtime). Resume points go to
+checkpoints/, which is not a DVC output: DVC neither deletes it before a run nor hashes it in `dvc status`.
 """
 
 from __future__ import annotations
@@ -53,11 +56,13 @@ from stages.errors import run_cli
 from stages.nf4 import dequantize_frozen_nf4
 from stages.packed_forward import GraphedDecoder, PackedDecoder, compile_layers
 from stages.params import default_params_file, load_params, validate_params
+from stages.runtime import write_runtime
 
 TRAIN_FILE = Path("data/processed/train.jsonl")
 ADAPTER_DIR = Path("models/adapter")
 CHECKPOINT_DIR = Path("checkpoints")
 METRICS_DIR = Path("metrics")
+RUNTIME_FILE = METRICS_DIR / "runtime" / "train.json"
 KEEP_CHECKPOINTS = 2
 # Dense bf16 peak FLOP/s per device, for MFU (train.peak_flops overrides; unknown devices get no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
@@ -346,6 +351,24 @@ def accumulate_gradients(
     return total.item() / label_tokens  # one device sync per step, not one per micro-batch
 
 
+def steps_with_nonzero_lr(cfg: dict, n_steps: int) -> int:
+    """How many of the run's optimiser steps have a learning rate above 0 under train.lr_scheduler and
+    train.warmup_ratio (a linear warm-up starts at 0): with none, the adapter stays at its initialisation.
+    Replays the schedule on a throwaway optimiser, so it is the scheduler's own arithmetic."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=float(cfg["learning_rate"]))
+    scheduler = get_scheduler(cfg["lr_scheduler"], optimizer,
+                              num_warmup_steps=math.ceil(float(cfg["warmup_ratio"]) * n_steps),
+                              num_training_steps=n_steps)
+    count = 0
+    for _ in range(n_steps):
+        count += scheduler.get_last_lr()[0] > 0
+        optimizer.step()
+        scheduler.step()
+    return count
+
+
 def step_examples(examples, step: int, effective_batch: int, seed: int, rank: int = 0, world: int = 1):
     """(the whole effective batch of optimiser step `step`, this process's share of it).
 
@@ -385,7 +408,8 @@ def train(
     tokenizer=None,
 ) -> dict:
     """Train LoRA adapters on `train_records` (processed records: prompt, completion) and return stats
-    (those of metrics/train.json, plus "history": the logged rows of every logging step).
+    (those of metrics/train.json and metrics/runtime/train.json, plus "history": the logged rows of every
+    logging step, throughput included).
 
     adapter_dir / checkpoint_dir / metrics_dir may be None to skip those outputs (benchmarks).
     dvclive=False keeps metrics/train.json but skips the per-step dvclive log (hosts without dvc).
@@ -611,12 +635,19 @@ def train(
     if world > 1:
         distributed.check_in_sync(trainable)
         peak_gb = distributed.max_over_ranks(peak_gb, device)  # the fullest GPU
+    # What the run computed (the same on every fresh run of these params on this kind of machine): the
+    # DVC-tracked metrics/train.json and the adapter's training_info.json.
     stats = {
         "steps": n_steps,
-        "resumed_from_step": start_step,
         "samples": done_samples,
         "tokens": done_tokens,
         "final_loss": loss_value,
+        "steps_with_nonzero_lr": steps_with_nonzero_lr(cfg, n_steps),
+        "trainable_params": n_trainable,
+    }
+    # How it ran (times, throughput, memory, kernels, resume point): metrics/runtime/train.json only.
+    runtime = {
+        "resumed_from_step": start_step,
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - start_time,
         "startup_seconds": startup,
@@ -631,7 +662,6 @@ def train(
         "cuda_graphs": cuda_graphs,
         "compile_layers": compiled,
         "gradient_checkpointing": checkpointing,
-        "trainable_params": n_trainable,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
     }
@@ -648,18 +678,23 @@ def train(
                 **stats,
             }
             save_adapter(model, tokenizer, Path(adapter_dir), info, stage)
+    if metrics_dir is not None:  # how the run went (times, memory, device): not a DVC-tracked file
+        write_runtime("train", {**stats, **runtime, "memory_cap_gb": cap_gb, "history": history},
+                      Path(metrics_dir) / "runtime")
     if world > 1:
         distributed.barrier()  # every rank returns once rank 0's outputs exist
-    # the logged rows and the memory cap too (for benchmarks), not in the files above: the cap depends on
-    # the host (its free memory), and these files are DVC outputs
-    return {**stats, "history": history, "memory_cap_gb": cap_gb}
+    return {**stats, **runtime, "history": history, "memory_cap_gb": cap_gb}  # everything, for benchmarks and main()
+
+
+# The curves dvclive logs (DVC-tracked, plotted): what the optimisation did. Throughput and MFU vary from
+# run to run, so they stay in the runtime file's history.
+LIVE_METRICS = ("loss", "learning_rate", "grad_norm")
 
 
 def log_row(live, row: dict) -> None:
     live.step = row["step"]
-    for name, value in row.items():
-        if name != "step":
-            live.log_metric(name, value)
+    for name in LIVE_METRICS:
+        live.log_metric(name, row[name])
     live.next_step()
 
 
@@ -667,6 +702,12 @@ def save_adapter(model, tokenizer, adapter_dir: Path, info: dict, stage: StagedO
     """models/adapter/: adapter_model.safetensors, adapter_config.json, tokenizer, training_info.json,
     written to a temp folder that `stage` (with the stage's other outputs) or a staged_dir of its own
     renames into place, with a plain mkdir's permissions."""
+    # PEFT holds target_modules as a set and writes it in set order, which follows Python's per-process
+    # string hash seed: sorted, adapter_config.json (and so the folder's DVC hash) is the same every run.
+    for config in getattr(model, "peft_config", {}).values():
+        for name, value in vars(config).items():
+            if isinstance(value, (set, frozenset)):
+                setattr(config, name, sorted(value))
     with contextlib.nullcontext(stage.folder(adapter_dir)) if stage else staged_dir(adapter_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -707,6 +748,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{stats['wall_seconds']:.1f} s ({stats['tokens_per_s']:.0f} tokens/s), final loss "
             f"{stats['final_loss']:.4f} -> {ADAPTER_DIR}"
         )
+        resumed = f", resumed from step {stats['resumed_from_step']}" if stats["resumed_from_step"] else ""
+        print(f"train: peak memory {stats['peak_memory_gb']:.2f} GB ({stats['peak_memory_kind']}) on {stats['device']}"
+              f"{resumed}; times and throughput -> {RUNTIME_FILE.as_posix()}")
+        if stats["steps_with_nonzero_lr"] == 0:
+            print(f"train: warning: every one of the {stats['steps']} optimiser steps ran at learning rate 0 (warm-up "
+                  "or schedule): the adapter is its initialisation and the model equals the base; train longer "
+                  "(train.epochs / train.max_steps) or lower train.warmup_ratio")
         total = process_seconds()
         if total is not None:
             print(f"train: process wall {total:.1f} s: start-up {stats['startup_seconds']:.1f} s, train() "

@@ -23,7 +23,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ("stages", "dvc.yaml", "params.yaml", "data/demo", ".gitignore", ".dvcignore")
-DVC_FILES = (".dvc/config", ".dvc/.gitignore")  # over those `dvc init` writes: analytics off, default remote
+# over those `dvc init` writes: analytics off, default remote, the offline plots page and its bar template
+DVC_FILES = (".dvc/config", ".dvc/.gitignore", ".dvc/plots/offline.html", ".dvc/plots/bar_buckets.json")
 GIT_NAME, GIT_EMAIL = "DVC test", "dvc-test@example.invalid"
 
 # Settings under which preprocess -> train -> merge -> evaluate (-> export, disabled) of the tiny model takes seconds on 2 CPU cores.
@@ -128,6 +129,7 @@ def make_tiny_project(root: Path, model_dir: Path, overrides: dict | None = None
     git(project, env, "config", "user.email", GIT_EMAIL)
     dvc(project, env, "init", "-q")
     for name in DVC_FILES:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, project / name)
     default_remote = dvc(project, env, "config", "core.remote").stdout.strip()
     dvc(project, env, "remote", "modify", default_remote, "url", str(remote))  # absolute: `dvc exp` runs elsewhere too

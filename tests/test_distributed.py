@@ -172,7 +172,8 @@ def test_two_processes_train_what_one_does_rank_0_writes_and_a_resume_continues(
     assert files_under(work / "models") == {f"adapter/{f}" for f in adapter}
     assert files_under(work / "checkpoints") == {f"step-00000{s}/{f}" for s in (4, 5) for f in checkpoint}
     stats = json.loads((work / "metrics" / "train.json").read_text(encoding="utf-8"))
-    assert stats["world_size"] == 2 and stats["steps"] == 5 and stats["samples"] == 5 + 5 + 1 + 5 + 5
+    runtime = json.loads((work / "metrics" / "runtime" / "train.json").read_text(encoding="utf-8"))  # how it ran: not DVC-tracked
+    assert runtime["world_size"] == 2 and stats["steps"] == 5 and stats["samples"] == 5 + 5 + 1 + 5 + 5
 
     # (b) the same adapter and loss curve as one process with the same effective batch and seed
     params = load_params(work / "params.yaml")
@@ -211,8 +212,9 @@ def test_two_processes_train_what_one_does_rank_0_writes_and_a_resume_continues(
     result = run_train_stage(work, tmp_path / "guard")
     assert "resuming from checkpoints/step-000004 (step 4 of 5, 2 process(es))" in result.stdout + result.stderr
     assert not (tmp_path / "guard" / "writes.log").exists()
-    resumed = json.loads((work / "metrics" / "train.json").read_text(encoding="utf-8"))
+    resumed = json.loads((work / "metrics" / "runtime" / "train.json").read_text(encoding="utf-8"))
     assert resumed["resumed_from_step"] == 4 and resumed["samples"] == stats["samples"]
+    assert json.loads((work / "metrics" / "train.json").read_text(encoding="utf-8")) == stats  # the same tracked metrics
     a = load_file(tmp_path / "uninterrupted" / "adapter_model.safetensors")
     b = load_file(work / "models" / "adapter" / "adapter_model.safetensors")
     for k in a:

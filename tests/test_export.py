@@ -17,6 +17,7 @@ import yaml
 from conftest import TINY, write_processed
 from stages import export as export_stage
 from stages import gguf_export
+from stages.errors import run_cli
 from stages.fidelity import compare_logits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,7 +197,7 @@ def stage_params(**export) -> dict:
 
 def test_the_stage_writes_verified_files_and_metrics_without_timings(tmp_path, model_dir):
     prompts = [json.loads(line)["prompt"] for line in
-               (write_processed(tmp_path / "data", 0, 3) / "validation.jsonl").read_text().splitlines()]
+               (write_processed(tmp_path / "data", 0, 3) / "validation.jsonl").read_text(encoding="utf-8").splitlines()]
     out = tmp_path / "models" / "gguf"
     metrics = export_stage.export(stage_params(name="tiny"), model_dir, out, prompts,
                                   metrics_file=tmp_path / "export.json")
@@ -206,7 +207,7 @@ def test_the_stage_writes_verified_files_and_metrics_without_timings(tmp_path, m
     umask = current_umask()  # the permissions plain mkdir / open give, not mkdtemp's private 0700 / 0600
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in out.iterdir())
-    assert metrics["passed"] and json.loads((tmp_path / "export.json").read_text()) == metrics
+    assert metrics["passed"] and json.loads((tmp_path / "export.json").read_text(encoding="utf-8")) == metrics
     bf16, q8 = metrics["files"]["bf16"], metrics["files"]["q8_0"]
     assert bf16["greedy_identical"] == 1.0 and bf16["top1_agreement"] == 1.0 and bf16["max_logit_diff"] < 1e-4
     assert q8["mean_kl"] <= q8["max_mean_kl"] and q8["tensor_types"] == ["F32", "Q8_0"]
@@ -225,12 +226,12 @@ def test_the_stage_fails_in_one_line_beyond_the_bound_and_keeps_the_old_files(tm
         export_stage.export(params, model_dir, out, ["Team 1 scored 7 points."] * 3, metrics_file=tmp_path / "m.json")
     assert "q8_0: mean KL" in str(err.value) and "\n" not in str(err.value)
     assert [p.name for p in out.iterdir()] == ["old.gguf"]  # nothing half-replaced
-    assert json.loads((tmp_path / "m.json").read_text())["passed"] is False
+    assert json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))["passed"] is False
 
 
 @pytest.mark.parametrize("key, value, named", [
     ("types", ["q3_k"], "export.types: 'q3_k' is not one of"),
-    ("verify_prompts", 0, "export.verify_prompts must be an integer >= 1"),
+    ("verify_prompts", 0, "export.verify_prompts must be > 0"),
     ("bounds", {"bf16": {"max_mean_kl": 1e-3, "min_top1_agreement": 0.99}}, "export.bounds.q8_0: missing"),
     ("name", "a/b", "export.name must be a plain file name stem"),
     ("device", "cuda:x", "export.device must be auto, cpu, cuda or cuda:N"),
@@ -239,10 +240,10 @@ def test_a_bad_setting_stops_the_stage_with_its_key_and_status_2(tmp_path, capsy
     params = stage_params()
     params["export"][key] = value
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    with pytest.raises(SystemExit) as stop:  # before any model or data file is read
-        export_stage.main(["--params", str(tmp_path / "params.yaml")])
+    # before any model or data file is read
+    status = run_cli(export_stage.main, "export", ["--params", str(tmp_path / "params.yaml")])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and named in err and len(err.strip().splitlines()) == 1, err
+    assert status == 2 and named in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_disabled_export_writes_no_gguf(tmp_path):
@@ -251,5 +252,5 @@ def test_a_disabled_export_writes_no_gguf(tmp_path):
     (out / "old-bf16.gguf").write_bytes(b"stale")
     metrics = export_stage.export(stage_params(enabled=False), tmp_path / "no-model", out, [],
                                   metrics_file=tmp_path / "m.json")
-    assert metrics == {"enabled": False, "files": {}} == json.loads((tmp_path / "m.json").read_text())
+    assert metrics == {"enabled": False, "files": {}} == json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
     assert [p.name for p in out.iterdir()] == [export_stage.DISABLED_NOTE]

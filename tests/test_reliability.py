@@ -163,7 +163,8 @@ def test_sigkill_of_the_train_stage_then_dvc_repro_resumes(pipeline_run):
     assert last % SAVE_STEPS == 0 and killed_at - SAVE_STEPS <= last <= killed_at, (last, killed_at)
     resumed = f"train: resuming from checkpoints/step-{last:06d} (step {last} of {MAX_STEPS}"
     assert (resumed in "".join(run["log"])) == (last > 0), f"killed after step {killed_at}"
-    assert json.loads((project / "metrics" / "train.json").read_text(encoding="utf-8"))["resumed_from_step"] == last
+    runtime = json.loads((project / "metrics" / "runtime" / "train.json").read_text(encoding="utf-8"))  # how it ran: not DVC-tracked
+    assert runtime["resumed_from_step"] == last
     assert not any(p.exists() for p in run["planted"])  # half-written checkpoints: removed, never loaded
     assert_same_tensors(adapter_tensors(run["uninterrupted"]), adapter_tensors(project / "models" / "adapter"))
     status = dvc(project, run["env"], "status").stdout

@@ -120,12 +120,37 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_model_di
     assert [v for _, v in curve(tmp_path / "resumed")] == pytest.approx([v for _, v in curve(tmp_path / "whole")])
     # only the last 2 checkpoints are kept
     assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").iterdir()) == ["step-000004", "step-000005"]
+    # what DVC tracks is byte-identical whether the run was resumed or not; how it ran is in the runtime file
+    def tracked(folder):
+        files = sorted((folder / "adapter").iterdir()) + sorted((folder / "metrics" / "train").rglob("*"))
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in files + [folder / "metrics" / "train.json"]
+                if p.is_file()}
+
+    assert tracked(tmp_path / "resumed") == tracked(tmp_path / "whole")
+    assert "metrics/train/plots/metrics/tokens_per_s.tsv" not in tracked(tmp_path / "whole")
+    modules = json.loads((tmp_path / "whole" / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))["target_modules"]
+    assert modules == sorted(modules)  # not set order, which changes with each process's hash seed
+    runtime = json.loads((tmp_path / "resumed" / "metrics" / "runtime" / "train.json").read_text(encoding="utf-8"))
+    assert runtime["resumed_from_step"] == 2 and runtime["train_seconds"] > 0 and runtime["tokens_per_s"] > 0
+    assert [row["step"] for row in runtime["history"]] == [1, 2, 3, 4, 5]
 
     info = json.loads((tmp_path / "whole" / "adapter" / "training_info.json").read_text(encoding="utf-8"))
-    assert info["steps"] == 5 and info["base_model"]["weights_sha256"]
+    assert info["steps"] == 5 and info["base_model"]["weights_sha256"] and info["steps_with_nonzero_lr"] == 5
+    assert not {"train_seconds", "wall_seconds", "tokens_per_s", "peak_memory_gb", "resumed_from_step"} & set(info)
     assert info["data_sha256"] == train_stage.records_sha256(records)
     assert (tmp_path / "whole" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "whole" / "adapter" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("scheduler, warmup_ratio, steps, expected", [
+    ("cosine", 0.06, 2, 1),    # the committed demo: ceil(0.06 x 2) = 1 warm-up step at lr 0, then one at 5e-5
+    ("cosine", 0.5, 1, 0),     # a one-step run that is all warm-up: the weights never move
+    ("linear", 0.0, 3, 3),
+    ("constant", 0.5, 4, 4),   # no warm-up in a constant schedule
+])
+def test_steps_with_nonzero_lr_replays_the_schedule(scheduler, warmup_ratio, steps, expected):
+    cfg = {"lr_scheduler": scheduler, "warmup_ratio": warmup_ratio, "learning_rate": 5e-5}
+    assert train_stage.steps_with_nonzero_lr(cfg, steps) == expected
 
 
 def test_a_checkpoint_of_other_params_is_not_resumed(tiny_model_dir, real_tokenizer, processed_dir, tmp_path):
