@@ -41,7 +41,7 @@ def write_results(out_dir: Path, kind: str, results: list[dict], meta: dict) -> 
     gpu = env["gpu"].replace(" ", "-").replace("/", "-")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{date}-{gpu}-{kind}.json"
-    path.write_text(json.dumps({"date": date, "kind": kind, "env": env, **meta, "results": results}, indent=2) + "\n")
+    path.write_text(json.dumps({"date": date, "kind": kind, "env": env, **meta, "results": results}, indent=2) + "\n", encoding="utf-8")
     append_markdown(path)
     print(f"wrote {path}")
     return path
@@ -49,7 +49,7 @@ def write_results(out_dir: Path, kind: str, results: list[dict], meta: dict) -> 
 
 def append_markdown(results_file: Path, md: Path = BENCHMARKS_MD) -> None:
     """Append one table (one row per run) for a results file to BENCHMARKS.md."""
-    doc = json.loads(Path(results_file).read_text())
+    doc = json.loads(Path(results_file).read_text(encoding="utf-8"))
     env = doc["env"]
     versions = ", ".join(f"{k} {v}" for k, v in env.items() if k not in {"gpu"} and v)
     lines = [f"\n### {doc['date']} · {doc['kind']} · {env['gpu']}\n",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,25 +30,31 @@ import yaml
 from bench import common
 from bench.run_recipe import apply_override
 from stages.params import load_params
+from stages.runtime import read_runtime
 from stages.train import batch_indices, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_stage(params: dict, data: Path, folder: Path) -> dict:
-    """Run the train stage in `folder`; returns metrics/train.json and the per-step log."""
+    """Run the train stage in `folder`; returns metrics/train.json with metrics/runtime/train.json, and the
+    per-step log."""
     (folder / "data" / "processed").mkdir(parents=True)
-    (folder / "data" / "processed" / "train.jsonl").symlink_to(data.resolve())
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        (folder / "data" / "processed" / "train.jsonl").symlink_to(data.resolve())
+    except OSError:  # Windows without the symlink privilege: a copy reads the same
+        shutil.copyfile(data, folder / "data" / "processed" / "train.jsonl")
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     cmd = [sys.executable, "-m", "stages.train", "--params", "params.yaml", "--no-dvclive"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     print(f"$ (cd {folder} && {' '.join(cmd)})  # num_gpus={params['train']['num_gpus']}", flush=True)
     t = time.perf_counter()
     subprocess.run(cmd, cwd=folder, env=env, check=True)
     wall = time.perf_counter() - t
-    stats = json.loads((folder / "metrics" / "train.json").read_text())
+    stats = {**json.loads((folder / "metrics" / "train.json").read_text(encoding="utf-8")),
+             **read_runtime("train", folder / "metrics" / "runtime")}  # world size, memory, times
     last = sorted((folder / "checkpoints").glob("step-*"))[-1]
-    history = json.loads((last / "state.json").read_text())["history"]
+    history = json.loads((last / "state.json").read_text(encoding="utf-8"))["history"]
     return {"stats": stats, "history": history, "wall": wall}
 
 

@@ -55,7 +55,7 @@ def profile(params, records, model_dir, out: Path, name: str, extra: dict) -> di
             f"(GPU busy {kernel_s / wall:.0%}), {launched} kernels ({launched / 4:.0f} a step)",
             events.table(sort_by="self_device_time_total", row_limit=30),
             events.table(sort_by="self_cpu_time_total", row_limit=30)]
-    (out / f"profile-{name}.txt").write_text("\n\n".join(text))
+    (out / f"profile-{name}.txt").write_text("\n\n".join(text), encoding="utf-8")
     print(text[0], flush=True)
     return {"name": f"profile_{name}", "wall_4_steps_s": wall, "kernel_s": kernel_s,
             "gpu_busy_fraction": kernel_s / wall, "kernels_per_step": launched / 4}

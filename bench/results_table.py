@@ -40,7 +40,7 @@ def read_row(folder: Path, name: str) -> dict | None:
     totto = sorted(fetaqa.glob(f"*-recipe-{name}-totto-dev55.json"))
     if not files:
         return None
-    run = json.loads(files[-1].read_text())
+    run = json.loads(files[-1].read_text(encoding="utf-8"))
     stages = run["results"][0]["stages"]
     row = {"name": name, "date": run["date"], "gpu": run["env"]["gpu"], "command": run["command"],
            "train": {k: stages["train"]["metrics"][k] for k in ("steps", "samples", "final_loss", "tokens_per_s",
@@ -49,15 +49,15 @@ def read_row(folder: Path, name: str) -> dict | None:
            "train_examples": stages["preprocess"]["metrics"]["train"]["written"],
            "fetaqa": scores(stages["evaluate"]["metrics"]["finetuned"]["overall"]), "totto": None}
     if totto:
-        evaluated = json.loads(totto[-1].read_text())["results"][0]["stages"]["evaluate"]["metrics"]["finetuned"]
+        evaluated = json.loads(totto[-1].read_text(encoding="utf-8"))["results"][0]["stages"]["evaluate"]["metrics"]["finetuned"]
         row["totto"] = {s: scores(evaluated[s]) for s in SUBSETS}
     return row
 
 
 def zero_shot() -> dict:
-    fetaqa = json.loads(ZERO_SHOT["fetaqa"].read_text())["results"][0]["stages"]["evaluate"]["metrics"]["base"]
-    totto = json.loads(ZERO_SHOT["totto"].read_text())["results"][0]["stages"]["evaluate"]["metrics"]["base"]
-    date = json.loads(ZERO_SHOT["fetaqa"].read_text())["date"]
+    fetaqa = json.loads(ZERO_SHOT["fetaqa"].read_text(encoding="utf-8"))["results"][0]["stages"]["evaluate"]["metrics"]["base"]
+    totto = json.loads(ZERO_SHOT["totto"].read_text(encoding="utf-8"))["results"][0]["stages"]["evaluate"]["metrics"]["base"]
+    date = json.loads(ZERO_SHOT["fetaqa"].read_text(encoding="utf-8"))["date"]
     return {"name": "zero-shot", "date": date, "fetaqa": scores(fetaqa["overall"]), "totto": {s: scores(totto[s]) for s in SUBSETS},
             "source": [str(p.relative_to(ROOT)) for p in ZERO_SHOT.values()]}
 
@@ -108,7 +108,7 @@ def markdown(rows: list[dict], described: dict) -> str:
 
 def collect(folder: Path) -> tuple[list[dict], list[str], dict]:
     """(rows with results, zero-shot first; names of rows without; name -> description), in rows.yaml order."""
-    plan = yaml.safe_load((ROOT / "bench" / "rows.yaml").read_text())["rows"]
+    plan = yaml.safe_load((ROOT / "bench" / "rows.yaml").read_text(encoding="utf-8"))["rows"]
     rows, missing = [zero_shot()], []
     for entry in plan:
         row = read_row(folder, entry["name"])
@@ -133,10 +133,10 @@ def main(argv=None) -> int:
                      for r in rows[1:] if r["name"] != args.best
                      and (args.predictions / r["name"] / "predictions.jsonl.gz").is_file()}}
     elif (args.rows / "summary.json").is_file():  # keep the bootstrap of a run that had the predictions
-        previous = json.loads((args.rows / "summary.json").read_text())
+        previous = json.loads((args.rows / "summary.json").read_text(encoding="utf-8"))
         if "fetaqa_parent_f_vs_best" in previous:
             summary["fetaqa_parent_f_vs_best"] = previous["fetaqa_parent_f_vs_best"]
-    (args.rows / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.rows / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     with open(args.rows / "summary.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["row", "fetaqa_bleu", "fetaqa_parent_f", "totto_bleu", "totto_parent_f"])

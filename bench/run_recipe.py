@@ -5,7 +5,8 @@ and how long it took: one row of the results table, reproducible by its command.
 
 Stages run as `python -m stages.<name> --params <tmp params>` (exactly what dvc.yaml runs), so this is
 for hosts without DVC (GPU hosts) and for sweeps recorded outside `dvc exp`. Writes
-bench/results/<date>-<gpu>-recipe-<NAME>.json and appends a row to BENCHMARKS.md.
+bench/results/<date>-<gpu>-recipe-<NAME>.json (each stage's metrics file merged with its runtime record,
+metrics/runtime/<stage>.json) and appends a row to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import yaml
 
 from bench import common
 from stages.params import load_params
+from stages.runtime import read_runtime
 
 STAGES = ("preprocess", "train", "merge", "evaluate")
 OUTPUTS = {"preprocess": "metrics/preprocess.json", "train": "metrics/train.json", "merge": "metrics/merge.json",
@@ -53,7 +55,7 @@ def main(argv=None):
         apply_override(params, assignment)
     params_file = args.out / f"params-{args.name}.yaml"
     args.out.mkdir(parents=True, exist_ok=True)
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
     row = {"name": args.name, "overrides": args.set, "stages": {}}
     for stage in args.stages:
@@ -67,7 +69,10 @@ def main(argv=None):
         t = time.perf_counter()
         subprocess.run(cmd, check=True)
         seconds = time.perf_counter() - t
-        row["stages"][stage] = {"wall_seconds": seconds, "metrics": json.loads(Path(OUTPUTS[stage]).read_text())}
+        # the stage's DVC-tracked metrics and how it ran (times, throughput, memory: metrics/runtime/<stage>.json)
+        runtime = {k: v for k, v in read_runtime(stage).items() if k != "history"}
+        metrics = json.loads(Path(OUTPUTS[stage]).read_text(encoding="utf-8"))
+        row["stages"][stage] = {"wall_seconds": seconds, "metrics": {**metrics, **runtime}}
     common.write_results(args.out, f"recipe-{args.name}", [row], {
         "command": "python -m bench.run_recipe " + " ".join(sys.argv[1:])})
 

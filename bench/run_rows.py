@@ -40,7 +40,7 @@ COMMON = ["eval.batch_size=500", "eval.batch_tokens=131072", "eval.compare_base=
 
 
 def load_rows(path: Path = ROWS_FILE) -> list[dict]:
-    rows = yaml.safe_load(path.read_text())["rows"]
+    rows = yaml.safe_load(path.read_text(encoding="utf-8"))["rows"]
     names = [r["name"] for r in rows]
     if len(set(names)) != len(names):
         raise SystemExit(f"{path}: duplicate row names")
@@ -73,7 +73,7 @@ def write_history(workdir: Path, dest: Path) -> None:
     states = sorted((workdir / "checkpoints").glob("step-*/state.json"))
     if not states:
         return
-    history = json.loads(states[-1].read_text()).get("history", [])
+    history = json.loads(states[-1].read_text(encoding="utf-8")).get("history", [])
     if history:
         keys = list(history[0])
         with open(dest / "loss.csv", "w", newline="", encoding="utf-8") as fh:
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     for t in threads:
         t.join()
     (args.out / "rows").mkdir(parents=True, exist_ok=True)
-    (args.out / "rows" / f"outcomes-{int(time.time())}.json").write_text(json.dumps(outcomes, indent=2))
+    (args.out / "rows" / f"outcomes-{int(time.time())}.json").write_text(json.dumps(outcomes, indent=2), encoding="utf-8")
     print(json.dumps(outcomes, indent=2))
     return 1 if any("error" in o for o in outcomes) else 0
 

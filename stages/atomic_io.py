@@ -328,16 +328,17 @@ class StagedOutputs:
         self._dirs: list[tuple[Path, Path]] = []
         self.last: Path | None = None  # the output being written: the one an OS fault is reported for
 
-    def write_text(self, path: str | Path, text: str) -> None:
+    def write(self, path: str | Path, text: str) -> None:
+        """A text file (UTF-8, newline line ends) at `path`, put in place with the rest."""
         path = self.last = Path(path)
         clean_leftovers(path.parent, f".{path.name}.")
         self._files.append((_write_temp(path, text), path))
 
     def write_json(self, path: str | Path, obj, *, sort_keys: bool = False) -> None:
-        self.write_text(path, json_text(obj, sort_keys=sort_keys))
+        self.write(path, json_text(obj, sort_keys=sort_keys))
 
     def write_jsonl(self, path: str | Path, rows: list[dict]) -> None:
-        self.write_text(path, jsonl_text(rows))
+        self.write(path, jsonl_text(rows))
 
     def folder(self, target: str | Path) -> Path:
         """A temp folder to fill, put at `target` with the rest."""

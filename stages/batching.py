@@ -134,12 +134,35 @@ def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, tor
     return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
 
 
+# Logits per loss chunk: 2**26 fp32 values, 256 positions of Gemma's 262,144-word vocabulary. Small enough
+# that the head's peak (head_chunk_bytes: 512 MiB here) fits a 6 GB card beside the model, large enough
+# that each chunk's matmul still fills a GPU (256 x 640 x 262,144).
+HEAD_CHUNK_LOGITS = 2**26
+
+
+def head_chunk_positions(vocab_size: int) -> int:
+    """Completion positions per chunk of the vocabulary head's loss (completion_loss's default)."""
+    return max(1, HEAD_CHUNK_LOGITS // vocab_size)
+
+
+def head_chunk_bytes(vocab_size: int, softcap: float | None = None, chunk_positions: int | None = None) -> int:
+    """Peak bytes that the loss of one head chunk holds at once (_HeadCrossEntropy.forward), for the
+    memory model of the train stage: per logit, the fp32 logits (4) and logsumexp's one fp32 temporary
+    (4), plus the fp32 tanh values that the softcap derivative reuses (4) when the model caps its
+    logits. The bf16 matmul output (2) and the bf16 softmax cast for the input gradient (2) come and
+    go beside fewer live fp32 tensors, so they never raise the peak."""
+    chunk_positions = chunk_positions or head_chunk_positions(vocab_size)
+    return chunk_positions * vocab_size * (12 if softcap else 8)
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
     """sum of cross-entropy of (hidden @ weight.T) against targets, chunked over positions.
 
     The gradient w.r.t. hidden is computed chunk by chunk during the forward pass (softmax - onehot) @ W,
     so the vocabulary-wide logits never outlive their chunk. The head weight must be frozen (it is: the
-    head is tied to the embeddings and LoRA does not train it)."""
+    head is tied to the embeddings and LoRA does not train it). The elementwise steps run in place, and a
+    chunk's tensors are freed before the next chunk's matmul, so the peak is head_chunk_bytes (the values
+    are those of the out-of-place formulas: the same operations on the same numbers)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, softcap):
@@ -148,16 +171,23 @@ class _HeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             y = targets[start : start + chunk_size]
-            raw = (h @ weight.T).float()
-            logits = torch.tanh(raw / softcap) * softcap if softcap else raw
+            logits = (h @ weight.T).float()
+            capped = None
+            if softcap:  # logits = c * tanh(raw / c), keeping tanh(raw / c) for the derivative
+                capped = logits.div_(softcap).tanh_()
+                logits = capped * softcap
             log_z = torch.logsumexp(logits, dim=-1)
             total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if grad_hidden is not None:
-                grad = torch.exp(logits - log_z[:, None])  # softmax
+                if softcap:  # d/dz [c * tanh(z / c)] = 1 - tanh^2, with tanh = logits / c as before
+                    derivative = torch.div(logits, softcap, out=capped).square_().neg_().add_(1.0)
+                grad = logits.sub_(log_z[:, None]).exp_()  # softmax, in the logits' memory
                 grad[torch.arange(len(y), device=y.device), y] -= 1.0
-                if softcap:  # d/dz [c * tanh(z / c)] = 1 - tanh^2
-                    grad *= 1.0 - (logits / softcap) ** 2
+                if softcap:
+                    grad.mul_(derivative)
                 grad_hidden[start : start + chunk_size] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+            del logits, capped  # before the next chunk's matmul: two chunks are never alive at once
+            grad = derivative = None
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -173,11 +203,13 @@ def completion_loss(
     head_weight: torch.Tensor,
     *,
     softcap: float | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy over completion positions, number of those positions).
 
     hidden: [batch, time, dim] final hidden states (after the final norm); targets from `collate`.
+    chunk_size: positions per head chunk, by default head_chunk_positions(vocabulary), which the train
+    stage's memory model (head_chunk_bytes) assumes.
     The caller divides by the completion-token count of the whole effective batch."""
     if head_weight.requires_grad:
         raise ValueError("completion_loss assumes a frozen vocabulary head (LoRA does not train it)")
@@ -186,6 +218,7 @@ def completion_loss(
     wanted = targets[mask]
     if picked.shape[0] == 0:
         return hidden.sum() * 0.0, 0
+    chunk_size = chunk_size or head_chunk_positions(head_weight.shape[0])
     loss = _HeadCrossEntropy.apply(picked, head_weight, wanted, chunk_size, softcap or 0.0)
     return loss, int(picked.shape[0])
 
@@ -222,14 +255,17 @@ def budget_for_memory(
     *,
     fixed_bytes: int,
     bytes_per_token: int,
+    why: str | None = None,
 ) -> int:
-    """Lower `token_budget` so that fixed_bytes (weights, optimiser, head chunk) plus activations fit
-    under max_memory_gb (0 = no cap). Raises if even one token does not fit."""
+    """Lower `token_budget` so that fixed_bytes (weights, optimiser, head chunk: head_chunk_bytes) plus
+    activations fit under max_memory_gb (0 = no cap). Raises if even one token does not fit; `why` says
+    where the cap came from (default: train.max_memory_gb=<cap>)."""
     if not max_memory_gb:
         return token_budget
     free = max_memory_gb * 2**30 - fixed_bytes
     if free < bytes_per_token:
         raise ValueError(
-            f"train.max_memory_gb={max_memory_gb}: the model alone needs about {fixed_bytes / 2**30:.2f} GiB"
+            f"train.{why or f'max_memory_gb={max_memory_gb}'}: a cap of {max_memory_gb:.2f} GiB, but the model "
+            f"alone needs about {fixed_bytes / 2**30:.2f} GiB"
         )
     return max(1, min(token_budget, math.floor(free / bytes_per_token)))

@@ -39,6 +39,8 @@ QUANTIZATIONS = ("nf4", "none")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 MERGE_BASES = ("trained", "original")
 MERGE_DTYPES = ("auto", "bfloat16", "float32", "float16")
+EXPORT_TYPES = ("f32", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # what stages.gguf_export writes
+EXPORT_BOUND_KEYS = ("max_mean_kl", "min_top1_agreement")
 EVAL_MODELS = ("merged", "adapter")
 EVAL_CACHES = ("static", "dynamic")
 EVAL_DTYPES = ("float32", "bfloat16", "auto")
@@ -80,6 +82,9 @@ def _check_type(key: str, value, kind: str) -> None:
     elif kind == "list[str]":
         ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
         want = "a list of names"
+    elif kind == "dict":
+        ok = isinstance(value, dict)
+        want = "a mapping"
     elif kind == "float | str":  # a number or a keyword; the field's own check says which keyword
         ok = isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)
                                         and math.isfinite(value))
@@ -290,6 +295,53 @@ class EvalConfig(Group):
         self._device("device")
 
 
+def _default_export_bounds() -> dict:
+    return {"bf16": {"max_mean_kl": 1.0e-3, "min_top1_agreement": 0.99},
+            "q8_0": {"max_mean_kl": 5.0e-3, "min_top1_agreement": 0.95}}
+
+
+@dataclass
+class ExportConfig(Group):
+    GROUP = "export"
+    enabled: bool = setting(True, "false: the stage writes no GGUF (metrics/export.json says so)")
+    name: str = setting("totto-gemma-3-270m", "file stem: models/gguf/<name>-<type>.gguf")
+    types: list[str] = setting(["bf16", "q8_0"], f"GGUF types to write: {' | '.join(EXPORT_TYPES)}")
+    verify_prompts: int = setting(4, "validation prompts the read-back GGUF is checked on")
+    max_new_tokens: int = setting(32, "length of the greedy outputs compared with the merged model's")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N (where the verification computes, in fp32)")
+    bounds: dict = field(default_factory=_default_export_bounds, metadata={
+        "help": "per type: {max_mean_kl, min_top1_agreement} of the read-back GGUF against the merged model",
+        "math": False})
+
+    def check(self) -> None:
+        if not self.name or any(c in self.name for c in '/\\:*?"<>| ') or self.name.startswith("."):
+            raise ConfigError(f"export.name must be a plain file name stem (no spaces, slashes or leading dot), "
+                              f"got {self.name!r}")
+        if not self.types:
+            raise ConfigError(f"export.types must list at least one of {list(EXPORT_TYPES)}")
+        for t in self.types:
+            if t not in EXPORT_TYPES:
+                raise ConfigError(f"export.types: {t!r} is not one of {list(EXPORT_TYPES)}{_suggest(t, EXPORT_TYPES)}")
+        if len(set(self.types)) != len(self.types):
+            raise ConfigError(f"export.types lists a type twice: {self.types}")
+        self._positive("verify_prompts")
+        self._positive("max_new_tokens")
+        self._device("device")
+        for t in self.types:
+            bound = self.bounds.get(t)
+            if not isinstance(bound, dict):
+                raise ConfigError(f"export.bounds.{t}: missing (every exported type needs its fidelity bound)")
+            if sorted(bound) != sorted(EXPORT_BOUND_KEYS):
+                raise ConfigError(f"export.bounds.{t} must have exactly {list(EXPORT_BOUND_KEYS)}, got {sorted(bound)}")
+            _check_type(f"export.bounds.{t}.max_mean_kl", bound["max_mean_kl"], "float")
+            _check_type(f"export.bounds.{t}.min_top1_agreement", bound["min_top1_agreement"], "float")
+            if bound["max_mean_kl"] < 0:
+                raise ConfigError(f"export.bounds.{t}.max_mean_kl must be >= 0, got {bound['max_mean_kl']!r}")
+            if not 0 <= bound["min_top1_agreement"] <= 1:
+                raise ConfigError(f"export.bounds.{t}.min_top1_agreement must be in [0, 1], "
+                                  f"got {bound['min_top1_agreement']!r}")
+
+
 @dataclass
 class Config:
     """All settings. THE place where a group is registered: one field per group of params.yaml
@@ -301,6 +353,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict:
         """{group: {key: value}} with every key: what stages index as params[group][key]."""
@@ -402,6 +455,8 @@ def read_yaml(path: str | Path):
         problem = (err.problem or err.context or "invalid YAML").replace("\t", "\\t")
         if "\\t" in problem:
             problem += " (a tab: YAML indents with spaces)"
+        elif "escape" in problem:  # the Windows trap: "C:\Users\..." in double quotes reads \U as an escape
+            problem += " (a Windows path: write it with / or in single quotes; in double quotes \\ starts an escape)"
         raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{label}: YAML syntax error: {err}") from None

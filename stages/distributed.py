@@ -1,7 +1,8 @@
 """Data-parallel training on the GPUs of one host: the torchrun launch and the few collectives the train
-loop needs (torch.distributed; NCCL on CUDA, gloo on CPU).
+loop needs (torch.distributed; NCCL on CUDA where this torch has it, else gloo: Windows builds have
+no NCCL).
 
-`python -m stages.train` with train.num_gpus = N > 1 replaces itself with
+`python -m stages.train` with train.num_gpus = N > 1 runs, as a child process, and waits for,
 `python -m torch.distributed.run --standalone --nproc_per_node N -m stages.train <same arguments>`;
 each of the N processes trains on its share of every effective batch, on cuda:LOCAL_RANK.
 """
@@ -9,8 +10,9 @@ each of the N processes trains on its share of every effective batch, on cuda:LO
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
-from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -44,15 +46,34 @@ def launch_command(num_procs: int, module: str, argv: list[str]) -> list[str]:
             "-m", module, *argv]
 
 
-def relaunch(num_procs: int, module: str, argv: list[str]) -> NoReturn:
-    """Replace this process by torchrun running `python -m module argv` in `num_procs` processes.
+def relaunch(num_procs: int, module: str, argv: list[str]) -> int:
+    """Run torchrun with `python -m module argv` in `num_procs` processes; returns its exit status
+    (non-zero if any rank failed), which the caller exits with so that dvc sees it.
 
-    exec rather than a child process: the caller (dvc) then sees torchrun's exit status (non-zero if
-    any rank failed) and its signals reach torchrun, which stops every rank."""
+    A child process, not os.execve: on Windows execve starts a new process and returns at once, and dvc
+    would see the stage end before training did. A SIGTERM/SIGINT to this process is passed on to
+    torchrun, which stops every rank, and this process still waits for it."""
     cmd = launch_command(num_procs, module, argv)
     print("$", " ".join(cmd), flush=True)
     sys.stderr.flush()
-    os.execve(sys.executable, cmd, {**os.environ, **MULTICAST_OFF})
+    child = subprocess.Popen(cmd, env={**os.environ, **MULTICAST_OFF})
+
+    def forward(signum, _frame):
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def backend(device: torch.device, nccl_available: bool | None = None) -> str:
+    """NCCL for GPUs where this torch build has it (Linux CUDA builds), gloo otherwise (CPU; Windows)."""
+    if nccl_available is None:
+        nccl_available = dist.is_nccl_available()
+    return "nccl" if device.type == "cuda" and nccl_available else "gloo"
 
 
 def init(device: torch.device) -> None:
@@ -62,9 +83,33 @@ def init(device: torch.device) -> None:
     os.environ.update(MULTICAST_OFF)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # object collectives and NCCL use the current device
+    if backend(device) == "nccl":
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
+
+
+def _through_cpu(tensor: torch.Tensor) -> bool:
+    """gloo takes CUDA tensors only in Linux builds: elsewhere (Windows) a GPU tensor goes through the CPU."""
+    return tensor.is_cuda and dist.get_backend() == "gloo" and not sys.platform.startswith("linux")
+
+
+def _all_reduce(tensor: torch.Tensor, op) -> None:
+    if _through_cpu(tensor):
+        host = tensor.cpu()
+        dist.all_reduce(host, op=op)
+        tensor.copy_(host)
+    else:
+        dist.all_reduce(tensor, op=op)
+
+
+def _broadcast(tensor: torch.Tensor) -> None:
+    if _through_cpu(tensor):
+        host = tensor.cpu()
+        dist.broadcast(host, src=0)
+        tensor.copy_(host)
+    else:
+        dist.broadcast(tensor, src=0)
 
 
 def shutdown() -> None:
@@ -109,7 +154,7 @@ def sum_gradients(params: list[torch.Tensor], loss: float) -> float:
     device = params[0].device
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
                      + [torch.tensor([loss], dtype=torch.float32, device=device)])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    _all_reduce(flat, dist.ReduceOp.SUM)
     offset = 0
     for p in params:
         summed = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
@@ -125,7 +170,7 @@ def sum_gradients(params: list[torch.Tensor], loss: float) -> float:
 def broadcast_parameters(params: list[torch.Tensor]) -> None:
     """Every rank takes rank 0's values: identical starting weights, whatever the initialisation did."""
     flat = torch.cat([p.reshape(-1) for p in params])
-    dist.broadcast(flat, src=0)
+    _broadcast(flat)
     offset = 0
     for p in params:
         p.copy_(flat[offset : offset + p.numel()].view_as(p))
@@ -138,9 +183,9 @@ def check_in_sync(params: list[torch.Tensor]) -> None:
     steps keep them so; a difference means the ranks trained different models)."""
     mine = torch.cat([p.reshape(-1).float() for p in params])
     reference = mine.clone()
-    dist.broadcast(reference, src=0)
+    _broadcast(reference)
     diff = (mine - reference).abs().max().reshape(1)
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    _all_reduce(diff, dist.ReduceOp.MAX)
     if diff.item() != 0:
         raise RuntimeError(f"data-parallel ranks diverged: trainable parameters differ by up to {diff.item():.3g}")
 
@@ -161,7 +206,7 @@ def gather_objects(obj) -> list:
 
 def max_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    _all_reduce(t, dist.ReduceOp.MAX)
     return t.item()
 
 

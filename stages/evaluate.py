@@ -8,7 +8,10 @@ model with models/adapter on top (eval.model: adapter). With eval.compare_base t
 answers the same prompts, so every run shows its gain. Writes
   metrics/predictions.jsonl     one line per example: id, prompt, prediction (base_prediction), references,
                                 overlap, PARENT of each prediction, highlighted cells and table size;
-  metrics/eval.json             summaries (overall / overlap / non_overlap), gain over the base, speed;
+  metrics/eval.json             the headline (bleu, parent_f, parent_f_gain: fine-tuned overall), scores
+                                (overall / overlap / non_overlap), gain over the base, and how many
+                                predictions equal the base's (DVC-tracked: nothing that varies run to run);
+  metrics/runtime/evaluate.json device, dtype, generation speed (git-ignored, see stages.runtime);
   metrics/plots/by_highlighted.csv, metrics/plots/by_table_size.csv   BLEU and PARENT F per bucket.
 Bad input or settings end with one clear line on stderr and exit status 2.
 """
@@ -29,7 +32,8 @@ from stages.atomic_io import StagedOutputs, check_writable, staged_outputs, writ
 from stages.errors import UserError, run_cli
 from stages.generation import generate
 from stages.params import default_params_file, load_params
-from stages.totto_metrics import NOT_COMPUTED, SUBSETS, compute_metrics, plot_tables
+from stages.runtime import RUNTIME_DIR, write_runtime
+from stages.totto_metrics import SUBSETS, compute_metrics, plot_tables
 
 VALIDATION_FILE = Path("data/processed/validation.jsonl")
 MERGED_DIR = Path("models/merged")
@@ -81,12 +85,24 @@ def main(argv: list[str] | None = None) -> dict:
         base_summary, base_per_example = compute_metrics(base_predictions, records, bleurt_checkpoint=bleurt)
 
     rows = prediction_rows(records, predictions, per_example, base_predictions, base_per_example)
+    # metrics/eval.json (DVC-tracked, what `dvc metrics diff` compares): the scores only. How the run went
+    # (device, dtype, speed) varies from host to host and run to run: metrics/runtime/evaluate.json.
+    overall_gain = (gain(summary, base_summary) or {}).get("overall", {})
     result = {
-        "finetuned": summary,
-        "base": base_summary,
+        # the headline, flat and short so that `dvc exp show` (README's command) fits them in 120 columns
+        "bleu": summary["overall"]["bleu"],
+        "parent_f": summary["overall"]["parent_f"],
+        "parent_f_gain": overall_gain.get("parent_f"),
+        "finetuned": drop_bleurt(summary, bleurt),
+        "base": drop_bleurt(base_summary, bleurt),
         "gain": gain(summary, base_summary),
-        "bleurt": bleurt_report(summary, base_summary) if bleurt else NOT_COMPUTED,
         "examples": len(records),
+    }
+    if bleurt:
+        result["bleurt"] = bleurt_report(summary, base_summary)
+    if base_predictions is not None:
+        result["same_as_base"] = sum(p == b for p, b in zip(predictions, base_predictions))
+    runtime = {
         "model": {"kind": cfg["model"], "base": params["model"]["name"], "device": str(device), "dtype": str(dtype)},
         "generation": {
             "examples_per_s": len(records) / seconds if seconds > 0 else None,
@@ -103,8 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
         stage.write_jsonl(PREDICTIONS_FILE, rows)
         stage.write_json(EVAL_FILE, result)
         write_plots(PLOTS_DIR, records, predictions, per_example, base_predictions, base_per_example, stage)
-    print_summary(result)
-    return result
+    write_runtime("evaluate", runtime)
+    print_summary(result, runtime, training_info(cfg["model"]))
+    return {**result, **runtime}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -210,19 +227,62 @@ def write_plots(folder: Path, records, predictions, per_example, base_prediction
         (stage.write_text if stage else write_atomic)(folder / file_name, buffer.getvalue())
 
 
-def print_summary(result: dict) -> None:
+def training_info(kind: str) -> dict:
+    """models/adapter/training_info.json ({} when absent): what the summary says about the training."""
+    return finetuned.read_training_info(ADAPTER_DIR, required=False) or {}
+
+
+def print_summary(result: dict, runtime: dict, info: dict | None = None) -> None:
+    """The end-of-run summary: scores of the fine-tuned and the base model, where the outputs are, and a
+    warning when fine-tuning changed nothing that the scores could show."""
     def line(label, summary):
         o = summary["overall"]
-        return f"  {label:<10} BLEU {o['bleu']:.2f}  PARENT P/R/F {o['parent_precision']:.4f} / " \
+        return f"  {label:<10} BLEU {o['bleu']:6.2f}  PARENT P/R/F {o['parent_precision']:.4f} / " \
                f"{o['parent_recall']:.4f} / {o['parent_f']:.4f}"
 
-    gen = result["generation"]
-    print(f"evaluate: {result['examples']} examples, {gen['seconds']:.1f} s generation "
-          f"({gen['examples_per_s']:.2f} examples/s)")
+    gen, model = runtime["generation"], runtime["model"]
+    print(f"evaluate: {result['examples']} examples on {model['device']} ({model['dtype'].removeprefix('torch.')}), "
+          f"{gen['seconds']:.1f} s generation ({gen['examples_per_s']:.2f} examples/s)")
     print(line("fine-tuned", result["finetuned"]))
     if result["base"] is not None:
         print(line("base", result["base"]))
-    print(f"  -> {PREDICTIONS_FILE.as_posix()}, {EVAL_FILE.as_posix()}, {PLOTS_DIR.as_posix()}/")
+        g = result["gain"]["overall"]
+        if g["bleu"] is not None and g["parent_f"] is not None:
+            print(f"  {'gain':<10} BLEU {g['bleu']:+6.2f}  PARENT F {g['parent_f']:+.4f}")
+    for warning in finetune_warnings(result, info or {}):
+        print(f"evaluate: warning: {warning}")
+    print(f"evaluate: scores -> {EVAL_FILE.as_posix()} (`dvc metrics show`), predictions -> "
+          f"{PREDICTIONS_FILE.as_posix()}, per-bucket scores -> {PLOTS_DIR.as_posix()}/ (`dvc plots show`), "
+          f"times -> {RUNTIME_DIR.as_posix()}/evaluate.json")
+
+
+def finetune_warnings(result: dict, info: dict) -> list[str]:
+    """Why the fine-tuned model may be no different from the base: every prediction equal to the base's,
+    or a training whose every step ran at learning rate 0 (all warm-up)."""
+    warnings = []
+    same, n = result.get("same_as_base"), result["examples"]
+    if same is not None and same == n:
+        warnings.append(f"the fine-tuned model wrote exactly the base model's sentence for all {n} examples: "
+                        "fine-tuning changed nothing measurable")
+    elif same is not None and same * 2 > n:
+        warnings.append(f"the fine-tuned model wrote the base model's sentence for {same} of {n} examples")
+    lr_steps, steps = info.get("steps_with_nonzero_lr"), info.get("steps")
+    if lr_steps is not None and steps and lr_steps < steps:
+        if lr_steps == 0:
+            cause = f"all {steps} optimiser steps ran at learning rate 0 (warm-up): the adapter is untrained"
+        else:
+            cause = f"only {lr_steps} of {steps} optimiser steps ran at a learning rate above 0 (warm-up)"
+        if warnings or lr_steps == 0:
+            warnings.append(f"{cause}; train longer (train.epochs, train.max_steps) or lower train.warmup_ratio")
+    return warnings
+
+
+def drop_bleurt(summary: dict | None, computed) -> dict | None:
+    """The summary without its "bleurt": "not computed" entries when no BLEURT checkpoint is set (a string
+    column in every `dvc metrics show` / `dvc exp show` otherwise)."""
+    if summary is None or computed:
+        return summary
+    return {subset: {k: v for k, v in scores.items() if k != "bleurt"} for subset, scores in summary.items()}
 
 
 def cli(argv: list[str] | None = None) -> int:

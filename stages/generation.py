@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
+from stages.model_sources import compile_problem
+
 END_OF_TURN = "<end_of_turn>"
 CACHES = ("dynamic", "static")
 # torch.set_float32_matmul_precision names of eval.fp32_matmul: "ieee" multiplies fp32 in fp32, "tf32" on
@@ -127,6 +129,10 @@ def generate(
         raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
     if compile_decoding and cache != "static":
         raise ValueError("compile_decoding needs cache='static' (transformers compiles only static-cache decoding)")
+    if compile_decoding:
+        problem = compile_problem("compile_decoding", torch.device(device) if device is not None else model.device)
+        if problem:
+            raise ValueError(problem)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:

@@ -1,9 +1,10 @@
 """One experiment per GPU: device `auto` claims a free GPU when several are visible.
 
 When `dvc queue start -j N` runs N experiments at once on a host with N GPUs, every stage process whose
-device is `auto` takes an exclusive lock (fcntl.flock) on the lock file of one GPU and holds it for the
-rest of its life; the kernel drops the lock when the process ends, however it ends (exit, crash, kill),
-so a claim never outlives its process. A process that finds every GPU claimed waits for one.
+device is `auto` takes an exclusive lock on the lock file of one GPU and holds it for the rest of its
+life. The lock is the operating system's (the `filelock` package: flock on POSIX, msvcrt.locking on
+Windows), which it drops when the process ends, however it ends (exit, crash, kill), so a claim never
+outlives its process. A process that finds every GPU claimed waits for one.
 
 The lock files live in $TOTTO_GEMMA_GPU_LOCKS, or <temp dir>/totto-gemma-gpu-locks; a GPU's file is
 named after its CUDA_VISIBLE_DEVICES entry (its index when that variable is unset), so processes that
@@ -20,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-_held: dict[Path, tuple[int, int]] = {}  # lock folder -> (open lock file, index) claimed by this process
+_held: dict[Path, tuple[object, int]] = {}  # lock folder -> (held FileLock, index) claimed by this process
 
 
 def lock_folder() -> Path:
@@ -39,7 +40,7 @@ def visible_gpus(count: int) -> list[str]:
 def claim(gpus: list[str], folder: Path | None = None, poll_seconds: float = 2.0) -> int:
     """Index into `gpus` of a GPU this process now holds alone (the same one on every call); waits,
     polling, while all are held."""
-    import fcntl  # POSIX only; imported here so that importing this module works everywhere
+    from filelock import FileLock, Timeout
 
     folder = Path(folder) if folder else lock_folder()
     if folder in _held:
@@ -49,13 +50,13 @@ def claim(gpus: list[str], folder: Path | None = None, poll_seconds: float = 2.0
     while True:
         for index, name in enumerate(gpus):
             path = folder / f"gpu-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.lock"
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
+            # fallback_to_soft=False: a "soft" lock (a file that exists) would outlive a crashed process
+            lock = FileLock(path, thread_local=False, fallback_to_soft=False)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+                lock.acquire(timeout=0)
+            except Timeout:
                 continue
-            _held[folder] = (fd, index)
+            _held[folder] = (lock, index)  # kept referenced: the lock is held while the object lives
             return index
         if not said:
             print(f"gpu_slots: all {len(gpus)} GPUs are claimed by other runs (locks in {folder}); "

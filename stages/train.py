@@ -14,7 +14,10 @@ With train.num_gpus = N > 1 the command re-executes itself under torchrun, one p
 (stages.distributed): every process draws the same effective batch, computes its share, and the
 gradients are summed across processes, so the step is the one-GPU step; only rank 0 writes outputs.
 
-Outputs: models/adapter/ (+ training_info.json), checkpoints/, metrics/train.json, metrics/train/ (dvclive).
+Outputs: models/adapter/ (+ training_info.json), metrics/train.json, metrics/train/ (dvclive: loss, learning
+rate, gradient norm per step), all DVC-tracked and the same on every fresh run; how the run went (times,
+throughput, memory, resume point) goes to metrics/runtime/train.json (stages.runtime). Resume points go to
+checkpoints/, which is not a DVC output: DVC neither deletes it before a run nor hashes it in `dvc status`.
 """
 
 from __future__ import annotations
@@ -46,21 +49,55 @@ from stages.batching import (
     collate_packed,
     completion_loss,
     encode_record,
+    head_chunk_bytes,
     plan_packed_micro_batches,
 )
 from stages.errors import run_cli
 from stages.nf4 import dequantize_frozen_nf4
 from stages.packed_forward import GraphedDecoder, PackedDecoder, compile_layers
 from stages.params import default_params_file, load_params, validate_params
+from stages.runtime import write_runtime
 
 TRAIN_FILE = Path("data/processed/train.jsonl")
 ADAPTER_DIR = Path("models/adapter")
 CHECKPOINT_DIR = Path("checkpoints")
 METRICS_DIR = Path("metrics")
+RUNTIME_FILE = METRICS_DIR / "runtime" / "train.json"
 KEEP_CHECKPOINTS = 2
 # Dense bf16 peak FLOP/s per device, for MFU (train.peak_flops overrides; unknown devices get no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
-HEAD_CHUNK_BYTES = 2**27  # fp32 logits of one loss chunk (128 positions of Gemma's 262,144 vocabulary)
+# train.max_memory_gb: auto caps peak memory at the GPU's free memory (measured when the stage starts,
+# before the model loads) less this margin: 10% of it and 0.5 GiB more. The cap bounds what PyTorch
+# allocates; the margin leaves room for what it does not count (the caching allocator's fragmentation,
+# memory another program such as Windows' desktop takes meanwhile).
+AUTO_MEMORY_MARGIN = (0.10, 0.5)
+
+
+def memory_cap_setting(value) -> float | str:
+    """train.max_memory_gb checked: "auto" or a number of GiB >= 0 (0 = no cap)."""
+    if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ValueError(f"train.max_memory_gb must be auto or a number of GiB >= 0 (0 = no cap), got {value!r}")
+
+
+def auto_memory_cap_gb(free_bytes: int) -> float:
+    """The cap of max_memory_gb: auto on a GPU with `free_bytes` free (see AUTO_MEMORY_MARGIN)."""
+    share, reserve_gb = AUTO_MEMORY_MARGIN
+    return max(0.0, free_bytes * (1 - share) / 2**30 - reserve_gb)
+
+
+def memory_cap(value, device: torch.device, mem_get_info=None) -> tuple[float, str]:
+    """(cap in GiB, 0 = none; how it was chosen) for train.max_memory_gb=`value` on `device`."""
+    value = memory_cap_setting(value)
+    if value != "auto":
+        return float(value), f"max_memory_gb={value}"
+    if device.type != "cuda":
+        return 0.0, "max_memory_gb=auto: no cap off a GPU"
+    free, total = (mem_get_info or torch.cuda.mem_get_info)(device)
+    cap = auto_memory_cap_gb(free)
+    share, reserve_gb = AUTO_MEMORY_MARGIN
+    return cap, (f"max_memory_gb=auto: {free / 2**30:.2f} GiB of {total / 2**30:.2f} GiB free on {device}, "
+                 f"less {share:.0%} and {reserve_gb} GiB")
 
 
 # ----------------------------------------------------------------------------------------------- I/O
@@ -249,7 +286,7 @@ def save_checkpoint(
 def checkpoint_complete(ckpt: Path, key: str) -> bool:
     """A checkpoint of this run whose state.json parses and whose files have the sizes it records."""
     try:
-        state = json.loads((ckpt / "state.json").read_text())
+        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
         files = state["files"]
         return state["run_key"] == key and bool(files) and all(
             (ckpt / name).stat().st_size == size for name, size in files.items())
@@ -281,7 +318,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, device: torch.devic
     set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors", device=str(device)))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    state = json.loads((ckpt / "state.json").read_text())
+    state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
     state["rng_restored"] = (ckpt / rng_file(rank)).is_file()
     if state["rng_restored"]:
         set_rng_state(torch.load(ckpt / rng_file(rank), weights_only=True), device)
@@ -312,6 +349,24 @@ def accumulate_gradients(
         (loss_sum / label_tokens).backward()
         total += loss_sum.detach()
     return total.item() / label_tokens  # one device sync per step, not one per micro-batch
+
+
+def steps_with_nonzero_lr(cfg: dict, n_steps: int) -> int:
+    """How many of the run's optimiser steps have a learning rate above 0 under train.lr_scheduler and
+    train.warmup_ratio (a linear warm-up starts at 0): with none, the adapter stays at its initialisation.
+    Replays the schedule on a throwaway optimiser, so it is the scheduler's own arithmetic."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=float(cfg["learning_rate"]))
+    scheduler = get_scheduler(cfg["lr_scheduler"], optimizer,
+                              num_warmup_steps=math.ceil(float(cfg["warmup_ratio"]) * n_steps),
+                              num_training_steps=n_steps)
+    count = 0
+    for _ in range(n_steps):
+        count += scheduler.get_last_lr()[0] > 0
+        optimizer.step()
+        scheduler.step()
+    return count
 
 
 def step_examples(examples, step: int, effective_batch: int, seed: int, rank: int = 0, world: int = 1):
@@ -353,7 +408,8 @@ def train(
     tokenizer=None,
 ) -> dict:
     """Train LoRA adapters on `train_records` (processed records: prompt, completion) and return stats
-    (those of metrics/train.json, plus "history": the logged rows of every logging step).
+    (those of metrics/train.json and metrics/runtime/train.json, plus "history": the logged rows of every
+    logging step, throughput included).
 
     adapter_dir / checkpoint_dir / metrics_dir may be None to skip those outputs (benchmarks).
     dvclive=False keeps metrics/train.json but skips the per-step dvclive log (hosts without dvc).
@@ -373,6 +429,11 @@ def train(
     check_target_modules(params["lora"]["target_modules"], model_dir, params["model"]["name"])
     device = model_sources.pick_device(cfg["device"])
     dtype = model_sources.pick_dtype(device)
+    cap_gb, cap_why = memory_cap(cfg["max_memory_gb"], device)  # before the model takes memory
+    compiled = bool(cfg["compile_layers"])
+    problem = model_sources.compile_problem("train.compile_layers", device) if compiled else None
+    if problem:
+        raise model_sources.DeviceError(problem)
     rank, world = distributed.rank_and_world()  # (0, 1) for a single process
     is_main = rank == 0
     if not is_main:  # the other ranks only read (checkpoints) and compute
@@ -412,25 +473,25 @@ def train(
         budget = int(cfg["cpu_micro_batch_tokens"])
     checkpointing = False
     row_tokens = row_length([len(ids) for ids, _ in examples])
-    if cfg["max_memory_gb"]:
+    if cap_gb:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        fixed = weight_bytes + n_trainable * 4 * 3 + 3 * HEAD_CHUNK_BYTES  # + grads and Adam moments
+        # + LoRA's grads and Adam moments, and the head's loss chunk as completion_loss computes it
+        fixed = weight_bytes + n_trainable * 4 * 3 + head_chunk_bytes(head.shape[0], softcap)
         act_bytes = 2 if dtype == torch.bfloat16 else 4
         per_token = activation_bytes_per_token(base.config, act_bytes)
         budget_before_cap = budget
-        budget = budget_for_memory(budget, cfg["max_memory_gb"], fixed_bytes=fixed, bytes_per_token=per_token)
+        budget = budget_for_memory(budget, cap_gb, fixed_bytes=fixed, bytes_per_token=per_token, why=cap_why)
         if budget < row_tokens:  # not even one packed row fits
             checkpointing = True
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             per_token = base.config.num_hidden_layers * base.config.hidden_size * act_bytes + (
                 per_token // base.config.num_hidden_layers
             )
-            budget = budget_for_memory(
-                budget_before_cap, cfg["max_memory_gb"], fixed_bytes=fixed, bytes_per_token=per_token
-            )
-        if is_main:
-            print(f"train: max_memory_gb={cfg['max_memory_gb']} -> micro_batch_tokens={budget}, "
-                  f"gradient checkpointing={checkpointing}")
+            budget = budget_for_memory(budget_before_cap, cap_gb, fixed_bytes=fixed, bytes_per_token=per_token,
+                                       why=cap_why)
+    if is_main:
+        print(f"train: memory cap {f'{cap_gb:.2f} GiB' if cap_gb else 'none'} ({cap_why}) -> "
+              f"micro_batch_tokens={budget}, gradient checkpointing={checkpointing}")
     # Packed rows of one length (the longest example), as many per micro-batch as the budget holds.
     rows_per_micro_batch = max(1, budget // row_tokens)
     # CUDA graphs need fixed shapes (packed rows give them) and no RNG reads inside a capture
@@ -441,7 +502,6 @@ def train(
     cuda_graphs = wanted_graphs and not checkpointing and world == 1
     if wanted_graphs and world > 1 and is_main:
         print("train: CUDA graphs off with several processes (not yet measured on several GPUs)")
-    compiled = cfg["compile_layers"]
     if compiled:
         compile_layers(decoder)  # compiled at the first pass of each shape (for graphs: while capturing)
     forward = GraphedDecoder(decoder, device) if cuda_graphs else PackedDecoder(decoder)
@@ -575,12 +635,19 @@ def train(
     if world > 1:
         distributed.check_in_sync(trainable)
         peak_gb = distributed.max_over_ranks(peak_gb, device)  # the fullest GPU
+    # What the run computed (the same on every fresh run of these params on this kind of machine): the
+    # DVC-tracked metrics/train.json and the adapter's training_info.json.
     stats = {
         "steps": n_steps,
-        "resumed_from_step": start_step,
         "samples": done_samples,
         "tokens": done_tokens,
         "final_loss": loss_value,
+        "steps_with_nonzero_lr": steps_with_nonzero_lr(cfg, n_steps),
+        "trainable_params": n_trainable,
+    }
+    # How it ran (times, throughput, memory, kernels, resume point): metrics/runtime/train.json only.
+    runtime = {
+        "resumed_from_step": start_step,
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - start_time,
         "startup_seconds": startup,
@@ -595,7 +662,6 @@ def train(
         "cuda_graphs": cuda_graphs,
         "compile_layers": compiled,
         "gradient_checkpointing": checkpointing,
-        "trainable_params": n_trainable,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
     }
@@ -612,16 +678,23 @@ def train(
                 **stats,
             }
             save_adapter(model, tokenizer, Path(adapter_dir), info, stage)
+    if metrics_dir is not None:  # how the run went (times, memory, device): not a DVC-tracked file
+        write_runtime("train", {**stats, **runtime, "memory_cap_gb": cap_gb, "history": history},
+                      Path(metrics_dir) / "runtime")
     if world > 1:
         distributed.barrier()  # every rank returns once rank 0's outputs exist
-    return {**stats, "history": history}  # the logged rows too (for benchmarks), not in the files above
+    return {**stats, **runtime, "history": history, "memory_cap_gb": cap_gb}  # everything, for benchmarks and main()
+
+
+# The curves dvclive logs (DVC-tracked, plotted): what the optimisation did. Throughput and MFU vary from
+# run to run, so they stay in the runtime file's history.
+LIVE_METRICS = ("loss", "learning_rate", "grad_norm")
 
 
 def log_row(live, row: dict) -> None:
     live.step = row["step"]
-    for name, value in row.items():
-        if name != "step":
-            live.log_metric(name, value)
+    for name in LIVE_METRICS:
+        live.log_metric(name, row[name])
     live.next_step()
 
 
@@ -629,6 +702,12 @@ def save_adapter(model, tokenizer, adapter_dir: Path, info: dict, stage: StagedO
     """models/adapter/: adapter_model.safetensors, adapter_config.json, tokenizer, training_info.json,
     written to a temp folder that `stage` (with the stage's other outputs) or a staged_dir of its own
     renames into place, with a plain mkdir's permissions."""
+    # PEFT holds target_modules as a set and writes it in set order, which follows Python's per-process
+    # string hash seed: sorted, adapter_config.json (and so the folder's DVC hash) is the same every run.
+    for config in getattr(model, "peft_config", {}).values():
+        for name, value in vars(config).items():
+            if isinstance(value, (set, frozenset)):
+                setattr(config, name, sorted(value))
     with contextlib.nullcontext(stage.folder(adapter_dir)) if stage else staged_dir(adapter_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -646,11 +725,11 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)  # every setting checked here, before anything is loaded
     num_gpus, requested = params["train"]["num_gpus"], params["train"]["device"]
     if num_gpus > 1 and not distributed.launched():
-        # One process per GPU: this same command again, under torchrun (replaces this process).
+        # One process per GPU: this same command again, under torchrun, as a child whose status we exit with.
         problem = distributed.device_problem(num_gpus, requested)
         if problem:
             parser.exit(2, f"train: {args.params}: {problem}\n")
-        distributed.relaunch(num_gpus, "stages.train", sys.argv[1:] if argv is None else list(argv))
+        raise SystemExit(distributed.relaunch(num_gpus, "stages.train", sys.argv[1:] if argv is None else list(argv)))
     if distributed.launched():
         distributed.init(model_sources.pick_device(requested))
     rank, _ = distributed.rank_and_world()
@@ -659,7 +738,8 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:  # before the long work: the outputs' folders must take files
             for folder in (ADAPTER_DIR.parent, METRICS_DIR, CHECKPOINT_DIR):
                 check_writable(folder)
-        stats = train(params, records, ADAPTER_DIR, data_sha256=sha256_file(TRAIN_FILE), dvclive=not args.no_dvclive)
+        stats = train(params, records, ADAPTER_DIR, data_sha256=sha256_file(TRAIN_FILE),
+                      dvclive=not args.no_dvclive)
     finally:
         distributed.shutdown()
     if rank == 0:
@@ -668,6 +748,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{stats['wall_seconds']:.1f} s ({stats['tokens_per_s']:.0f} tokens/s), final loss "
             f"{stats['final_loss']:.4f} -> {ADAPTER_DIR}"
         )
+        resumed = f", resumed from step {stats['resumed_from_step']}" if stats["resumed_from_step"] else ""
+        print(f"train: peak memory {stats['peak_memory_gb']:.2f} GB ({stats['peak_memory_kind']}) on {stats['device']}"
+              f"{resumed}; times and throughput -> {RUNTIME_FILE.as_posix()}")
+        if stats["steps_with_nonzero_lr"] == 0:
+            print(f"train: warning: every one of the {stats['steps']} optimiser steps ran at learning rate 0 (warm-up "
+                  "or schedule): the adapter is its initialisation and the model equals the base; train longer "
+                  "(train.epochs / train.max_steps) or lower train.warmup_ratio")
         total = process_seconds()
         if total is not None:
             print(f"train: process wall {total:.1f} s: start-up {stats['startup_seconds']:.1f} s, train() "

@@ -31,6 +31,27 @@ TINY = dict(
 )
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "posix_only(reason): needs POSIX (signals, permission bits, sshd); "
+                                       "skipped with that reason on Windows")
+
+
+def skip_posix_only(items, os_name: str = os.name) -> int:
+    """Skip the items marked posix_only when running on Windows (os.name 'nt'); returns how many."""
+    skipped = 0
+    for item in items:
+        marker = item.get_closest_marker("posix_only")
+        if marker is not None and os_name == "nt":
+            reason = marker.args[0] if marker.args else marker.kwargs.get("reason", "POSIX only")
+            item.add_marker(pytest.mark.skip(reason=f"POSIX only: {reason}"))
+            skipped += 1
+    return skipped
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_posix_only(items)
+
+
 @pytest.fixture(scope="session")
 def packaged_model_dir() -> Path:
     from stages.model_sources import resolve_model

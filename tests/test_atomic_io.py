@@ -22,12 +22,12 @@ def previous_set(folder: Path) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     files = {"train.jsonl": "old train\n", "validation.jsonl": "old validation\n", "preprocess.json": "{}\n"}
     for name, text in files.items():
-        (folder / name).write_text(text)
+        (folder / name).write_text(text, encoding="utf-8")
     return files
 
 
 def contents(folder: Path) -> dict[str, str]:
-    return {p.name: p.read_text() for p in folder.iterdir()}
+    return {p.name: p.read_text(encoding="utf-8") for p in folder.iterdir()}
 
 
 def fail_on_call(n: int, exc: BaseException):
@@ -65,7 +65,7 @@ def test_a_full_disk_at_any_output_leaves_the_previous_set(tmp_path, monkeypatch
     with pytest.raises(OutputError) as err:
         with staged_outputs() as stage:
             for name in names:
-                stage.write_text(tmp_path / name, "new\n")
+                stage.write(tmp_path / name, "new\n")
     assert str(err.value) == (f"{(tmp_path / names[failing_write - 1]).as_posix()}: cannot write: No space left on "
                               "device: no space left on the device: free some space or write elsewhere")
     assert contents(tmp_path) == before  # no temp file left either
@@ -75,7 +75,7 @@ def test_an_error_after_some_outputs_are_staged_leaves_the_previous_set(tmp_path
     before = previous_set(tmp_path)
     with pytest.raises(ValueError, match="a bad validation record"):
         with staged_outputs() as stage:
-            stage.write_text(tmp_path / "train.jsonl", "new\n")
+            stage.write(tmp_path / "train.jsonl", "new\n")
             raise ValueError("a bad validation record")
     assert contents(tmp_path) == before
 
@@ -109,7 +109,7 @@ def test_an_unwritable_folder_is_named_before_any_work(tmp_path, monkeypatch, co
 def test_a_writable_folder_passes_and_is_left_clean(tmp_path):
     assert check_writable(tmp_path / "a" / "b") == tmp_path / "a" / "b"
     assert list(tmp_path.iterdir()) == []  # nothing created: the folder that would hold it takes files
-    (tmp_path / "file").write_text("x")
+    (tmp_path / "file").write_text("x", encoding="utf-8")
     with pytest.raises(OutputError, match=r"file/sub \(output folder\): cannot write: \S+/file is a file, not a "
                                           r"folder: remove or rename it$"):
         check_writable(tmp_path / "file" / "sub")
@@ -130,13 +130,13 @@ def test_too_little_free_space_is_refused_with_both_numbers(tmp_path, monkeypatc
 def test_a_library_error_wrapping_a_full_disk_names_the_folder_and_keeps_the_previous(tmp_path):
     target = tmp_path / "merged"
     target.mkdir()
-    (target / "model.safetensors").write_text("previous")
+    (target / "model.safetensors").write_text("previous", encoding="utf-8")
     # safetensors words ENOSPC this way (SafetensorError is no OSError)
     wrapped = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
                            '"No space left on device" })')
     with pytest.raises(OutputError, match=r"merged: cannot write: No space left on device: no space left"):
         with staged_dir(target) as tmp:
-            (tmp / "model.safetensors").write_text("half")
+            (tmp / "model.safetensors").write_text("half", encoding="utf-8")
             raise wrapped
     assert contents(target) == {"model.safetensors": "previous"} and sorted(os.listdir(tmp_path)) == ["merged"]
 
@@ -157,7 +157,7 @@ def test_a_staged_folder_gets_the_permissions_of_a_plain_mkdir(tmp_path, umask, 
             fd = os.open(tmp / "adapter_model.safetensors", os.O_CREAT | os.O_WRONLY, 0o600)  # as safetensors does
             os.close(fd)
             (tmp / "sub").mkdir(mode=0o700)
-            (tmp / "sub" / "x.json").write_text("{}")
+            (tmp / "sub" / "x.json").write_text("{}", encoding="utf-8")
     finally:
         os.umask(old)
     folder = tmp_path / "adapter"
@@ -186,10 +186,10 @@ def test_the_next_run_removes_every_kind_of_leftover(tmp_path):
     stage next writes that output."""
     for name in (f".eval.json.{DEAD_PID}-x.tmp", ".eval.json.abc.tmp", f".adapter-{DEAD_PID}-q", ".adapter-k2j3",
                  f".adapter.old-{DEAD_PID}-"):
-        (tmp_path / name).mkdir() if "adapter" in name else (tmp_path / name).write_text("half")
+        (tmp_path / name).mkdir() if "adapter" in name else (tmp_path / name).write_text("half", encoding="utf-8")
     atomic_io.write_json(tmp_path / "eval.json", {})
     with staged_dir(tmp_path / "adapter") as tmp:
-        (tmp / "adapter_config.json").write_text("{}")
+        (tmp / "adapter_config.json").write_text("{}", encoding="utf-8")
     assert sorted(os.listdir(tmp_path)) == ["adapter", "eval.json"]
 
 
@@ -199,7 +199,7 @@ def test_replace_dir_gives_plain_permissions_and_removes_leftovers(tmp_path):
 
     (tmp_path / ".merged-oldrun").mkdir()
     tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=tmp_path))
-    (tmp / "config.json").write_text(json.dumps({}))
+    (tmp / "config.json").write_text(json.dumps({}), encoding="utf-8")
     os.chmod(tmp / "config.json", 0o600)
     replace_dir(tmp, tmp_path / "merged")
     assert os.listdir(tmp_path) == ["merged"]

@@ -249,7 +249,7 @@ def run_preprocess(tmp_path: Path, train: Path, capsys, **data) -> tuple[int, st
     code = preprocess.cli(["--params", str(params_file), "--out-dir", str(tmp_path / "out"),
                            "--metrics-file", str(metrics_file)])
     err = capsys.readouterr().err
-    return code, err, json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+    return code, err, json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.exists() else None
 
 
 @pytest.mark.parametrize("case, bad, field, reason, _", CASES, ids=CASE_IDS)
@@ -265,7 +265,7 @@ def test_preprocess_exits_2_naming_the_record_or_counts_the_skip(tmp_path, capsy
     assert code == 0, err
     assert metrics["train"]["read"] == 3 and metrics["train"]["written"] == 2
     assert metrics["train"]["skipped_by_reason"] == {reason: 1} and metrics["total"]["skipped"] == 1
-    assert len((tmp_path / "out" / "train.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "out" / "train.jsonl").read_text(encoding="utf-8").splitlines()) == 2
 
 
 @pytest.mark.parametrize("content", [b"", b"\n\n", changed("table", [])],
@@ -285,7 +285,7 @@ def test_preprocess_in_a_subprocess_prints_no_traceback(tmp_path):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     result = subprocess.run([sys.executable, "-m", "stages.preprocess", "--params", str(tmp_path / "p.yaml"),
                              "--out-dir", str(tmp_path / "o"), "--metrics-file", str(tmp_path / "m.json")],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+                            cwd=REPO, capture_output=True, text=True, timeout=300, encoding="utf-8")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"preprocess: error: {train.as_posix()}:2: field '<line>'")
     assert "Traceback" not in result.stderr
@@ -328,7 +328,7 @@ def test_a_20_mb_table_is_preprocessed_in_seconds(tmp_path, capsys, big_record_f
     assert code == 0, err
     assert metrics["train"]["written"] == 1 and metrics["train"]["truncated"] == 1
     assert metrics["train"]["max_tokens"] <= 1024
-    (rec,) = [json.loads(x) for x in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    (rec,) = [json.loads(x) for x in (tmp_path / "out" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     assert rec["table_cells"] > 200_000 and rec["prompt"].endswith("\n\nSentence:\n")
     assert seconds < 90  # generous: 3-5 s here; the full-table text of the whole table took minutes to build
 
@@ -465,7 +465,7 @@ def test_score_takes_any_prediction_bytes_or_names_the_problem(tmp_path, capsys,
 def test_score_in_a_subprocess_prints_no_traceback(tmp_path, examples_file):
     predictions = write_lines(tmp_path / "p.jsonl", b'{"prediction": 1}\n')
     result = subprocess.run([sys.executable, "-m", "stages.score", "--predictions", str(predictions),
-                             "--examples", str(examples_file)], cwd=REPO, capture_output=True, text=True, timeout=120)
+                             "--examples", str(examples_file)], cwd=REPO, capture_output=True, text=True, timeout=120, encoding="utf-8")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"score: error: {predictions}:1: field 'prediction': expected a JSON object with a string 'prediction'\n"
 
@@ -574,6 +574,6 @@ def test_infer_prompt_of_a_20_mb_table(tokenizer, big_record_file, mode, capsys)
 def test_infer_in_a_subprocess_prints_no_traceback(tmp_path):
     batch = write_lines(tmp_path / "tables.jsonl", line(record(1)), CASES[4][1])  # not UTF-8
     result = subprocess.run([sys.executable, "-m", "stages.infer", "--batch", str(batch), "--model", str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+                            cwd=REPO, capture_output=True, text=True, timeout=300, encoding="utf-8")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith(f"infer: error: {batch.as_posix()}:2: not UTF-8 text") and "Traceback" not in result.stderr

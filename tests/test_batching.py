@@ -12,6 +12,8 @@ from stages.batching import (
     collate,
     collate_packed,
     completion_loss,
+    head_chunk_bytes,
+    head_chunk_positions,
     naive_loss,
     pack_rows,
     packed_attention_masks,
@@ -126,3 +128,73 @@ def test_the_activation_estimate_keeps_a_measured_overflow_out_of_a_5_gib_cap(pa
     budget = budget_for_memory(4096, 5, fixed_bytes=weights, bytes_per_token=activation_bytes_per_token(config))
     assert budget < 4096
     assert budget // 1024 >= 2  # and still room for two rows: not so pessimistic that it runs one at a time
+
+
+def _out_of_place_head_loss(hidden, weight, targets, softcap):
+    """The loss and input gradient as the formulas read, one position block at a time and nothing in place
+    (the code before the in-place rewrite): the reference the in-place loss must equal bit for bit."""
+    raw = (hidden @ weight.T).float()
+    logits = torch.tanh(raw / softcap) * softcap if softcap else raw
+    log_z = torch.logsumexp(logits, dim=-1)
+    total = (log_z - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+    grad = torch.exp(logits - log_z[:, None])
+    grad[torch.arange(len(targets)), targets] -= 1.0
+    if softcap:
+        grad *= 1.0 - (logits / softcap) ** 2
+    return total, (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_the_in_place_head_loss_computes_exactly_the_formulas(softcap):
+    torch.manual_seed(0)
+    weight = torch.randn(1000, 16, dtype=torch.bfloat16)
+    hidden = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 1000, (40,))
+    want_loss, want_grad = _out_of_place_head_loss(hidden.detach(), weight, targets, softcap)
+    loss, n = completion_loss(hidden[None], targets[None], weight, softcap=softcap, chunk_size=40)
+    loss.backward()
+    assert n == 40 and torch.equal(loss.detach(), want_loss)
+    assert torch.equal(hidden.grad, want_grad)
+
+
+def test_the_head_chunk_the_loss_uses_is_the_one_the_memory_model_counts():
+    # Gemma 3's 262,144-word vocabulary: 256 positions a chunk, 512 MiB at the chunk's peak (no softcap)
+    assert head_chunk_positions(262144) == 256
+    assert head_chunk_bytes(262144) == 256 * 262144 * 8 == 2**29
+    assert head_chunk_bytes(262144, softcap=30.0) == 3 * 2**28
+    assert head_chunk_positions(10**9) == 1
+    # completion_loss chunks by head_chunk_positions of its head: a 2**20-word head takes 64 positions a chunk
+    seen = []
+    weight = torch.zeros(2**20, 4)
+    original = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        seen.append(a.shape[0])
+        return original(a, b)
+
+    hidden, targets = torch.zeros(1, 600, 4), torch.zeros(1, 600, dtype=torch.long)
+    torch.Tensor.__matmul__ = spy
+    try:
+        completion_loss(hidden, targets, weight)
+    finally:
+        torch.Tensor.__matmul__ = original
+    assert seen == [64] * 9 + [24]  # 600 positions (no input gradient asked: one matmul a chunk)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures CUDA memory")
+@pytest.mark.parametrize("positions", [128, 512, 2048])
+def test_on_a_gpu_the_head_loss_peaks_within_its_modelled_chunk(positions):
+    device = torch.device("cuda")
+    vocab, dim = 262144, 640
+    weight = torch.randn(vocab, dim, dtype=torch.bfloat16, device=device) * 0.02
+    hidden = torch.randn(1, positions, dim, dtype=torch.bfloat16, device=device, requires_grad=True)
+    targets = torch.randint(0, vocab, (1, positions), device=device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    loss, _ = completion_loss(hidden, targets, weight)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device) - before
+    per_position = dim * 2 * 4  # the picked hidden rows, their gradient, its copy into .grad: a few bf16 rows
+    assert peak <= head_chunk_bytes(vocab) + positions * per_position + 2**20

@@ -180,6 +180,12 @@ KIND_CASES = [
     ({"eval": {"device": "cuda:x"}}, "eval.device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
     ({"merge": {"base": "nf4"}}, "merge.base must be one of ['original', 'trained'], got 'nf4'"),
     ({"merge": {"dtype": "int8"}}, "merge.dtype must be one of"),
+    ({"export": {"types": ["q8"]}}, "export.types: 'q8' is not one of"),
+    ({"export": {"types": ["bf16", "bf16"]}}, "export.types lists a type twice"),
+    ({"export": {"types": ["q4_0"]}}, "export.bounds.q4_0: missing"),
+    ({"export": {"name": "my model"}}, "export.name must be a plain file name stem"),
+    ({"export": {"bounds": {"bf16": {"max_mean_kl": -1, "min_top1_agreement": 0.9}}, "types": ["bf16"]}},
+     "export.bounds.bf16.max_mean_kl must be >= 0"),
     ({"eval": {"model": "quantised"}}, "eval.model must be one of ['adapter', 'merged'], got 'quantised'"),
     ({"eval": {"cache": "paged"}}, "eval.cache must be one of ['dynamic', 'static'], got 'paged'"),
     ({"eval": {"dtype": "float16"}}, "eval.dtype must be auto, float32 or bfloat16, got 'float16' (Gemma 3 overflows"),
@@ -322,7 +328,7 @@ STAGE_ARGS = {
 BAD = {  # a different rejected setting for each command, so that each run checks something new
     "preprocess": (ISSUE_CASES["linearisation"][0], "unknown key data.linearisation (did you mean data.linearization?)"),
     "train": (ISSUE_CASES["learning_rte"][0], "unknown key train.learning_rte (did you mean train.learning_rate?)"),
-    "merge": (set_line(PARAMS_TEXT, "verify_prompts", "eight"), "merge.verify_prompts must be an integer, got 'eight'"),
+    "merge": (set_line(PARAMS_TEXT, "max_error_ratio", "small"), "merge.max_error_ratio must be a finite number, got 'small'"),
     "evaluate": (set_line(PARAMS_TEXT, "cache", "paged"), "eval.cache must be one of ['dynamic', 'static'], got 'paged'"),
     "infer": (ISSUE_CASES["max_length 1e3"][0], "data.max_length must be an integer, got 1000.0"),
 }
@@ -333,7 +339,7 @@ def run_stage(stage: str, cwd: Path, args: list[str], env: dict | None = None) -
     environ.update(PYTHONPATH=str(REPO), **(env or {}))
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, env=environ,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, encoding="utf-8", timeout=120)
     return result, time.perf_counter() - start
 
 
@@ -379,14 +385,16 @@ def test_the_train_stage_refuses_bad_target_modules_before_loading_the_model(tmp
 
 
 def test_the_enums_agree_with_the_modules_that_implement_them():
-    from stages import config, generation, linearize, merge, sources
+    from stages import config, finetuned, generation, gguf_export, linearize, merge, sources
 
     assert set(config.LINEARIZATIONS) == set(linearize.MODES)
     assert set(config.ON_BAD_RECORD) == set(sources.ON_BAD_RECORD)
     assert set(config.EVAL_CACHES) == set(generation.CACHES)
     assert set(config.FP32_MATMULS) == set(generation.FP32_MATMUL)
-    # merge.dtype auto is issue 16's (the fidelity check picks bf16 or float32); the others are stored dtypes
+    # merge.dtype auto: the fidelity check picks bf16 or float32; the others are stored dtypes
     assert set(config.MERGE_DTYPES) - {"auto"} == set(merge.DTYPES)
+    assert set(config.MERGE_BASES) == set(finetuned.BASES)
+    assert set(config.EXPORT_TYPES) == set(gguf_export.TYPES)
 
 
 def test_device_auto_announces_a_cpu_fallback(monkeypatch, capsys):

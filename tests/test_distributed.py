@@ -86,7 +86,7 @@ def test_more_gpus_than_the_host_has_is_a_clear_error(tmp_path, monkeypatch, cap
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     params = load_params(REPO / "params.yaml")
     params["train"].update(num_gpus=2, device=device)
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     with pytest.raises(SystemExit) as exit_:
         train_stage.main(["--params", str(tmp_path / "p.yaml")])
     assert exit_.value.code == 2
@@ -121,8 +121,8 @@ def stage_folder(tmp_path: Path, model_dir: Path, processed_dir: Path, **train_o
     """A working folder as `dvc repro` sees it: params.yaml and data/processed/train.jsonl (11 records)."""
     work = tmp_path / "work"
     (work / "data" / "processed").mkdir(parents=True)
-    lines = (processed_dir / "train.jsonl").read_text().splitlines(keepends=True)[:11]
-    (work / "data" / "processed" / "train.jsonl").write_text("".join(lines))
+    lines = (processed_dir / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:11]
+    (work / "data" / "processed" / "train.jsonl").write_text("".join(lines), encoding="utf-8")
     params = copy.deepcopy(load_params(REPO / "params.yaml"))
     params["model"]["name"] = str(model_dir)
     params["lora"]["dropout"] = 0.0  # no dropout: the ranks' masks differ from one process's
@@ -131,18 +131,18 @@ def stage_folder(tmp_path: Path, model_dir: Path, processed_dir: Path, **train_o
         warmup_ratio=0.0, device="cpu", micro_batch_tokens=128, cpu_micro_batch_tokens=128, num_gpus=2,
     )
     params["train"].update(train_overrides)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return work
 
 
 def run_train_stage(work: Path, guard_dir: Path) -> subprocess.CompletedProcess:
     """`python -m stages.train` in `work`, exactly as dvc.yaml runs it."""
     guard_dir.mkdir(exist_ok=True)
-    (guard_dir / "sitecustomize.py").write_text(RANK_GUARD)
+    (guard_dir / "sitecustomize.py").write_text(RANK_GUARD, encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(guard_dir), str(REPO)]),
            "WRITES_LOG": str(guard_dir / "writes.log")}
     result = subprocess.run([sys.executable, "-m", "stages.train", "--params", "params.yaml"], cwd=work, env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, encoding="utf-8")
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -152,7 +152,7 @@ def files_under(folder: Path) -> set[str]:
 
 
 def curve(metrics_dir: Path, name: str = "loss") -> list[tuple[int, float]]:
-    with open(metrics_dir / "train" / "plots" / "metrics" / f"{name}.tsv", newline="") as fh:
+    with open(metrics_dir / "train" / "plots" / "metrics" / f"{name}.tsv", newline="", encoding="utf-8") as fh:
         return [(int(r["step"]), float(r[name])) for r in csv.DictReader(fh, delimiter="\t")]
 
 
@@ -171,8 +171,9 @@ def test_two_processes_train_what_one_does_rank_0_writes_and_a_resume_continues(
     checkpoint = {"adapter.safetensors", "optimizer.pt", "scheduler.pt", "state.json", "rng.pt", "rng-rank1.pt"}
     assert files_under(work / "models") == {f"adapter/{f}" for f in adapter}
     assert files_under(work / "checkpoints") == {f"step-00000{s}/{f}" for s in (4, 5) for f in checkpoint}
-    stats = json.loads((work / "metrics" / "train.json").read_text())
-    assert stats["world_size"] == 2 and stats["steps"] == 5 and stats["samples"] == 5 + 5 + 1 + 5 + 5
+    stats = json.loads((work / "metrics" / "train.json").read_text(encoding="utf-8"))
+    runtime = json.loads((work / "metrics" / "runtime" / "train.json").read_text(encoding="utf-8"))  # how it ran: not DVC-tracked
+    assert runtime["world_size"] == 2 and stats["steps"] == 5 and stats["samples"] == 5 + 5 + 1 + 5 + 5
 
     # (b) the same adapter and loss curve as one process with the same effective batch and seed
     params = load_params(work / "params.yaml")
@@ -211,8 +212,9 @@ def test_two_processes_train_what_one_does_rank_0_writes_and_a_resume_continues(
     result = run_train_stage(work, tmp_path / "guard")
     assert "resuming from checkpoints/step-000004 (step 4 of 5, 2 process(es))" in result.stdout + result.stderr
     assert not (tmp_path / "guard" / "writes.log").exists()
-    resumed = json.loads((work / "metrics" / "train.json").read_text())
+    resumed = json.loads((work / "metrics" / "runtime" / "train.json").read_text(encoding="utf-8"))
     assert resumed["resumed_from_step"] == 4 and resumed["samples"] == stats["samples"]
+    assert json.loads((work / "metrics" / "train.json").read_text(encoding="utf-8")) == stats  # the same tracked metrics
     a = load_file(tmp_path / "uninterrupted" / "adapter_model.safetensors")
     b = load_file(work / "models" / "adapter" / "adapter_model.safetensors")
     for k in a:
@@ -259,7 +261,7 @@ sys.stdin.read()  # hold the GPU until the test closes stdin (or kills this proc
 
 def start_claimer(gpus: str, folder: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", CLAIMER, gpus, str(folder)], cwd=REPO, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8")
 
 
 def read_line(stream, timeout: float = 60) -> str:

@@ -41,10 +41,10 @@ def write_fake_models(root: Path) -> None:
                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight":
                torch.randn(64, 8, generator=gen).to(torch.bfloat16)},
               str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}), encoding="utf-8")
     save_file({"model.embed_tokens.weight": torch.randn(128, 64, generator=gen).to(torch.bfloat16)},
               str(merged / "model.safetensors"), metadata={"format": "pt"})
-    (merged / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "torch_dtype": "bfloat16"}))
+    (merged / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "torch_dtype": "bfloat16"}), encoding="utf-8")
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -122,7 +122,7 @@ def remote(request):
 
 def test_ssh_credentials_stay_in_the_git_ignored_local_config(project, ssh_remote):
     root = project["root"]
-    shared, local = (root / ".dvc" / "config").read_text(), (root / ".dvc" / "config.local").read_text()
+    shared, local = (root / ".dvc" / "config").read_text(encoding="utf-8"), (root / ".dvc" / "config.local").read_text(encoding="utf-8")
     assert not any(key in shared for key in SECRET_KEYS), shared
     assert "keyfile" in local and "user" in local
     ignored = subprocess.run(["git", "check-ignore", "-q", ".dvc/config.local"], cwd=root, env=project["env"])
@@ -172,7 +172,7 @@ def test_tampered_directory_listing_is_refused_or_reported(project):
     Either outcome counts as caught; a silent success does not.
     """
     root, env, originals = project["root"], project["env"], project["originals"]
-    dir_md5 = yaml.safe_load((root / "models" / "adapter.dvc").read_text())["outs"][0]["md5"]
+    dir_md5 = yaml.safe_load((root / "models" / "adapter.dvc").read_text(encoding="utf-8"))["outs"][0]["md5"]
     listing_path = remote_object(project["remotes"]["local"], dir_md5)
     listing = listing_path.read_bytes()
     entries = json.loads(listing)
@@ -199,5 +199,5 @@ def test_project_default_remote_verifies_downloads():
     default = config["core"].get("remote")
     assert default, "no default remote in .dvc/config"
     assert config[f'remote "{default}"'].get("verify") == "true"
-    shared = (REPO / ".dvc" / "config").read_text()
+    shared = (REPO / ".dvc" / "config").read_text(encoding="utf-8")
     assert not any(key in shared for key in SECRET_KEYS), shared

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,11 +25,16 @@ from configobj import ConfigObj
 from dvc_project import dvc, git, make_tiny_project, set_params
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["preprocess", "train", "merge", "evaluate"]
+STAGES = ["preprocess", "train", "merge", "evaluate", "export"]  # dvc.yaml order (export: disabled here)
 # metrics/eval.json keys (stages/evaluate.py) that a comparison of two runs is about, as DVC flattens them
 SCORES = [f"{run}.overall.{score}" for run in ("finetuned", "base")
           for score in ("bleu", "parent_precision", "parent_recall", "parent_f")]
 SCORES += ["gain.overall.bleu", "gain.overall.parent_f"]
+# A table as a user writes one for `python3 run.py infer` (README "Inference")
+TABLE = {"title": "1998 FIFA World Cup", "section": "Final", "header": ["Team", "Goals"],
+         "rows": [["France", 3], ["Brazil", 0]], "highlight": [[0, 0], [0, 1]]}
+# What varies from run to run or host to host, and so must never be in a DVC-tracked metric
+RUNTIME_WORDS = ("second", "per_s", "memory", "device", "resumed", "host", "date", "time")
 
 
 def ran_stages(output: str) -> list[str]:
@@ -94,12 +102,39 @@ def wait_for_queue(root: Path, env: dict, seconds: float) -> str:
         time.sleep(2)
 
 
+def tracked_files(root: Path, env: dict) -> dict[str, bytes]:
+    """Every file git tracks in the project, by path."""
+    return {name: (root / name).read_bytes() for name in git(root, env, "ls-files").splitlines()}
+
+
+def clone(root: Path, env: dict, dest: Path) -> tuple[Path, dict]:
+    """`git clone` of the project at dest, as on another machine: its own DVC cache and state database."""
+    git(root, env, "clone", "-q", str(root), str(dest))
+    return dest, {**env, "DVC_SITE_CACHE_DIR": str(dest / ".dvc" / "site-cache")}
+
+
+def module(cwd: Path, env: dict, name: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """`python -m NAME ARGS` in cwd: what `python3 run.py pull|infer ...` runs inside .venv."""
+    return subprocess.run([sys.executable, "-m", name, *args], cwd=cwd, env=env, input=stdin, capture_output=True,
+                          text=True, encoding="utf-8", timeout=600)
+
+
+def readme_command(pattern: str) -> str:
+    """The README's command line that matches `pattern` (so that the test runs what users copy), its
+    backslash-continued lines joined."""
+    text = re.sub(r"\\\n\s*", " ", (REPO / "README.md").read_text(encoding="utf-8"))
+    lines = [line.strip() for line in text.splitlines()]
+    found = [line for line in lines if re.search(pattern, line)]
+    assert found, f"README.md has no command matching {pattern!r}"
+    return found[0].split("  #")[0].strip()
+
+
 def snapshot(root: Path, folder: str) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / folder).rglob("*")) if p.is_file()}
 
 
 def predictions(root: Path) -> list[tuple]:
-    rows = [json.loads(line) for line in (root / "metrics" / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (root / "metrics" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     return [(row["id"], row["prediction"], row["base_prediction"]) for row in rows]
 
 
@@ -144,12 +179,50 @@ def test_a_repro_with_nothing_changed_runs_no_stage_within_5_seconds(project):
     assert seconds < 5.0, f"a no-op `dvc repro` took {seconds:.1f} s (the bound is 5 s)"
 
 
+def test_a_second_fresh_repro_rewrites_every_tracked_file_byte_for_byte(project):
+    """Nothing that varies from run to run sits in a DVC-tracked output or metric: after a repro from
+    nothing (no models, no checkpoints, no run cache) of the same params, `git status` is clean."""
+    root, env = project["root"], project["env"]
+    before = tracked_files(root, env)
+    for folder in ("models", "checkpoints", "data/processed", "metrics/runtime"):
+        shutil.rmtree(root / folder, ignore_errors=True)
+
+    rerun = dvc(root, env, "repro", "--force", "--no-run-cache")
+
+    assert ran_stages(rerun.stdout) == STAGES and "resuming" not in rerun.stdout, rerun.stdout
+    assert git(root, env, "status", "--porcelain") == "", git(root, env, "diff")
+    assert tracked_files(root, env) == before
+    assert json.loads(dvc(root, env, "status", "--json").stdout) == {}
+    # how the run went is still recorded, in the git-ignored runtime files, and printed
+    runtime = json.loads((root / "metrics" / "runtime" / "train.json").read_text(encoding="utf-8"))
+    assert runtime["resumed_from_step"] == 0 and runtime["wall_seconds"] > 0 and runtime["tokens_per_s"] > 0
+    assert "times and throughput -> metrics/runtime/train.json" in rerun.stdout
+    evaluated = json.loads((root / "metrics" / "runtime" / "evaluate.json").read_text(encoding="utf-8"))
+    assert evaluated["generation"]["seconds"] > 0
+
+
+def test_metrics_show_holds_scores_and_no_timings(project):
+    shown = json.loads(dvc(project["root"], project["env"], "metrics", "show", "--json").stdout)
+    names = [f"{path}:{key}" for path, data in shown[""]["data"].items()
+             for key in flatten(data["data"])]
+    assert "metrics/eval.json:finetuned.overall.parent_f" in names
+    assert not [n for n in names if any(word in n for word in RUNTIME_WORDS)], names
+
+
+def flatten(tree, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
 def test_an_eval_param_change_reruns_only_evaluate(eval_change):
     assert ran_stages(eval_change["output"]) == ["evaluate"], eval_change["output"]
 
 
-def test_a_lora_param_change_reruns_train_merge_and_evaluate_but_not_preprocess(lora_change):
-    assert ran_stages(lora_change["output"]) == ["train", "merge", "evaluate"], lora_change["output"]
+def test_a_lora_param_change_reruns_train_merge_evaluate_and_export_but_not_preprocess(lora_change):
+    assert ran_stages(lora_change["output"]) == ["train", "merge", "evaluate", "export"], lora_change["output"]
     assert "Stage 'preprocess' didn't change, skipping" in lora_change["output"]
 
 
@@ -167,6 +240,61 @@ def test_metrics_diff_between_two_commits_shows_bleu_and_parent_deltas(project, 
         assert diff[key]["new"] == pytest.approx(after, abs=1e-5), key
         assert diff[key]["diff"] == pytest.approx(after - before, abs=1e-5), key
     assert diff["finetuned.overall.count"] == {"old": 4, "new": 6, "diff": 2}  # the diff is of these commits
+
+
+def test_a_checkout_round_trip_of_cached_states_runs_no_stage(project, lora_change):
+    """Resume points are no DVC output, so a cached state checked out again is up to date."""
+    root, env = project["root"], project["env"]
+    for rev in (project["rev"], "main"):
+        git(root, env, "checkout", "-q", rev)
+        dvc(root, env, "checkout")
+        assert json.loads(dvc(root, env, "status", "--json").stdout) == {}, rev
+        again = dvc(root, env, "repro")
+        assert ran_stages(again.stdout) == [], f"{rev}: {again.stdout}"
+    assert (root / "checkpoints").is_dir()  # still there for a crashed run to resume from
+
+
+def test_a_fresh_clone_pulls_only_the_adapter_and_infers_without_training(project, lora_change, tmp_path):
+    """One machine trains and pushes; a `git clone` elsewhere pulls models/adapter alone and writes the
+    sentence the trained adapter writes. Before the push, the pull says so in one line."""
+    root, env = project["root"], project["env"]
+    fresh, fresh_env = clone(root, env, tmp_path / "elsewhere")
+
+    never_pushed = module(fresh, fresh_env, "stages.pull", "models/adapter")
+    assert never_pushed.returncode == 2, never_pushed.stdout + never_pushed.stderr
+    message = never_pushed.stderr.strip()
+    assert "\n" not in message and "Missing cache files" not in message, message
+    assert "does not hold the committed version of models/adapter" in message and "dvc push" in message, message
+    assert not (fresh / "models").exists()
+
+    dvc(root, env, "push")
+    pulled = module(fresh, fresh_env, "stages.pull", "models/adapter")
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert (fresh / "models" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (fresh / "models" / "merged").exists() and not (fresh / "data" / "processed").exists()
+
+    args = ("-", "--adapter", "models/adapter", "--max-new-tokens", "8", "--device", "cpu")
+    here = module(root, env, "stages.infer", *args, stdin=json.dumps(TABLE))
+    there = module(fresh, fresh_env, "stages.infer", *args, stdin=json.dumps(TABLE))
+    assert here.returncode == 0 and there.returncode == 0, here.stderr + there.stderr
+    assert there.stdout == here.stdout and there.stdout.strip()
+    assert "Running stage" not in there.stdout + there.stderr
+
+    everything = module(fresh, fresh_env, "stages.pull")
+    assert everything.returncode == 0, everything.stdout + everything.stderr
+    assert json.loads(dvc(fresh, fresh_env, "status", "--json").stdout) == {}
+
+
+def test_artifacts_get_fetches_one_model_by_version_tag_without_studio(project, lora_change, tmp_path):
+    """`dvc artifacts get` needs no Studio once the artifact has a version tag (NAME@vX.Y.Z)."""
+    root, env = project["root"], project["env"]
+    dvc(root, env, "push", "models/adapter")
+    git(root, env, "tag", "-a", "totto-adapter@v0.1.0", "-m", "adapter of the lora change")
+
+    dvc(tmp_path, env, "artifacts", "get", str(root), "totto-adapter", "-o", "adapter")
+
+    fetched = {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()}
+    assert fetched == {p.name: p.read_bytes() for p in (root / "models" / "adapter").iterdir()}
 
 
 def test_pull_restores_models_that_generate_the_same_text(project, lora_change):
@@ -191,7 +319,7 @@ def test_exp_run_with_a_set_param_is_listed_by_exp_show(project, lora_change):
 
     run = dvc(root, env, "exp", "run", "-n", "rank-16", "-S", "lora.r=16")
 
-    assert ran_stages(run.stdout) == ["train", "merge", "evaluate"], run.stdout
+    assert ran_stages(run.stdout) == ["train", "merge", "evaluate", "export"], run.stdout
     listed = {exp["name"]: exp for exp in experiments(root, env)}
     assert listed["rank-16"]["params"]["lora"]["r"] == 16
     assert lookup(listed["rank-16"]["metrics"]["metrics/eval.json"], "finetuned.overall.count") == 6
@@ -226,6 +354,33 @@ def test_a_queued_sweep_runs_every_value_and_exp_show_lists_them(project, queue_
     dvc(root, env, "queue", "stop")  # the worker has stopped by itself already (queue empty for 10 s)
     left = wait_gone(root, 30)
     assert not left, f"left running by the queue: {[' '.join(p.info['cmdline'] or []) for p in left]}"
+
+
+def test_the_readme_exp_show_command_fits_120_columns_with_params_and_scores(project):
+    root, env = project["root"], project["env"]
+    command = readme_command(r"run\.py dvc exp show --only-changed")
+    args = shlex.split(command)[3:]  # after `python3 run.py dvc`
+
+    shown = dvc(root, {**env, "COLUMNS": "120"}, *args).stdout
+
+    widths = [len(line.rstrip()) for line in shown.splitlines()]
+    assert max(widths) <= 120, shown
+    header = shown.splitlines()[1].split()
+    for column in ("bleu", "parent_f", "parent_f_gain", "lora.r", "train.learning_rate"):  # changed params, scores
+        assert column in header, shown
+
+
+def test_the_plots_page_renders_offline_with_unique_ids_and_data(project, tmp_path):
+    root, env = project["root"], project["env"]
+    dvc(root, env, "plots", "show", "-o", str(tmp_path / "page"))
+    page = (tmp_path / "page" / "index.html").read_text(encoding="utf-8")
+
+    assert "cdn.jsdelivr" not in page and "<script src=" not in page  # the libraries are inlined
+    assert "vegaEmbed" in page and "vega-lite@5.2.0" in page
+    ids = re.findall(r"vegaEmbed\('#([\w-]+)'", page)
+    assert ids[:3] == ["train_loss", "train_learning_rate", "train_grad_norm"] and len(ids) == len(set(ids)) == 7
+    specs = [json.loads(m) for m in re.findall(r"var spec = (\{.*?\});\s*vegaEmbed", page, flags=re.S)]
+    assert len(specs) == len(ids) and all(spec["data"]["values"] for spec in specs)
 
 
 def test_committed_dvc_config_has_no_relative_site_cache_dir():

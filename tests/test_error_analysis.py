@@ -226,9 +226,9 @@ def test_the_full_report_adds_inputs_references_and_missing_cells(tmp_path, caps
 def test_hand_written_notes_survive_a_rewrite(tmp_path, capsys):
     _, out, _, _ = run_cli(tmp_path, capsys)
     text = out.read_text(encoding="utf-8")
-    out.write_text(text.replace("<!-- notes -->\n", "<!-- notes -->\n## What the counts say\n\nMostly fine.\n"))
+    out.write_text(text.replace("<!-- notes -->\n", "<!-- notes -->\n## What the counts say\n\nMostly fine.\n"), encoding="utf-8")
     run_cli(tmp_path, capsys)
-    assert "<!-- notes -->\n## What the counts say\n\nMostly fine.\n<!-- /notes -->" in out.read_text()
+    assert "<!-- notes -->\n## What the counts say\n\nMostly fine.\n<!-- /notes -->" in out.read_text(encoding="utf-8")
 
 
 def test_a_plain_jsonl_file_is_read_too(tmp_path, capsys):
@@ -262,7 +262,7 @@ def test_a_missing_file_and_an_empty_file_exit_2(tmp_path, capsys):
     args = ["--out", str(tmp_path / "a.md"), "--full", str(tmp_path / "b.md")]
     assert ea.main(["--predictions", str(tmp_path / "nope.jsonl"), *args]) == 2
     assert "nope.jsonl: no such file" in capsys.readouterr().err
-    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
     assert ea.main(["--predictions", str(tmp_path / "empty.jsonl"), *args]) == 2
     assert "no predictions" in capsys.readouterr().err
 
@@ -279,7 +279,7 @@ def test_the_command_line_prints_no_traceback(tmp_path):
     path.write_text(json.dumps(ROWS[0]) + "\n{\n", encoding="utf-8")
     result = subprocess.run([sys.executable, "-m", "stages.error_analysis", "--predictions", str(path),
                              "--out", str(tmp_path / "a.md"), "--full", str(tmp_path / "b.md")],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+                            cwd=REPO, capture_output=True, text=True, timeout=60, encoding="utf-8")
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"error_analysis: error: {path}:2: field '<line>': invalid JSON (")
@@ -291,6 +291,6 @@ def test_a_full_report_that_git_would_commit_gets_a_warning(tmp_path, capsys, mo
     monkeypatch.chdir(tmp_path)
     _, _, full, captured = run_cli(tmp_path, capsys)
     assert "holds dataset text but git does not ignore it" in captured.err
-    (tmp_path / ".gitignore").write_text("/metrics/errors-full.md\n")
+    (tmp_path / ".gitignore").write_text("/metrics/errors-full.md\n", encoding="utf-8")
     _, _, _, captured = run_cli(tmp_path, capsys)
     assert "warning" not in captured.err

@@ -71,11 +71,11 @@ def set_params(folder, params):
     (folder / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
 
 
-def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_model_dir, tokenizer):
+def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_model_dir, tokenizer, capsys):
     folder, _, records = project
     result = evaluate.main([])
 
-    rows = [json.loads(line) for line in (folder / "metrics" / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (folder / "metrics" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in rows] == [r["id"] for r in records]
     for row, rec in zip(rows, records):
         assert {"id", "prompt", "prediction", "base_prediction", "references", "overlap", "parent",
@@ -87,15 +87,25 @@ def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_mod
     # The 'merged' model is the base model itself here, so both must answer identically.
     assert [r["prediction"] for r in rows] == [r["base_prediction"] for r in rows]
 
-    saved = json.loads((folder / "metrics" / "eval.json").read_text())
-    assert saved == json.loads(json.dumps(result))
-    assert set(saved) >= {"finetuned", "base", "gain", "bleurt", "examples", "generation"}
-    assert saved["examples"] == 5 and saved["bleurt"] == "not computed"
+    # eval.json holds the scores and nothing that varies from run to run; the times go to the runtime file
+    saved = json.loads((folder / "metrics" / "eval.json").read_text(encoding="utf-8"))
+    assert set(saved) == {"bleu", "parent_f", "parent_f_gain", "finetuned", "base", "gain", "examples", "same_as_base"}
+    assert saved["bleu"] == saved["finetuned"]["overall"]["bleu"] and saved["parent_f_gain"] == 0.0
+    assert saved == json.loads(json.dumps({k: result[k] for k in saved}))
+    assert saved["examples"] == 5 and saved["same_as_base"] == 5
     assert saved["finetuned"]["overall"]["count"] == 5
+    assert set(saved["finetuned"]["overall"]) == {"count", "bleu", "parent_precision", "parent_recall", "parent_f"}
     assert saved["finetuned"]["overlap"]["count"] == 2 and saved["finetuned"]["non_overlap"]["count"] == 2
     for subset in SUBSETS:
         assert saved["gain"][subset] == {"bleu": 0.0, "parent_f": 0.0}
-    assert saved["generation"]["seconds"] > 0 and saved["generation"]["examples_per_s"] > 0
+    runtime = json.loads((folder / "metrics" / "runtime" / "evaluate.json").read_text(encoding="utf-8"))
+    assert runtime["generation"]["seconds"] > 0 and runtime["generation"]["examples_per_s"] > 0
+    assert runtime["model"] == {"kind": "merged", "base": str(tiny_model_dir), "device": "cpu",
+                                "dtype": "torch.bfloat16"}  # eval.dtype auto: the training dtype
+    # the summary names the outputs and says that the "fine-tuned" model (the base itself here) changed nothing
+    out = capsys.readouterr().out
+    assert "metrics/eval.json" in out and "metrics/predictions.jsonl" in out and "fine-tuned BLEU" in out
+    assert "evaluate: warning: the fine-tuned model wrote exactly the base model's sentence for all 5" in out
 
     # A prediction is the model's own greedy continuation of the prompt, cut at the end token.
     model = load_model(tiny_model_dir, dtype=torch.bfloat16, device=torch.device("cpu"))
@@ -103,12 +113,12 @@ def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_mod
     out = model.generate(input_ids=ids, do_sample=False, max_new_tokens=6, eos_token_id=[1, 106], pad_token_id=0)
     assert rows[1]["prediction"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
-    with open(folder / "metrics" / "plots" / "by_highlighted.csv", newline="") as fh:
+    with open(folder / "metrics" / "plots" / "by_highlighted.csv", newline="", encoding="utf-8") as fh:
         by_highlighted = list(csv.DictReader(fh))
     assert [r["bucket"] for r in by_highlighted] == ["1", "2", "3", "5+"]
     assert [int(r["count"]) for r in by_highlighted] == [2, 1, 1, 1]
     assert set(by_highlighted[0]) == {"bucket", "count", "bleu", "parent_f", "base_bleu", "base_parent_f"}
-    with open(folder / "metrics" / "plots" / "by_table_size.csv", newline="") as fh:
+    with open(folder / "metrics" / "plots" / "by_table_size.csv", newline="", encoding="utf-8") as fh:
         by_size = list(csv.DictReader(fh))
     assert sum(int(r["count"]) for r in by_size) == 5
     assert [r["bucket"] for r in by_size] == ["1-50", "51-100", "101-200"]
@@ -134,14 +144,14 @@ def test_adapter_without_base_and_max_examples(project, tiny_model_dir):
 
     result = evaluate.main([])
     assert result["base"] is None and result["gain"] is None and result["examples"] == 3
-    rows = [json.loads(line) for line in (folder / "metrics" / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (folder / "metrics" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 3 and all("base_prediction" not in r for r in rows)
-    with open(folder / "metrics" / "plots" / "by_highlighted.csv", newline="") as fh:
+    with open(folder / "metrics" / "plots" / "by_highlighted.csv", newline="", encoding="utf-8") as fh:
         assert next(csv.reader(fh)) == ["bucket", "count", "bleu", "parent_f"]
 
     # The same adapter on other base weights is refused.
     (folder / "models" / "adapter" / "training_info.json").write_text(json.dumps(
-        {"base_model": {"name": "x", "weights_sha256": "0" * 64}}))
+        {"base_model": {"name": "x", "weights_sha256": "0" * 64}}), encoding="utf-8")
     with pytest.raises(AdapterError, match="weights_sha256"):
         evaluate.main([])
 
@@ -152,7 +162,7 @@ def test_missing_inputs_are_clear_errors(project, capsys):
     assert evaluate.cli([]) == 2
     assert "models/merged" in capsys.readouterr().err
 
-    (folder / "data" / "processed" / "validation.jsonl").write_text('{"id": "1", "prompt": "x"}\n')
+    (folder / "data" / "processed" / "validation.jsonl").write_text('{"id": "1", "prompt": "x"}\n', encoding="utf-8")
     assert evaluate.cli([]) == 2
     assert "validation.jsonl:1: field 'references'" in capsys.readouterr().err
 
@@ -165,3 +175,20 @@ def test_missing_inputs_are_clear_errors(project, capsys):
     set_params(folder, params)
     assert evaluate.cli([]) == 2
     assert "eval.fp32_matmul must be one of ['ieee', 'tf32'], got 'fast'" in capsys.readouterr().err
+
+
+def scores(same: int, examples: int = 4) -> dict:
+    return {"examples": examples, "same_as_base": same}
+
+
+def test_a_finetune_that_changed_nothing_is_reported_with_its_cause():
+    # every prediction the base's, and the only steps were warm-up steps at learning rate 0
+    (equal, cause) = evaluate.finetune_warnings(scores(4), {"steps": 2, "steps_with_nonzero_lr": 0})
+    assert "exactly the base model's sentence for all 4 examples" in equal
+    assert "all 2 optimiser steps ran at learning rate 0" in cause and "train.warmup_ratio" in cause
+    # most predictions equal, one of two steps at lr 0: both said
+    (most, cause) = evaluate.finetune_warnings(scores(3), {"steps": 2, "steps_with_nonzero_lr": 1})
+    assert "for 3 of 4 examples" in most and "only 1 of 2 optimiser steps" in cause
+    # a fine-tune that changed the outputs: no warning, even with warm-up steps
+    assert evaluate.finetune_warnings(scores(1), {"steps": 2, "steps_with_nonzero_lr": 1}) == []
+    assert evaluate.finetune_warnings({"examples": 4}, {}) == []  # no base compared, no training record

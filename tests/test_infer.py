@@ -143,7 +143,7 @@ def test_adapter_takes_its_base_from_training_info(tiny_model_dir, tokenizer, tm
     status, _, err = run(capsys, table, "--adapter", adapter)
     assert status == 2 and "give it with --base" in err
 
-    (adapter / "training_info.json").write_text(json.dumps({"base_model": {"name": str(tiny_model_dir)}}))
+    (adapter / "training_info.json").write_text(json.dumps({"base_model": {"name": str(tiny_model_dir)}}), encoding="utf-8")
     status, out, err = run(capsys, table, "--adapter", adapter)
     # A fresh LoRA adapter (B = 0) changes nothing: the base model's sentence.
     assert (status, out) == (0, expected(tiny_model_dir, tokenizer, [infer.to_example(SIMPLE, "", "", 1)])), err
@@ -173,11 +173,11 @@ def test_bad_single_input_is_exit_2_with_file_and_field(tmp_path, capsys, conten
 
 def test_bad_batch_line_names_its_line(tmp_path, capsys):
     batch = tmp_path / "tables.jsonl"
-    batch.write_text(json.dumps(SIMPLE) + "\n" + '{"rows": [["a"]], "highlight": [[0, 5]]}' + "\n")
+    batch.write_text(json.dumps(SIMPLE) + "\n" + '{"rows": [["a"]], "highlight": [[0, 5]]}' + "\n", encoding="utf-8")
     status, _, err = run(capsys, "--batch", batch, "--model", tmp_path)
     assert status == 2 and "tables.jsonl:2: field 'highlight[0]'" in err
 
-    batch.write_text(json.dumps(SIMPLE) + "\n{not json\n")
+    batch.write_text(json.dumps(SIMPLE) + "\n{not json\n", encoding="utf-8")
     status, _, err = run(capsys, "--batch", batch, "--model", tmp_path)
     assert status == 2 and "tables.jsonl:2: invalid JSON" in err
 
@@ -186,7 +186,7 @@ def test_missing_files_and_models_are_exit_2(tmp_path, capsys):
     status, _, err = run(capsys, tmp_path / "nope.json", "--model", tmp_path)
     assert status == 2 and "nope.json: no such file" in err
     table = tmp_path / "table.json"
-    table.write_text(json.dumps(SIMPLE))
+    table.write_text(json.dumps(SIMPLE), encoding="utf-8")
     status, _, err = run(capsys, table, "--model", tmp_path / "no-model")
     assert status == 2 and "no config.json" in err
     status, _, err = run(capsys, table, "--adapter", tmp_path)

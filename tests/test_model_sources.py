@@ -24,7 +24,7 @@ def adapter(tmp_path_factory, tiny_model_dir) -> Path:
     base = model_sources.load_model(tiny_model_dir, dtype=torch.float32, device=torch.device("cpu"))
     get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(folder)
     info = {"base_model": {"name": str(tiny_model_dir), "weights_sha256": model_sources.weights_sha256(tiny_model_dir)}}
-    (folder / "training_info.json").write_text(json.dumps(info))
+    (folder / "training_info.json").write_text(json.dumps(info), encoding="utf-8")
     return folder
 
 
@@ -33,7 +33,7 @@ def copy(folder: Path, tmp_path: Path) -> Path:
 
 
 def edit_json(path: Path, **changes) -> None:
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), **changes}), encoding="utf-8")
 
 
 def test_sound_folders_pass(tiny_model_dir, adapter):
@@ -44,8 +44,8 @@ def test_sound_folders_pass(tiny_model_dir, adapter):
 @pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
 def test_a_truncated_config_is_named(tiny_model_dir, tmp_path, name):
     folder = copy(tiny_model_dir, tmp_path)
-    text = (folder / name).read_text()
-    (folder / name).write_text(text[: len(text) // 2])
+    text = (folder / name).read_text(encoding="utf-8")
+    (folder / name).write_text(text[: len(text) // 2], encoding="utf-8")
     loader = model_sources.load_tokenizer if name.startswith("tokenizer") else model_sources.load_model
     with pytest.raises(WeightsError) as err:
         loader(folder)
@@ -76,7 +76,7 @@ def test_an_adapter_config_whose_rank_disagrees_with_the_weights_is_named(adapte
     edit_json(folder / "adapter_config.json", r=4, rank_pattern={"v_proj": 2})
     with pytest.raises(WeightsError, match=r"field 'rank_pattern': rank 2 disagrees .*v_proj.lora_A.weight"):
         check_adapter_files(folder)
-    (folder / "adapter_config.json").write_text('{"r": 4, "lora_al')
+    (folder / "adapter_config.json").write_text('{"r": 4, "lora_al', encoding="utf-8")
     with pytest.raises(WeightsError, match=r"adapter_config.json:1: invalid JSON .*\(the adapter's adapter_config.json: "
                                            r"rerun the train stage"):
         check_adapter_files(folder)
@@ -84,7 +84,7 @@ def test_an_adapter_config_whose_rank_disagrees_with_the_weights_is_named(adapte
 
 def run_infer(capsys, tmp_path, *argv) -> tuple[int, str]:
     table = tmp_path / "table.json"
-    table.write_text(json.dumps({"rows": [["France", 3]], "highlight": [[0, 0]]}))
+    table.write_text(json.dumps({"rows": [["France", 3]], "highlight": [[0, 0]]}), encoding="utf-8")
     code = infer.cli([str(table), *map(str, argv), "--device", "cpu"])
     return code, capsys.readouterr().err
 
@@ -97,7 +97,7 @@ def test_infer_names_a_bad_adapter_in_one_line(adapter, tiny_model_dir, tmp_path
     assert err.count("\n") == 1 and "Traceback" not in err
 
     edit_json(folder / "adapter_config.json", r=4)
-    (folder / "training_info.json").write_text('{"base_model": {"na')
+    (folder / "training_info.json").write_text('{"base_model": {"na', encoding="utf-8")
     code, err = run_infer(capsys, tmp_path, "--adapter", folder)
     assert code == 2 and f"{(folder / 'training_info.json').as_posix()}:1: invalid JSON" in err
     assert err.rstrip().endswith("(the adapter's training_info.json: rerun the train stage)") and err.count("\n") == 1
@@ -105,7 +105,7 @@ def test_infer_names_a_bad_adapter_in_one_line(adapter, tiny_model_dir, tmp_path
 
 def test_infer_names_a_model_folder_with_a_truncated_config(tiny_model_dir, tmp_path, capsys):
     folder = copy(tiny_model_dir, tmp_path)
-    (folder / "config.json").write_text('{"architectures": ["Gemma3ForCausalLM"], "hidden_')
+    (folder / "config.json").write_text('{"architectures": ["Gemma3ForCausalLM"], "hidden_', encoding="utf-8")
     code, err = run_infer(capsys, tmp_path, "--model", folder)
     assert code == 2 and err.startswith(f"infer: error: {(folder / 'config.json').as_posix()}:1: invalid JSON")
     assert err.count("\n") == 1

@@ -68,7 +68,7 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 def logged_steps(project: Path) -> int:
     loss = project / "metrics" / "train" / "plots" / "metrics" / "loss.tsv"
     try:
-        return max(0, len(loss.read_text().splitlines()) - 1)
+        return max(0, len(loss.read_text(encoding="utf-8").splitlines()) - 1)
     except FileNotFoundError:
         return 0
 
@@ -84,16 +84,16 @@ def plant_half_written_checkpoints(folder: Path) -> list[Path]:
         name = f".tmp-step-{os.urandom(4).hex()}" if damage == "tmp" else f"step-{step:06d}"
         bad = folder / name
         shutil.copytree(latest, bad)
-        state = json.loads((bad / "state.json").read_text())
-        (bad / "state.json").write_text(json.dumps({**state, "step": step}))
+        state = json.loads((bad / "state.json").read_text(encoding="utf-8"))
+        (bad / "state.json").write_text(json.dumps({**state, "step": step}), encoding="utf-8")
         if damage == "no state":
             (bad / "state.json").unlink()
         elif damage == "truncated adapter":
             data = (bad / "adapter.safetensors").read_bytes()
             (bad / "adapter.safetensors").write_bytes(data[: len(data) // 2])
         elif damage == "truncated state":
-            text = (bad / "state.json").read_text()
-            (bad / "state.json").write_text(text[: len(text) // 2])
+            text = (bad / "state.json").read_text(encoding="utf-8")
+            (bad / "state.json").write_text(text[: len(text) // 2], encoding="utf-8")
         planted.append(bad)
     return planted
 
@@ -112,7 +112,7 @@ def pipeline_run(tmp_path_factory, tiny_model_dir) -> dict:
     # `dvc repro train` runs preprocess, then train; the kill comes after a random number of logged steps
     kill_after = random.SystemRandom().randint(1, MAX_STEPS - 2)
     repro = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=project, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, encoding="utf-8")
     deadline = time.monotonic() + 300
     while logged_steps(project) < kill_after and repro.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -145,13 +145,14 @@ def pipeline_run(tmp_path_factory, tiny_model_dir) -> dict:
     shutil.copy2(project / "params.yaml", whole / "params.yaml")
     shutil.copy2(project / "data" / "processed" / "train.jsonl", whole / "data" / "processed" / "train.jsonl")
     result = subprocess.run([sys.executable, "-m", "stages.train", "--no-dvclive"], cwd=whole,
-                            env={**env, "PYTHONPATH": str(project)}, capture_output=True, text=True, timeout=600)
+                            env={**env, "PYTHONPATH": str(project)}, capture_output=True, text=True, timeout=600, encoding="utf-8")
     assert result.returncode == 0, result.stdout + result.stderr
     run["log"] += [result.stdout, result.stderr]
     run["uninterrupted"] = whole / "models" / "adapter"
     return run
 
 
+@pytest.mark.posix_only("SIGKILL (Windows has TerminateProcess, a different path, not tested)")
 def test_sigkill_of_the_train_stage_then_dvc_repro_resumes(pipeline_run):
     run, project = pipeline_run, pipeline_run["project"]
     killed_at, last = run["killed_at"], run["last"]
@@ -162,13 +163,15 @@ def test_sigkill_of_the_train_stage_then_dvc_repro_resumes(pipeline_run):
     assert last % SAVE_STEPS == 0 and killed_at - SAVE_STEPS <= last <= killed_at, (last, killed_at)
     resumed = f"train: resuming from checkpoints/step-{last:06d} (step {last} of {MAX_STEPS}"
     assert (resumed in "".join(run["log"])) == (last > 0), f"killed after step {killed_at}"
-    assert json.loads((project / "metrics" / "train.json").read_text())["resumed_from_step"] == last
+    runtime = json.loads((project / "metrics" / "runtime" / "train.json").read_text(encoding="utf-8"))  # how it ran: not DVC-tracked
+    assert runtime["resumed_from_step"] == last
     assert not any(p.exists() for p in run["planted"])  # half-written checkpoints: removed, never loaded
     assert_same_tensors(adapter_tensors(run["uninterrupted"]), adapter_tensors(project / "models" / "adapter"))
     status = dvc(project, run["env"], "status").stdout
     assert "changed" not in status and "modified" not in status, status  # dvc.lock records the finished run
 
 
+@pytest.mark.posix_only("SIGKILL (Windows has TerminateProcess, a different path, not tested)")
 def test_fake_credentials_appear_in_no_output_log_or_commit(pipeline_run):
     project, env, log = pipeline_run["project"], pipeline_run["env"], "\n".join(pipeline_run["log"])
     assert "Running stage 'evaluate'" in log  # the whole pipeline ran
@@ -181,10 +184,11 @@ def test_fake_credentials_appear_in_no_output_log_or_commit(pipeline_run):
     # and in every version of every file git stores (git grep exits 1 when nothing matches)
     revisions = git(project, env, "rev-list", "--all").split()
     found = subprocess.run(["git", "grep", "-I", "-e", "fAkE-SeCrEt", *revisions], cwd=project, env=env,
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, encoding="utf-8")
     assert (found.returncode, found.stdout) == (1, ""), found.stdout + found.stderr
 
 
+@pytest.mark.posix_only("POSIX permission bits and umask (Windows files have ACLs)")
 def test_outputs_have_normal_permissions(pipeline_run):
     project = pipeline_run["project"]
     expected = 0o666 & ~current_umask()
@@ -205,7 +209,7 @@ def test_outputs_have_normal_permissions(pipeline_run):
 
 
 def small_params(tiny_model_dir) -> dict:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["model"]["name"] = str(tiny_model_dir)
     params["train"].update(quantization="none", effective_batch=4, max_steps=3, save_steps=1, logging_steps=1,
                            learning_rate=1e-2, warmup_ratio=0.0, device="cpu", cpu_micro_batch_tokens=256)
@@ -239,22 +243,24 @@ def test_half_written_checkpoints_are_never_loaded(tiny_model_dir, real_tokenize
 # Atomic outputs
 
 
+@pytest.mark.posix_only("POSIX permission bits and umask (Windows files have ACLs)")
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path, umask, mode):
     old = os.umask(umask)
     try:
         assert current_umask() == umask
         write_atomic(tmp_path / "out.json", "{}\n")
-        with open(tmp_path / "plain.json", "w") as fh:
+        with open(tmp_path / "plain.json", "w", encoding="utf-8") as fh:
             fh.write("{}\n")
     finally:
         os.umask(old)
     assert (tmp_path / "out.json").stat().st_mode & 0o777 == mode == (tmp_path / "plain.json").stat().st_mode & 0o777
 
 
+@pytest.mark.posix_only("SIGKILL (Windows has TerminateProcess, a different path, not tested)")
 def test_sigkill_during_an_atomic_write_leaves_the_previous_file(tmp_path):
     target = tmp_path / "train.jsonl"
-    target.write_text("previous complete output\n")
+    target.write_text("previous complete output\n", encoding="utf-8")
     # The child stops inside write_atomic with the new text written to its temp file, not yet renamed.
     child = subprocess.Popen([sys.executable, "-c", f"""
 import os, sys, time
@@ -264,18 +270,18 @@ def stop(fd):
     time.sleep(600)
 atomic_io.os.fsync = stop
 atomic_io.write_atomic({str(target)!r}, "new output\\n" * 100000)
-"""], cwd=REPO, stdout=subprocess.PIPE, text=True)
+"""], cwd=REPO, stdout=subprocess.PIPE, text=True, encoding="utf-8")
     assert child.stdout.readline() == "written\n"
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=60)
-    assert target.read_text() == "previous complete output\n"
+    assert target.read_text(encoding="utf-8") == "previous complete output\n"
     leftovers = [p.name for p in tmp_path.iterdir() if p != target]
     assert len(leftovers) == 1 and re.fullmatch(r"\.train\.jsonl\..+\.tmp", leftovers[0])  # hidden, never the output
 
 
 def test_an_exception_during_an_atomic_write_leaves_the_previous_file(tmp_path, monkeypatch):
     target = tmp_path / "eval.json"
-    target.write_text("previous\n")
+    target.write_text("previous\n", encoding="utf-8")
 
     def full_disk(fd):
         raise OSError(28, "No space left on device")
@@ -283,7 +289,7 @@ def test_an_exception_during_an_atomic_write_leaves_the_previous_file(tmp_path, 
     monkeypatch.setattr("stages.atomic_io.os.fsync", full_disk)
     with pytest.raises(OSError, match="No space left"):
         write_atomic(target, "new\n")
-    assert target.read_text() == "previous\n" and [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+    assert target.read_text(encoding="utf-8") == "previous\n" and [p.name for p in tmp_path.iterdir()] == ["eval.json"]
 
 
 WRITES = {"open", "write_text", "write_bytes", "save_file", "save", "save_pretrained", "dump", "copy", "copy2",
@@ -358,7 +364,7 @@ def fresh_adapter(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def merge_params(tiny_model_dir) -> dict:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["model"]["name"] = str(tiny_model_dir)
     params["merge"].update(device="cpu", verify_prompts=2)
     return params
@@ -427,7 +433,7 @@ def test_an_adapter_on_another_base_is_refused_everywhere(tiny_model_dir, fresh_
                                                      r"adapter was trained on base weights sha256"):
         finetuned.load_adapter_model(fresh_adapter, other_base, torch.device("cpu"), torch.float32)
     table = tmp_path / "t.json"
-    table.write_text(json.dumps({"rows": [["a"]], "highlight": [[0, 0]]}))
+    table.write_text(json.dumps({"rows": [["a"]], "highlight": [[0, 0]]}), encoding="utf-8")
     code = infer.cli([str(table), "--adapter", str(fresh_adapter), "--base", str(other_base), "--device", "cpu",
                       "--params", str(REPO / "params.yaml")])
     err = capsys.readouterr().err
@@ -473,7 +479,7 @@ def test_a_corrupt_adapter_file_is_named(tiny_model_dir, fresh_adapter, tmp_path
     with pytest.raises(model_sources.WeightsError, match=pattern):
         finetuned.load_adapter_model(adapter, tiny_model_dir, torch.device("cpu"), torch.float32)
     table = tmp_path / "t.json"
-    table.write_text(json.dumps({"rows": [["a"]], "highlight": [[0, 0]]}))
+    table.write_text(json.dumps({"rows": [["a"]], "highlight": [[0, 0]]}), encoding="utf-8")
     code = infer.cli([str(table), "--adapter", str(adapter), "--device", "cpu", "--params", str(REPO / "params.yaml")])
     err = capsys.readouterr().err
     assert code == 2 and re.search(pattern, err) and "Traceback" not in err, err
@@ -485,9 +491,9 @@ def test_a_corrupt_adapter_file_is_named(tiny_model_dir, fresh_adapter, tmp_path
 
 def test_no_remote_code_anywhere_in_the_repository():
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+                           text=True, check=True, encoding="utf-8").stdout.split()
     pattern = re.compile(r"trust_remote_code\s*=\s*True|trust_remote_code\s*:\s*true", re.IGNORECASE)
-    hits = [f for f in files if (REPO / f).is_file() and pattern.search((REPO / f).read_text(errors="replace"))]
+    hits = [f for f in files if (REPO / f).is_file() and pattern.search((REPO / f).read_text(errors="replace", encoding="utf-8"))]
     assert not hits, hits
 
 

@@ -104,7 +104,7 @@ def test_command_line_error_has_no_traceback(tmp_path, fixture_files):
     path.write_text("only one\n", encoding="utf-8")
     result = subprocess.run(
         [sys.executable, "-m", "stages.score", "--predictions", str(path), "--examples", str(EXAMPLES)],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
+        cwd=REPO, capture_output=True, text=True, timeout=120, encoding="utf-8")
     assert result.returncode == 2
     assert result.stderr.startswith("score: error: ")
     assert "Traceback" not in result.stderr

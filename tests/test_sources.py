@@ -180,7 +180,7 @@ def test_hub_dataset_offline_gives_a_clear_error(tmp_path):
         "except RuntimeError as e:\n    print('ERR', e)\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120, encoding="utf-8")
     assert "ERR data.source=hf:GEM/totto: could not load split 'validation'" in out.stdout, out.stderr[-2000:]
     assert "data.validation_file" in out.stdout
 

@@ -48,11 +48,11 @@ def test_a_few_steps_reduce_the_loss_on_a_repeated_batch(tiny_model_dir, real_to
     params = small_params(max_steps=6, save_steps=100)
     stats = train(params, records, None, checkpoint_dir=None, metrics_dir=tmp_path, model_dir=tiny_model_dir, tokenizer=real_tokenizer,
                   progress=False)
-    with open(tmp_path / "train" / "plots" / "metrics" / "loss.tsv") as fh:
+    with open(tmp_path / "train" / "plots" / "metrics" / "loss.tsv", encoding="utf-8") as fh:
         losses = [float(row["loss"]) for row in csv.DictReader(fh, delimiter="\t")]
     assert len(losses) == 6
     assert losses[-1] < losses[0] - 0.1
-    summary = json.loads((tmp_path / "train.json").read_text())
+    summary = json.loads((tmp_path / "train.json").read_text(encoding="utf-8"))
     assert summary["steps"] == 6 and summary["samples"] == 24 and summary["final_loss"] == stats["final_loss"]
 
 
@@ -113,19 +113,44 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_model_di
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     # the loss curve of the resumed run still covers every step, with the uninterrupted run's values
     def curve(folder):
-        with open(folder / "metrics" / "train" / "plots" / "metrics" / "loss.tsv", newline="") as fh:
+        with open(folder / "metrics" / "train" / "plots" / "metrics" / "loss.tsv", newline="", encoding="utf-8") as fh:
             return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh, delimiter="\t")]
 
     assert [s for s, _ in curve(tmp_path / "resumed")] == [1, 2, 3, 4, 5]
     assert [v for _, v in curve(tmp_path / "resumed")] == pytest.approx([v for _, v in curve(tmp_path / "whole")])
     # only the last 2 checkpoints are kept
     assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").iterdir()) == ["step-000004", "step-000005"]
+    # what DVC tracks is byte-identical whether the run was resumed or not; how it ran is in the runtime file
+    def tracked(folder):
+        files = sorted((folder / "adapter").iterdir()) + sorted((folder / "metrics" / "train").rglob("*"))
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in files + [folder / "metrics" / "train.json"]
+                if p.is_file()}
 
-    info = json.loads((tmp_path / "whole" / "adapter" / "training_info.json").read_text())
-    assert info["steps"] == 5 and info["base_model"]["weights_sha256"]
+    assert tracked(tmp_path / "resumed") == tracked(tmp_path / "whole")
+    assert "metrics/train/plots/metrics/tokens_per_s.tsv" not in tracked(tmp_path / "whole")
+    modules = json.loads((tmp_path / "whole" / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))["target_modules"]
+    assert modules == sorted(modules)  # not set order, which changes with each process's hash seed
+    runtime = json.loads((tmp_path / "resumed" / "metrics" / "runtime" / "train.json").read_text(encoding="utf-8"))
+    assert runtime["resumed_from_step"] == 2 and runtime["train_seconds"] > 0 and runtime["tokens_per_s"] > 0
+    assert [row["step"] for row in runtime["history"]] == [1, 2, 3, 4, 5]
+
+    info = json.loads((tmp_path / "whole" / "adapter" / "training_info.json").read_text(encoding="utf-8"))
+    assert info["steps"] == 5 and info["base_model"]["weights_sha256"] and info["steps_with_nonzero_lr"] == 5
+    assert not {"train_seconds", "wall_seconds", "tokens_per_s", "peak_memory_gb", "resumed_from_step"} & set(info)
     assert info["data_sha256"] == train_stage.records_sha256(records)
     assert (tmp_path / "whole" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "whole" / "adapter" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("scheduler, warmup_ratio, steps, expected", [
+    ("cosine", 0.06, 2, 1),    # the committed demo: ceil(0.06 x 2) = 1 warm-up step at lr 0, then one at 5e-5
+    ("cosine", 0.5, 1, 0),     # a one-step run that is all warm-up: the weights never move
+    ("linear", 0.0, 3, 3),
+    ("constant", 0.5, 4, 4),   # no warm-up in a constant schedule
+])
+def test_steps_with_nonzero_lr_replays_the_schedule(scheduler, warmup_ratio, steps, expected):
+    cfg = {"lr_scheduler": scheduler, "warmup_ratio": warmup_ratio, "learning_rate": 5e-5}
+    assert train_stage.steps_with_nonzero_lr(cfg, steps) == expected
 
 
 def test_a_checkpoint_of_other_params_is_not_resumed(tiny_model_dir, real_tokenizer, processed_dir, tmp_path):
@@ -179,3 +204,47 @@ def test_nf4_weights_held_dequantised_compute_what_bitsandbytes_computes(tiny_mo
     got = layer(x)
     got.sum().backward()
     assert torch.equal(got, expected) and torch.equal(x.grad, expected_grad)
+
+
+# ------------------------------------------------------------------------------------- memory cap
+def test_max_memory_gb_auto_caps_at_the_free_gpu_memory_less_the_stated_margin():
+    gib = 2**30
+    cap, why = train_stage.memory_cap("auto", torch.device("cuda", 0), mem_get_info=lambda d: (int(5.2 * gib), 6 * gib))
+    assert cap == pytest.approx(5.2 * 0.9 - 0.5)  # 4.18 GiB on a 6 GB laptop card with 5.2 GiB free
+    assert "5.20 GiB of 6.00 GiB free on cuda:0, less 10% and 0.5 GiB" in why
+    assert train_stage.memory_cap("auto", torch.device("cpu")) == (0.0, "max_memory_gb=auto: no cap off a GPU")
+    assert train_stage.memory_cap(5, torch.device("cuda", 0))[0] == 5.0  # a number is used as given
+    assert train_stage.memory_cap(0, torch.device("cpu"))[0] == 0.0
+    assert train_stage.auto_memory_cap_gb(0) == 0.0
+
+
+@pytest.mark.parametrize("bad", ["5GB", -1, True, None, [5]])
+def test_a_bad_max_memory_gb_is_named(bad):
+    with pytest.raises(ValueError, match="train.max_memory_gb must be auto or a number"):
+        train_stage.memory_cap_setting(bad)
+
+
+def test_the_memory_model_keeps_long_completions_under_the_cap(packaged_model_dir):
+    """Under max_memory_gb=5 (the laptop's card), the budget plus the head chunk of the loss fits whatever
+    the completion length: the loss's chunks never hold more than head_chunk_bytes, which the model counts
+    (before, it counted 3 x 128 MiB of logits while the loss made chunks of 4,096 positions: +1.45 GiB
+    measured at 512 completion positions)."""
+    from transformers import AutoConfig
+
+    from stages.batching import activation_bytes_per_token, budget_for_memory, head_chunk_bytes
+
+    config = AutoConfig.from_pretrained(packaged_model_dir)
+    weights, lora = 268_098_176 * 2, 1_900_000 * 4 * 3
+    fixed = weights + lora + head_chunk_bytes(config.vocab_size, config.final_logit_softcapping)
+    per_token = activation_bytes_per_token(config)
+    budget = budget_for_memory(4096, 5, fixed_bytes=fixed, bytes_per_token=per_token)
+    assert fixed + budget * per_token <= 5 * 2**30
+    assert 2048 <= budget < 4096  # two rows of 1,024 still fit
+
+
+def test_train_logs_the_memory_cap_it_used(tiny_model_dir, processed_dir, capsys):
+    records = read_jsonl(processed_dir / "train.jsonl")
+    stats = train(small_params(max_steps=1, max_memory_gb=2), records, None, checkpoint_dir=None,
+                  metrics_dir=None, model_dir=tiny_model_dir, progress=False)
+    assert "train: memory cap 2.00 GiB (max_memory_gb=2) -> micro_batch_tokens=128" in capsys.readouterr().out
+    assert stats["memory_cap_gb"] == 2.0
