@@ -224,7 +224,7 @@ def write_plots(folder: Path, records, predictions, per_example, base_prediction
         writer.writeheader()
         for row in rows:
             writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-        (stage.write_text if stage else write_atomic)(folder / file_name, buffer.getvalue())
+        (stage.write if stage else write_atomic)(folder / file_name, buffer.getvalue())
 
 
 def training_info(kind: str) -> dict:

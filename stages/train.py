@@ -675,6 +675,7 @@ def train(
                 "base_model": {"name": params["model"]["name"], "weights_sha256": base_sha256},
                 "data_sha256": data_sha256,
                 "params": {"train": params["train"], "lora": params["lora"], "model": params["model"]},
+                "dtype": str(dtype).removeprefix("torch."),  # the compute dtype the base was held in (stages.finetuned)
                 **stats,
             }
             save_adapter(model, tokenizer, Path(adapter_dir), info, stage)

@@ -435,7 +435,7 @@ def test_score_reads_every_shape_of_a_perfect_prediction_file_as_perfect(tmp_pat
 
 
 def test_score_reads_predictions_from_stdin(tmp_path, capsys, examples_file, monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"Earth has one moon.\n" * 3)))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"Earth has one moon.\n" * 3), encoding="utf-8"))
     code, out, err = run_score(capsys, Path("-"), examples_file)
     assert code == 0 and json.loads(out)["overall"]["bleu"] == pytest.approx(100), err
 

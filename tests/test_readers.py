@@ -64,7 +64,7 @@ def test_a_lone_cr_among_lf_endings_is_named_with_its_line(tmp_path, lines, data
 
 def test_stdin_is_read_like_a_file(monkeypatch):
     data = readers.BOM + "a\r\nb\u2028c\r\n".encode("utf-8")
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
     assert [raw.decode() for _, raw in readers.iter_lines("-")] == ["a", "b\u2028c"]
 
 
