@@ -221,7 +221,7 @@ def test_yaml_12_floats_are_numbers_and_quoted_ones_stay_strings(tmp_path):
     ("train:\n  seed: 1\n  seed: 2\n", ":3:3: YAML syntax error: duplicate key 'seed' (first on line 2)"),
     ("data: [1\n", ":2:1: YAML syntax error: expected ',' or ']'"),
     ("", ": the file is empty"),
-    ("- data\n", ": expected a mapping of groups (data, model, lora, train, merge, eval), got a list"),
+    ("- data\n", ": expected a mapping of groups (data, model, lora, train, merge, eval, export), got a list"),
 ], ids=["duplicate key", "unclosed list", "empty file", "not a mapping"])
 def test_yaml_problems_name_the_file_and_line(tmp_path, text, expected):
     assert rejected(tmp_path, text).startswith(f"{(tmp_path / 'params.yaml').as_posix()}{expected}")
