@@ -86,13 +86,25 @@ def load_base(base_dir: Path, info: dict | None, base: str, device: torch.device
     if base == "original":
         return model_sources.load_model(base_dir, quantization="none", dtype=dtype, device=device)
     quantization, train_dtype = training_base(info)
-    # Training's own path (stages.train.build_model): load, quantise in the compute dtype, dequantise.
-    model = model_sources.load_model(base_dir, quantization=quantization, dtype=train_dtype, device=device)
-    if quantization == "nf4":
-        nf4.dequantize_frozen_nf4(model)
-        # A plain model from here on: castable, and saved without a bitsandbytes quantization_config.
-        model.hf_quantizer.remove_quantization_config(model)
-    return model.to(dtype)
+    # A plain model in `dtype` (its non-persistent buffers, e.g. Gemma's embedding scale, computed fresh
+    # in that dtype, as any later load of a merged checkpoint computes them), holding the weights training
+    # computed with: every weight rounded to training's dtype, and under NF4 the linears' weights exactly
+    # what training's path gives (stages.train.build_model: load in NF4, dequantise once).
+    model = model_sources.load_model(base_dir, quantization="none", dtype=dtype, device=device)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.copy_(weight.to(train_dtype))
+        if quantization == "nf4":
+            held = model_sources.load_model(base_dir, quantization="nf4", dtype=train_dtype, device=device)
+            nf4.dequantize_frozen_nf4(held)
+            linears = {n: m.weight for n, m in held.named_modules() if isinstance(m, nf4.DequantizedLinear)}
+            for name, module in model.named_modules():
+                if name in linears:
+                    module.weight.copy_(linears[name])
+            if not linears:
+                raise AdapterError(f"{Path(base_dir).as_posix()}: no NF4 linear layers to rebuild the trained base from")
+            del held
+    return model
 
 
 def load_adapter_model(adapter_dir: Path, base_dir: Path, device: torch.device, dtype: torch.dtype,
