@@ -404,7 +404,8 @@ def test_device_auto_announces_a_cpu_fallback(monkeypatch, capsys):
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert model_sources.pick_device("auto") == torch.device("cpu")
-    assert "device auto: no CUDA GPU available, running on the CPU" in capsys.readouterr().err
-    model_sources.pick_device("cpu")  # asked for: nothing to announce
+    monkeypatch.setattr(model_sources, "_SAID_DEVICE", set())
+    assert model_sources.pick_device("auto", find_driver=lambda: None) == torch.device("cpu")
+    assert "device: cpu (device auto: no NVIDIA GPU on this machine)" in capsys.readouterr().err
+    model_sources.pick_device("cpu")  # the device is said once a process
     assert capsys.readouterr().err == ""

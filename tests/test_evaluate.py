@@ -72,7 +72,7 @@ def set_params(folder, params):
 
 
 def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_model_dir, tokenizer, capsys):
-    folder, _, records = project
+    folder, params, records = project
     result = evaluate.main([])
 
     rows = [json.loads(line) for line in (folder / "metrics" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -100,8 +100,10 @@ def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_mod
         assert saved["gain"][subset] == {"bleu": 0.0, "parent_f": 0.0}
     runtime = json.loads((folder / "metrics" / "runtime" / "evaluate.json").read_text(encoding="utf-8"))
     assert runtime["generation"]["seconds"] > 0 and runtime["generation"]["examples_per_s"] > 0
-    assert runtime["model"] == {"kind": "merged", "base": str(tiny_model_dir), "device": "cpu",
-                                "dtype": "torch.bfloat16"}  # eval.dtype auto: the training dtype
+    from stages.config import group_settings
+
+    wanted = evaluate.eval_dtype(group_settings("eval", params["eval"])["dtype"], torch.device("cpu"))  # what eval.dtype asks
+    assert runtime["model"] == {"kind": "merged", "base": str(tiny_model_dir), "device": "cpu", "dtype": str(wanted)}
     # the summary names the outputs and says that the "fine-tuned" model (the base itself here) changed nothing
     out = capsys.readouterr().out
     assert "metrics/eval.json" in out and "metrics/predictions.jsonl" in out and "fine-tuned BLEU" in out

@@ -4,6 +4,7 @@ repro runs dvc, so the README's `python3 run.py infer ...` works without activat
 from __future__ import annotations
 
 import importlib.util
+import sys
 import subprocess
 from pathlib import Path
 
@@ -18,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_py(monkeypatch):
     spec = importlib.util.spec_from_file_location("run_entry", REPO / "run.py")
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # run.py defines dataclasses, which look their module up there
     spec.loader.exec_module(module)
     calls = []
     monkeypatch.setattr(module, "ensure_venv", lambda: calls.append("ensure_venv"))

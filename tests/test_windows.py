@@ -20,6 +20,7 @@ import run
 from stages import distributed, gpu_slots, model_sources, nvidia
 from stages import train as train_stage
 from stages.config import ConfigError
+from stages.errors import run_cli
 from stages.params import load_params
 from stages.train import read_jsonl, train
 
@@ -121,14 +122,16 @@ def test_run_py_on_windows_with_the_laptop_gpu_installs_cuda_torch():
     assert plan.index == "https://download.pytorch.org/whl/cu126" and plan.stop is None
 
 
-def test_compile_layers_is_refused_on_windows_before_any_model_loads(monkeypatch, tmp_path):
+def test_compile_layers_is_refused_on_windows_before_any_model_loads(monkeypatch, tmp_path, tiny_model_dir):
     monkeypatch.setattr(model_sources, "sys", WindowsSys())
     params = load_params(REPO / "params.yaml")
     params["train"].update(device="cpu", compile_layers=True)
-    # model_dir does not exist: reaching the model would fail otherwise, so the refusal came first
+    # loading the weights is made to fail: the refusal must come before it (only config.json is read)
+    monkeypatch.setattr(model_sources, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    params["lora"]["target_modules"] = ["q_proj"]
     with pytest.raises(model_sources.DeviceError, match="^train.compile_layers: torch.compile is not supported here on Windows"):
         train(params, [{"prompt": "p", "completion": "c"}], None, checkpoint_dir=None, metrics_dir=None,
-              model_dir=tmp_path / "missing", progress=False)
+              model_dir=tiny_model_dir, progress=False)
 
 
 def test_compiled_decoding_is_refused_on_windows_and_on_gpus_without_triton(monkeypatch):
@@ -263,8 +266,6 @@ def test_windows_paths_in_params_are_read_verbatim_or_named_with_the_fix(tmp_pat
 def test_train_names_a_bad_params_file_in_one_line(tmp_path, capsys):
     path = tmp_path / "params.yaml"
     path.write_text('model:\n  name: "C:\\Users\\x"\n', encoding="utf-8")
-    with pytest.raises(SystemExit) as stop:
-        train_stage.main(["--params", str(path)])
-    assert stop.value.code == 2
+    assert run_cli(train_stage.main, "train", ["--params", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"train: {path.as_posix()}:2:") and err.count("\n") == 1
+    assert err.startswith(f"train: error: {path.as_posix()}:2:") and err.count("\n") == 1
