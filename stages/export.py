@@ -17,7 +17,6 @@ Outputs: models/gguf/ (one .gguf a type), metrics/export.json (no timings: it is
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -40,14 +39,6 @@ GGUF_DIR = Path("models/gguf")
 VALIDATION_FILE = Path("data/processed/validation.jsonl")
 METRICS_FILE = Path("metrics/export.json")
 DISABLED_NOTE = "EXPORT_DISABLED.txt"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_metadata(path: Path, read: dict, expected: dict) -> None:
@@ -136,7 +127,7 @@ def export(params: dict, merged_dir: Path, out_dir: Path, prompts: list[str], *,
             metrics["files"][out_type] = {
                 "file": (out_dir / file.name).as_posix(),
                 "bytes": file.stat().st_size,
-                "sha256": sha256_file(file),
+                "sha256": readers.sha256_file(file),
                 "tensors": expected["tensors_written"],
                 "tensor_types": sorted({t for t, _ in read["tensors"].values()}),
                 "metadata_keys": len(read["metadata"]),

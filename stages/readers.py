@@ -27,6 +27,7 @@ A path that is a directory, a named pipe or a device where a regular file is exp
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -431,3 +432,12 @@ def read_processed(path: str | Path, max_records: int = 0, *, what: str = "proce
     if not records:
         raise InputFileError(f"{label}: no records (rerun the preprocess stage)")
     return records
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks: the identity of a data file or a written model file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -116,14 +116,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return readers.read_processed(path)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def records_sha256(records: list[dict]) -> str:
     """Identity of in-memory training data (what the loop reads: prompt and completion, in order)."""
     digest = hashlib.sha256()
@@ -739,7 +731,7 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:  # before the long work: the outputs' folders must take files
             for folder in (ADAPTER_DIR.parent, METRICS_DIR, CHECKPOINT_DIR):
                 check_writable(folder)
-        stats = train(params, records, ADAPTER_DIR, data_sha256=sha256_file(TRAIN_FILE),
+        stats = train(params, records, ADAPTER_DIR, data_sha256=readers.sha256_file(TRAIN_FILE),
                       dvclive=not args.no_dvclive)
     finally:
         distributed.shutdown()
