@@ -67,7 +67,7 @@ def torch_pin(requirements: str) -> str:
 
 
 def plan_torch(pin: str, platform: str, driver, override: str | None = None) -> TorchPlan:
-    """Which torch build this machine needs. platform: sys.platform; driver: stages.nvidia.Driver or None."""
+    """Which torch build this machine needs. platform: sys.platform; driver: table2text.devices.nvidia.Driver or None."""
     if override == "pypi":
         return TorchPlan(None, "TOTTO_TORCH_INDEX=pypi: torch from PyPI as requirements.txt says")
     if override:
@@ -96,7 +96,7 @@ def plan_torch(pin: str, platform: str, driver, override: str | None = None) -> 
 
 
 def ensure_venv() -> None:
-    from stages import nvidia  # standard library only, like this file
+    from table2text.devices import nvidia  # standard library only, like this file
 
     requirements = (ROOT / "requirements.txt").read_text(encoding="utf-8")
     pin = torch_pin(requirements)
@@ -122,11 +122,14 @@ def ensure_venv() -> None:
 
 
 def project_modules(root: Path = ROOT) -> list[str]:
-    """Module names of this project's Python files, as the warnings machinery sees them: stages.x and
-    bench.x, the test modules by file name (pytest imports them so), and __main__ (a `python -m stages.x`)."""
+    """Module names of this project's Python files, as the warnings machinery sees them: stages.x,
+    table2text.x.y and bench.x, the test modules by file name (pytest imports them so), and __main__ (a
+    `python -m stages.x`)."""
     names = {"__main__", "run"}
-    for package in ("stages", "bench"):
-        names.update(f"{package}.{p.stem}" if p.stem != "__init__" else package for p in (root / package).glob("*.py"))
+    for package in ("stages", "table2text", "bench"):
+        for p in (root / package).rglob("*.py"):
+            parts = p.relative_to(root).with_suffix("").parts
+            names.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     names.update(p.stem for p in (root / "tests").glob("*.py"))
     return sorted(names)
 

@@ -93,7 +93,7 @@ def run_hf_trainer(name, model_dir, tokenizer, records, *, steps, warmup, batch,
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments
 
-    from stages.model_sources import load_model
+    from table2text.model.sources import load_model
 
     torch.cuda.reset_peak_memory_stats()
     model = load_model(model_dir, quantization=quant, dtype=torch.bfloat16, device=torch.device("cuda"),
@@ -128,7 +128,7 @@ def run_trl_liger(name, model_dir, tokenizer, records, *, steps, warmup, batch, 
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from stages.model_sources import load_model
+    from table2text.model.sources import load_model
 
     torch.cuda.reset_peak_memory_stats()
     model = load_model(model_dir, quantization=quant, dtype=torch.bfloat16, device=torch.device("cuda"))

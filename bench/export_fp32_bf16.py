@@ -25,8 +25,8 @@ def main() -> None:
     from peft import PeftModel
 
     from stages import export as export_stage
-    from stages import model_sources
-    from stages.params import load_params
+    from table2text.model import sources as model_sources
+    from table2text.params import load_params
     from stages.train import read_jsonl
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

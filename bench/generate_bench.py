@@ -1,5 +1,5 @@
 """Evaluation generation speed: greedy decoding of processed validation prompts, batched (the evaluate
-stage's stages.generation.generate) against one prompt at a time, and the share of identical outputs.
+stage's table2text.generation.generate) against one prompt at a time, and the share of identical outputs.
 
     python -m bench.generate_bench --data PROCESSED_VALIDATION.jsonl [--model DIR] [--batch-sizes 128 500]
         [--batch-tokens 0 65536] [--dtypes float32 bfloat16] [--fp32-matmul ieee tf32]
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from bench import common
-from stages import model_sources
-from stages.generation import FP32_MATMUL, _left_pad, fp32_matmul_precision, generate, pad_token_id, plan_batches
+from table2text.model import sources as model_sources
+from table2text.generation import FP32_MATMUL, _left_pad, fp32_matmul_precision, generate, pad_token_id, plan_batches
 
 
 def sync():

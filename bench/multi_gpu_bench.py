@@ -29,8 +29,8 @@ import yaml
 
 from bench import common
 from bench.run_recipe import apply_override
-from stages.params import load_params
-from stages.runtime import read_runtime
+from table2text.params import load_params
+from table2text.runtime import read_runtime
 from stages.train import batch_indices, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

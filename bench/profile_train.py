@@ -23,9 +23,9 @@ import torch
 
 from bench import common
 from bench.train_bench import run_project
-from stages import model_sources
+from table2text.model import sources as model_sources
 from stages import train as train_stage
-from stages.params import load_params
+from table2text.params import load_params
 from stages.train import read_jsonl
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import yaml
 
 from bench import common
-from stages.params import load_params
-from stages.runtime import read_runtime
+from table2text.params import load_params
+from table2text.runtime import read_runtime
 
 STAGES = ("preprocess", "train", "merge", "evaluate")
 OUTPUTS = {"preprocess": "metrics/preprocess.json", "train": "metrics/train.json", "merge": "metrics/merge.json",

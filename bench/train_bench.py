@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from bench import common
-from stages import model_sources
-from stages.params import load_params
+from table2text.model import sources as model_sources
+from table2text.params import load_params
 from stages.train import read_jsonl, train
 
 
@@ -43,7 +43,7 @@ def run_project(name, params, records, model_dir, *, quant, steps, warmup, extra
     stats = train(p, records, None, checkpoint_dir=None, metrics_dir=None, model_dir=model_dir,
                   on_step=on_step, progress=False)
     # tokens and samples of the measured steps: the same batches the loop drew (stages.train.batch_indices)
-    from stages.batching import encode_record
+    from table2text.training.batching import encode_record
     from stages.train import batch_indices
 
     tok = model_sources.load_tokenizer(model_dir)  # the stage's own tokenizer: the same lengths

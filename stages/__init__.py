@@ -1,4 +1,3 @@
-# Known-harmless library warnings are silenced before any stage imports its libraries (see stages/quiet.py).
-from stages.quiet import install as _quiet
-
-_quiet()
+"""Entry points: the DVC stages (preprocess, train, merge, evaluate, export) and the user CLIs (infer,
+score, error_analysis, pull), each `python -m stages.<name>`, over the table2text library."""
+import table2text  # noqa: F401  (silences known-harmless library warnings first)

@@ -35,16 +35,16 @@ import sys
 import unicodedata
 from pathlib import Path
 
-from stages import readers
-from stages.atomic_io import write_atomic
-from stages.errors import UserError, run_cli
-from stages.sources import BadRecordError, FieldError, check_text
+from table2text.io import readers
+from table2text.io.atomic import write_atomic
+from table2text.errors import UserError, run_cli
+from table2text.data.sources import BadRecordError, FieldError, check_text
 
 DEFAULT_OUT = Path("docs/ERRORS.md")
 DEFAULT_FULL = Path("metrics/errors-full.md")  # holds dataset text: must stay ignored by git
 COMMAND = "python -m stages.error_analysis"
 
-# The tags stages.linearize writes around a cell: in `subtable` every <cell> is a highlighted cell; in
+# The tags table2text.data.linearize writes around a cell: in `subtable` every <cell> is a highlighted cell; in
 # `full_table` the highlighted ones are <highlighted_cell> and the others <cell>. (linearize.py writes
 # them as literals; tests/test_error_analysis.py checks these against its output.)
 CELL_TAG = "cell"
@@ -113,7 +113,7 @@ class InputError(UserError):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command: bad input ends with one line on stderr and exit status 2 (stages.errors.run_cli)."""
+    """The command: bad input ends with one line on stderr and exit status 2 (table2text.errors.run_cli)."""
     return run_cli(analysis_command, "error_analysis", argv)
 
 
@@ -278,7 +278,7 @@ def hallucinated_numbers(prediction: str, prompt: str) -> list[str]:
 
 
 def highlighted_values(prompt: str) -> list[str]:
-    """The highlighted cell values of a prompt of either linearisation (see stages.linearize): the text
+    """The highlighted cell values of a prompt of either linearisation (see table2text.data.linearize): the text
     after each <highlighted_cell> tag, or after each <cell> tag when there is none (subtable)."""
     for tag in (HIGHLIGHTED_TAG, CELL_TAG):
         values = re.findall(rf"<{tag}>\s*([^<]*)", prompt)

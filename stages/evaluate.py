@@ -11,7 +11,7 @@ answers the same prompts, so every run shows its gain. Writes
   metrics/eval.json             the headline (bleu, parent_f, parent_f_gain: fine-tuned overall), scores
                                 (overall / overlap / non_overlap), gain over the base, and how many
                                 predictions equal the base's (DVC-tracked: nothing that varies run to run);
-  metrics/runtime/evaluate.json device, dtype, generation speed (git-ignored, see stages.runtime);
+  metrics/runtime/evaluate.json device, dtype, generation speed (git-ignored, see table2text.runtime);
   metrics/plots/by_highlighted.csv, metrics/plots/by_table_size.csv   BLEU and PARENT F per bucket.
 Bad input or settings end with one clear line on stderr and exit status 2.
 """
@@ -27,13 +27,15 @@ from pathlib import Path
 
 import torch
 
-from stages import finetuned, model_sources, readers
-from stages.atomic_io import StagedOutputs, check_writable, staged_outputs, write_atomic
-from stages.errors import UserError, run_cli
-from stages.generation import generate
-from stages.params import default_params_file, load_params
-from stages.runtime import RUNTIME_DIR, write_runtime
-from stages.totto_metrics import SUBSETS, compute_metrics, plot_tables
+from table2text.model import finetuned
+from table2text.model import sources as model_sources
+from table2text.io import readers
+from table2text.io.atomic import StagedOutputs, check_writable, staged_outputs, write_atomic
+from table2text.errors import UserError, run_cli
+from table2text.generation import generate
+from table2text.params import default_params_file, load_params
+from table2text.runtime import RUNTIME_DIR, write_runtime
+from table2text.metrics.totto import SUBSETS, compute_metrics, plot_tables
 
 VALIDATION_FILE = Path("data/processed/validation.jsonl")
 MERGED_DIR = Path("models/merged")
@@ -50,7 +52,7 @@ class EvalError(UserError):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    params = load_params(args.params)  # eval.model, eval.fp32_matmul, ... checked there (stages.config)
+    params = load_params(args.params)  # eval.model, eval.fp32_matmul, ... checked there (table2text.config)
     cfg = params["eval"]
     if cfg["num_threads"] > 0:
         torch.set_num_threads(cfg["num_threads"])
@@ -133,7 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def read_processed(path: Path, max_examples: int = 0) -> list[dict]:
     """Processed records of `path` (the first `max_examples`, all when 0), read and checked as every
-    model stage reads them (stages.readers); a bad line names file, line and field."""
+    model stage reads them (table2text.io.readers); a bad line names file, line and field."""
     try:
         return readers.read_processed(path, max_examples)
     except readers.InputFileError as err:
@@ -159,7 +161,7 @@ def eval_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_finetuned(kind: str, base_dir: Path, device: torch.device, dtype: torch.dtype):
     """models/merged as saved by the merge stage, or the model that was trained: models/adapter on the
-    base exactly as training saw it (stages.finetuned: the NF4-dequantised base under QLoRA)."""
+    base exactly as training saw it (table2text.model.finetuned: the NF4-dequantised base under QLoRA)."""
     check_finetuned_files(kind)
     if kind == "merged":
         return model_sources.load_model(MERGED_DIR, quantization="none", dtype=dtype, device=device)

@@ -2,7 +2,7 @@
 
     python -m stages.export [--params params.yaml]
 
-For every type in export.types (bf16, q8_0, ...: stages.gguf_export.TYPES) it writes
+For every type in export.types (bf16, q8_0, ...: table2text.model.gguf.TYPES) it writes
 models/gguf/<export.name>-<type>.gguf from models/merged, then reads the file back: its metadata with the
 gguf package's reader (architecture, shapes, vocabulary, special tokens, chat template, tensor names),
 its tokenizer and weights with transformers' GGUF loader. On export.verify_prompts validation prompts the
@@ -26,13 +26,15 @@ from pathlib import Path
 
 import torch
 
-from stages import gguf_export, model_sources, readers
-from stages.atomic_io import current_umask, replace_dir, write_json
-from stages.config import group_settings
-from stages.errors import run_cli
-from stages.fidelity import compare_logits
-from stages.generation import generate
-from stages.params import default_params_file, load_params
+from table2text.model import gguf as gguf_export
+from table2text.model import sources as model_sources
+from table2text.io import readers
+from table2text.io.atomic import current_umask, replace_dir, write_json
+from table2text.config import group_settings
+from table2text.errors import run_cli
+from table2text.model.fidelity import compare_logits
+from table2text.generation import generate
+from table2text.params import default_params_file, load_params
 
 MERGED_DIR = Path("models/merged")
 GGUF_DIR = Path("models/gguf")
@@ -62,7 +64,7 @@ def check_metadata(path: Path, read: dict, expected: dict) -> None:
 def export(params: dict, merged_dir: Path, out_dir: Path, prompts: list[str], *,
            metrics_file: Path | None = METRICS_FILE) -> dict:
     """Write and verify every export.types file of merged_dir into out_dir; returns the metrics."""
-    cfg = group_settings("export", params["export"])  # checked, defaults filled in (stages.config)
+    cfg = group_settings("export", params["export"])  # checked, defaults filled in (table2text.config)
     if not cfg["enabled"]:
         # models/gguf is a DVC output, so it still exists: holding a note, and no stale .gguf to record
         metrics = {"enabled": False, "files": {}}

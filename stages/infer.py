@@ -29,13 +29,15 @@ import math
 import sys
 from pathlib import Path
 
-from stages import finetuned, model_sources, readers
-from stages.errors import UserError, run_cli
-from stages.generation import generate
-from stages.linearize import MODES
-from stages.params import default_params_file, load_params
+from table2text.model import finetuned
+from table2text.model import sources as model_sources
+from table2text.io import readers
+from table2text.errors import UserError, run_cli
+from table2text.generation import generate
+from table2text.data.linearize import MODES
+from table2text.params import default_params_file, load_params
 from stages.preprocess import cells_kept, fit_prompt_kept, table_text
-from stages.sources import FieldError, check_text, totto_example  # the ToTTo record validator preprocess uses
+from table2text.data.sources import FieldError, check_text, totto_example  # the ToTTo record validator preprocess uses
 
 SIMPLE_KEYS = {"title", "section", "header", "rows", "highlight", "question"}
 
@@ -127,7 +129,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def read_inputs(args) -> list[tuple[str, dict]]:
-    """(location, normalised example) for every input table, read by stages.readers as every other
+    """(location, normalised example) for every input table, read by table2text.io.readers as every other
     reader reads its files (BOM, line endings, U+2028 inside strings, pipes, '-' for stdin)."""
     try:
         if args.batch is not None:
@@ -153,7 +155,7 @@ def read_inputs(args) -> list[tuple[str, dict]]:
 
 
 def to_example(obj, where: str, source_file: str, line: int) -> dict:
-    """A normalised example (stages.sources contract) from a ToTTo record or a simple table."""
+    """A normalised example (table2text.data.sources contract) from a ToTTo record or a simple table."""
     if not isinstance(obj, dict):
         raise InputError(f"{where}: field '<record>': expected a JSON object, got {type(obj).__name__}")
     try:
@@ -266,7 +268,7 @@ def load(args, device, dtype):
         raise InputError(f"--adapter {folder.as_posix()}: training_info.json names no base model "
                          "(field 'base_model.name'); give it with --base")
     base_dir = model_sources.resolve_model(base_name)
-    # The model that was trained: the adapter on the base as training saw it (stages.finetuned). An adapter
+    # The model that was trained: the adapter on the base as training saw it (table2text.model.finetuned). An adapter
     # whose training_info.json does not say how training held its base goes on the base as saved.
     base = "trained" if finetuned.records_training_base(info) else "original"
     model = finetuned.load_adapter_model(folder, base_dir, device, dtype, base=base, info=info)

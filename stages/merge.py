@@ -2,7 +2,7 @@
 
     python -m stages.merge [--params params.yaml]
 
-merge.base picks the model the merged checkpoint must reproduce (stages.finetuned): `trained`, the adapter
+merge.base picks the model the merged checkpoint must reproduce (table2text.model.finetuned): `trained`, the adapter
 on the base exactly as training saw it (the NF4-dequantised weights under train.quantization nf4: the
 model that was trained), or `original`, the adapter on the unquantised base (PEFT's merge_and_unload).
 The adapter is merged in fp32 and saved in merge.dtype; `auto` saves bf16 when the check below proves it
@@ -27,13 +27,15 @@ from pathlib import Path
 
 import torch
 
-from stages import finetuned, model_sources, readers
-from stages.atomic_io import check_free_space, check_writable, staged_dir, write_json
-from stages.config import group_settings
-from stages.errors import UserError, run_cli
-from stages.fidelity import LogitDistance, compare_logits
-from stages.generation import end_token_ids
-from stages.params import default_params_file, load_params
+from table2text.model import finetuned
+from table2text.model import sources as model_sources
+from table2text.io import readers
+from table2text.io.atomic import check_free_space, check_writable, staged_dir, write_json
+from table2text.config import group_settings
+from table2text.errors import UserError, run_cli
+from table2text.model.fidelity import LogitDistance, compare_logits
+from table2text.generation import end_token_ids
+from table2text.params import default_params_file, load_params
 
 VALIDATION_FILE = Path("data/processed/validation.jsonl")
 MERGED_DIR = Path("models/merged")
@@ -141,7 +143,7 @@ def merge(
 ) -> dict:
     """Merge adapter_dir into the base merge.base names, verify, save merged_dir; returns the metrics
     (raises MergeError). model_dir overrides params model.name (tests)."""
-    cfg = group_settings("merge", params["merge"])  # checked, defaults filled in (stages.config)
+    cfg = group_settings("merge", params["merge"])  # checked, defaults filled in (table2text.config)
     merged_dir = Path(merged_dir)
     check_writable(merged_dir.parent, "merged model folder")  # before minutes of work, not after
     if metrics_file is not None:

@@ -23,13 +23,13 @@ import os
 import sys
 from pathlib import Path
 
-from stages.atomic_io import check_writable, staged_outputs
-from stages.errors import run_cli
-from stages.linearize import linearize
-from stages.model_sources import load_tokenizer, resolve_model
-from stages.params import default_params_file, load_params
-from stages.prompts import build_prompt, completion_end
-from stages.sources import SPLITS, BadRecordError, LoadReport, load_split
+from table2text.io.atomic import check_writable, staged_outputs
+from table2text.errors import run_cli
+from table2text.data.linearize import linearize
+from table2text.model.sources import load_tokenizer, resolve_model
+from table2text.params import default_params_file, load_params
+from table2text.data.prompts import build_prompt, completion_end
+from table2text.data.sources import SPLITS, BadRecordError, LoadReport, load_split
 
 OUT_DIR = Path("data/processed")
 METRICS_FILE = Path("metrics/preprocess.json")

@@ -6,7 +6,7 @@ FILE for --predictions ('-' for stdin): plain text with one prediction per line 
 empty line is an empty prediction), or JSON lines whose objects carry a string
 ``"prediction"`` (and optionally ``"id"`` or ``"example_id"``, checked against the
 example's id). The format comes from the content as well as the name (see
-stages.readers): a ``.json`` file of JSON lines is read as such. ``.gz`` is read
+table2text.io.readers): a ``.json`` file of JSON lines is read as such. ``.gz`` is read
 transparently; a UTF-8 BOM is dropped; ``\n``, ``\r\n`` and ``\r`` end lines.  --examples: official ToTTo JSONL (``.jsonl`` or
 ``.jsonl.gz``), in the same order as the predictions.
 
@@ -22,10 +22,10 @@ import json
 import sys
 from pathlib import Path
 
-from stages import readers
-from stages.errors import UserError, run_cli
-from stages.sources import BadRecordError, read_totto_jsonl
-from stages.totto_metrics import compute_metrics
+from table2text.io import readers
+from table2text.errors import UserError, run_cli
+from table2text.data.sources import BadRecordError, read_totto_jsonl
+from table2text.metrics.totto import compute_metrics
 
 
 class InputError(UserError):
@@ -33,7 +33,7 @@ class InputError(UserError):
 
 
 def read_predictions(path: str | Path) -> list[readers.Prediction]:
-    """The predictions (line, text, id or None) of a text or JSON-lines file (stages.readers tells
+    """The predictions (line, text, id or None) of a text or JSON-lines file (table2text.io.readers tells
     them apart by content as well as by name); '-' reads stdin."""
     if str(path) != readers.STDIN and not Path(path).exists():
         raise InputError(f"{Path(path).as_posix()}: predictions file not found")
@@ -80,7 +80,7 @@ def score_files(predictions_path, examples_path, bleurt_checkpoint=None) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command: bad input ends with one line on stderr and exit status 2 (stages.errors.run_cli)."""
+    """The command: bad input ends with one line on stderr and exit status 2 (table2text.errors.run_cli)."""
     return run_cli(score_command, "score", argv)
 
 

@@ -3,20 +3,20 @@
     python -m stages.train [--params params.yaml]
 
 A nanoGPT-style loop rather than HF Trainer, because the vocabulary head dominates: logits are computed
-only at completion positions (stages.batching.completion_loss). One optimiser step sees a fixed number
-of examples (train.effective_batch), packed without padding into rows (stages.batching) and split into
-micro-batches under a token budget, replayed as CUDA graphs on a GPU (stages.packed_forward). The loss
+only at completion positions (table2text.training.batching.completion_loss). One optimiser step sees a fixed number
+of examples (train.effective_batch), packed without padding into rows (table2text.training.batching) and split into
+micro-batches under a token budget, replayed as CUDA graphs on a GPU (table2text.training.packed_forward). The loss
 of a step is the summed cross-entropy divided by the completion tokens of the whole effective batch, so
 accumulation gives the same gradient as one big batch. Checkpoints every train.save_steps let an
 interrupted run resume with the same step count and data order.
 
 With train.num_gpus = N > 1 the command re-executes itself under torchrun, one process per GPU
-(stages.distributed): every process draws the same effective batch, computes its share, and the
+(table2text.training.distributed): every process draws the same effective batch, computes its share, and the
 gradients are summed across processes, so the step is the one-GPU step; only rank 0 writes outputs.
 
 Outputs: models/adapter/ (+ training_info.json), metrics/train.json, metrics/train/ (dvclive: loss, learning
 rate, gradient norm per step), all DVC-tracked and the same on every fresh run; how the run went (times,
-throughput, memory, resume point) goes to metrics/runtime/train.json (stages.runtime). Resume points go to
+throughput, memory, resume point) goes to metrics/runtime/train.json (table2text.runtime). Resume points go to
 checkpoints/, which is not a DVC output: DVC neither deletes it before a run nor hashes it in `dvc status`.
 """
 
@@ -38,12 +38,13 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from stages import distributed, model_sources
-from stages import readers
-from stages.atomic_io import StagedOutputs, check_writable, staged_dir, staged_outputs
-from stages.config import check_target_modules, math_keys
-from stages.atomic_io import write_json as _write_json
-from stages.batching import (
+from table2text.training import distributed
+from table2text.model import sources as model_sources
+from table2text.io import readers
+from table2text.io.atomic import StagedOutputs, check_writable, staged_dir, staged_outputs
+from table2text.config import check_target_modules, math_keys
+from table2text.io.atomic import write_json as _write_json
+from table2text.training.batching import (
     activation_bytes_per_token,
     budget_for_memory,
     collate_packed,
@@ -52,11 +53,11 @@ from stages.batching import (
     head_chunk_bytes,
     plan_packed_micro_batches,
 )
-from stages.errors import run_cli
-from stages.nf4 import dequantize_frozen_nf4
-from stages.packed_forward import GraphedDecoder, PackedDecoder, compile_layers
-from stages.params import default_params_file, load_params, validate_params
-from stages.runtime import write_runtime
+from table2text.errors import run_cli
+from table2text.model.nf4 import dequantize_frozen_nf4
+from table2text.training.packed_forward import GraphedDecoder, PackedDecoder, compile_layers
+from table2text.params import default_params_file, load_params, validate_params
+from table2text.runtime import write_runtime
 
 TRAIN_FILE = Path("data/processed/train.jsonl")
 ADAPTER_DIR = Path("models/adapter")
@@ -221,9 +222,9 @@ def run_key(params: dict, base_sha256: str, data_sha256: str) -> str:
     """What a checkpoint must match to be resumed from: the math of the run, not its speed knobs.
 
     Whole groups: the training data (its sha256: every data.* setting acts through it), the base model
-    (its weights' sha256: model.name), lora.*, and the train.* fields marked math=True in stages.config.
+    (its weights' sha256: model.name), lora.*, and the train.* fields marked math=True in table2text.config.
     Anything else (logging, saving, devices, memory and speed knobs) leaves a checkpoint resumable; an
-    unknown key cannot reach here (stages.config refuses it)."""
+    unknown key cannot reach here (table2text.config refuses it)."""
     train_cfg = {k: params["train"][k] for k in math_keys("train")}
     lora = {k: params["lora"][k] for k in math_keys("lora")}
     blob = json.dumps([train_cfg, lora, base_sha256, data_sha256], sort_keys=True)
@@ -364,7 +365,7 @@ def steps_with_nonzero_lr(cfg: dict, n_steps: int) -> int:
 def step_examples(examples, step: int, effective_batch: int, seed: int, rank: int = 0, world: int = 1):
     """(the whole effective batch of optimiser step `step`, this process's share of it).
 
-    Every rank draws the whole batch and computes its share (stages.distributed.shard)."""
+    Every rank draws the whole batch and computes its share (table2text.training.distributed.shard)."""
     chosen = [examples[i] for i in batch_indices(step, len(examples), effective_batch, seed)]
     return chosen, [chosen[i] for i in distributed.shard([len(ids) for ids, _ in chosen], rank, world)]
 
@@ -457,7 +458,7 @@ def train(
         distributed.broadcast_parameters(trainable)  # the same LoRA init on every rank, by construction
         torch.manual_seed(int(cfg["seed"]) + rank)  # but each rank its own dropout masks
 
-    # Micro-batch token budget; under a memory cap, lower it by the estimate of stages.batching, and
+    # Micro-batch token budget; under a memory cap, lower it by the estimate of table2text.training.batching, and
     # only if not even the longest example fits, recompute activations (gradient checkpointing).
     # CPUs run faster with small micro-batches (cache-sized matmuls); GPUs want large ones.
     budget = int(cfg["micro_batch_tokens"])
@@ -667,7 +668,7 @@ def train(
                 "base_model": {"name": params["model"]["name"], "weights_sha256": base_sha256},
                 "data_sha256": data_sha256,
                 "params": {"train": params["train"], "lora": params["lora"], "model": params["model"]},
-                "dtype": str(dtype).removeprefix("torch."),  # the compute dtype the base was held in (stages.finetuned)
+                "dtype": str(dtype).removeprefix("torch."),  # the compute dtype the base was held in (table2text.model.finetuned)
                 **stats,
             }
             save_adapter(model, tokenizer, Path(adapter_dir), info, stage)

@@ -54,7 +54,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def packaged_model_dir() -> Path:
-    from stages.model_sources import resolve_model
+    from table2text.model.sources import resolve_model
 
     try:
         return resolve_model("packaged")
@@ -65,7 +65,7 @@ def packaged_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def real_tokenizer(packaged_model_dir):
     """The packaged model's tokenizer, loaded once (loading it takes seconds)."""
-    from stages.model_sources import load_tokenizer
+    from table2text.model.sources import load_tokenizer
 
     return load_tokenizer(packaged_model_dir)
 

@@ -1,4 +1,4 @@
-"""stages.atomic_io: all-or-nothing outputs, leftovers of interrupted runs, OS faults as one line,
+"""table2text.io.atomic: all-or-nothing outputs, leftovers of interrupted runs, OS faults as one line,
 permissions. Tests run as root, where chmod does not stop a write: read-only folders, permission
 denied and full disks are simulated by making the OS calls raise what the OS would."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import atomic_io
-from stages.atomic_io import OutputError, check_free_space, check_writable, clean_leftovers, staged_dir, staged_outputs
+from table2text.io import atomic as atomic_io
+from table2text.io.atomic import OutputError, check_free_space, check_writable, clean_leftovers, staged_dir, staged_outputs
 
 DEAD_PID = 2**22 + 12345  # above Linux's pid_max default: never a live process
 
@@ -195,7 +195,7 @@ def test_the_next_run_removes_every_kind_of_leftover(tmp_path):
 
 def test_replace_dir_gives_plain_permissions_and_removes_leftovers(tmp_path):
     """A stage builds its folder with tempfile.mkdtemp and atomic_io.replace_dir."""
-    from stages.atomic_io import replace_dir
+    from table2text.io.atomic import replace_dir
 
     (tmp_path / ".merged-oldrun").mkdir()
     tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=tmp_path))

@@ -22,10 +22,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages import infer, preprocess, score
-from stages.linearize import linearize
-from stages.sources import BadRecordError, LoadReport, read_totto_jsonl
-from stages.tables import (
+from stages import infer
+from stages import preprocess
+from stages import score
+from table2text.data.linearize import linearize
+from table2text.data.sources import BadRecordError, LoadReport, read_totto_jsonl
+from table2text.data.tables import (
     col_headers,
     highlighted_subtable,
     parent_precision_table,
@@ -352,7 +354,7 @@ def test_building_part_of_a_big_table_gives_the_prompt_of_the_whole(tokenizer, m
 @given(st.lists(st.lists(st.tuples(st.booleans(), st.integers(1, 3)), min_size=0, max_size=4),
                 min_size=1, max_size=6))
 def test_the_header_index_gives_the_official_heuristic_headers(shape):
-    """stages.tables indexes header cells by column so a big table is linear to process; the headers
+    """table2text.data.tables indexes header cells by column so a big table is linear to process; the headers
     must be those of the official per-cell heuristic (row_headers / col_headers)."""
     table = [[cell(f"{r}.{c}", header, span) for c, (header, span) in enumerate(row)] for r, row in enumerate(shape)]
     for r, row in enumerate(table_with_headers(table)):

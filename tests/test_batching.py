@@ -1,11 +1,11 @@
-"""Micro-batching, collation and the completion-only loss (stages/batching.py)."""
+"""Micro-batching, collation and the completion-only loss (table2text/training/batching.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from stages.batching import (
+from table2text.training.batching import (
     IGNORE,
     activation_bytes_per_token,
     budget_for_memory,

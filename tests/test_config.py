@@ -1,4 +1,4 @@
-"""stages.config: every setting typed and checked before anything loads; one line naming the key, exit 2.
+"""table2text.config: every setting typed and checked before anything loads; one line naming the key, exit 2.
 
 The rejected settings are the ones of issue 15, written into a copy of the committed params.yaml the way
 a user (or `dvc exp run -S`) would write them.
@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import write_processed
-from stages.config import (
+from table2text.config import (
     GROUPS,
     Config,
     ConfigError,
@@ -27,8 +27,8 @@ from stages.config import (
     load_config,
     math_keys,
 )
-from stages.errors import UserError, run_cli
-from stages.params import load_params, validate_params
+from table2text.errors import UserError, run_cli
+from table2text.params import load_params, validate_params
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS_TEXT = (REPO / "params.yaml").read_text(encoding="utf-8")
@@ -127,7 +127,8 @@ def test_target_modules_that_match_no_module_are_named_with_the_valid_ones(packa
 
 
 def test_target_modules_are_checked_before_the_weights_load(tiny_model_dir, monkeypatch):
-    from stages import model_sources, train as train_stage
+    from table2text.model import sources as model_sources
+    from stages import train as train_stage
 
     def no_loading(*args, **kwargs):
         raise AssertionError("weights loaded before lora.target_modules was checked")
@@ -312,10 +313,10 @@ def test_the_existing_error_classes_are_user_errors():
     from stages.evaluate import EvalError
     from stages.infer import InputError as InferInputError
     from stages.merge import MergeError
-    from stages.model_sources import WeightsError
+    from table2text.model.sources import WeightsError
     from stages.score import InputError as ScoreInputError
     from stages.error_analysis import InputError as AnalysisInputError
-    from stages.sources import BadRecordError, FieldError
+    from table2text.data.sources import BadRecordError, FieldError
 
     for cls in (ConfigError, EvalError, InferInputError, MergeError, WeightsError, ScoreInputError,
                 AnalysisInputError, BadRecordError, FieldError):
@@ -385,7 +386,13 @@ def test_the_train_stage_refuses_bad_target_modules_before_loading_the_model(tmp
 
 
 def test_the_enums_agree_with_the_modules_that_implement_them():
-    from stages import config, finetuned, generation, gguf_export, linearize, merge, sources
+    from table2text import config
+    from table2text.model import finetuned
+    from table2text import generation
+    from table2text.model import gguf as gguf_export
+    from table2text.data import linearize
+    from stages import merge
+    from table2text.data import sources
 
     assert set(config.LINEARIZATIONS) == set(linearize.MODES)
     assert set(config.ON_BAD_RECORD) == set(sources.ON_BAD_RECORD)
@@ -400,7 +407,7 @@ def test_the_enums_agree_with_the_modules_that_implement_them():
 def test_device_auto_announces_a_cpu_fallback(monkeypatch, capsys):
     import torch
 
-    from stages import model_sources
+    from table2text.model import sources as model_sources
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -18,11 +18,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from stages import distributed, gpu_slots
+from table2text.training import distributed
+from table2text.devices import gpu_slots
 from stages import train as train_stage
-from stages.batching import encode_record
-from stages.packed_forward import PackedDecoder
-from stages.params import load_params
+from table2text.training.batching import encode_record
+from table2text.training.packed_forward import PackedDecoder
+from table2text.params import load_params
 from stages.train import accumulate_gradients, build_model, read_jsonl, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,7 +253,7 @@ def test_each_rank_resumes_its_own_dropout_random_state(tiny_model_dir, tmp_path
 CLAIMER = """
 import sys
 from pathlib import Path
-from stages import gpu_slots
+from table2text.devices import gpu_slots
 gpus, folder = sys.argv[1].split(","), Path(sys.argv[2])
 print(gpu_slots.claim(gpus, folder, poll_seconds=0.05), gpu_slots.claim(gpus, folder), flush=True)
 sys.stdin.read()  # hold the GPU until the test closes stdin (or kills this process)

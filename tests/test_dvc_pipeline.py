@@ -1,29 +1,17 @@
 """dvc.yaml declares what each stage really uses, so that `dvc repro` re-runs exactly the stale stages."""
 
-import ast
 from pathlib import Path
 
 import yaml
+from import_graph import closure
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def stage_modules(script: str) -> set[str]:
-    """The stages/*.py files a stage script imports, transitively."""
-    seen, todo = set(), [script]
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for node in ast.walk(ast.parse((ROOT / path).read_text(encoding="utf-8"))):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages"):
-                names = [node.module] if node.module != "stages" else [f"stages.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names if a.name.startswith("stages.")]
-            todo += [n.replace(".", "/") + ".py" for n in names]
-    return seen
+    """The project files (stages/, table2text/) a stage script runs, transitively, as repo-relative paths."""
+    run = closure(ROOT / script) | closure(ROOT / "stages" / "__init__.py")  # `python -m stages.x` runs both
+    return {p.relative_to(ROOT).as_posix() for p in run}
 
 
 def test_every_stage_lists_the_code_it_runs_among_its_deps():

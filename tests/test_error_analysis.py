@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from stages import error_analysis as ea
-from stages.linearize import linearize
-from stages.prompts import INSTRUCTION
+from table2text.data.linearize import linearize
+from table2text.data.prompts import INSTRUCTION
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def labels(r: dict) -> list[str]:
 @pytest.mark.parametrize("mode", ["subtable", "full_table"])
 def test_the_highlighted_cells_are_read_from_either_linearisation(mode):
     # subtable writes only the highlighted cells, as <cell>; full_table writes them all and marks the
-    # highlighted ones <highlighted_cell>: the tags of stages.linearize are the module's constants.
+    # highlighted ones <highlighted_cell>: the tags of table2text.data.linearize are the module's constants.
     assert ea.highlighted_values(prompt(mode)) == ["2021", "Baltic Cup", "54.87"]
     assert f"<{ea.HIGHLIGHTED_TAG if mode == 'full_table' else ea.CELL_TAG}>" in prompt(mode)
 

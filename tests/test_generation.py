@@ -5,9 +5,9 @@ import shutil
 import pytest
 import torch
 
-from stages import generation
-from stages.generation import end_token_ids, generate
-from stages.model_sources import load_model, load_tokenizer
+from table2text import generation
+from table2text.generation import end_token_ids, generate
+from table2text.model.sources import load_model, load_tokenizer
 
 PROMPTS = [
     "Describe the table.\nTable: <page_title> Alice </page_title>",

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from stages import infer
-from stages.generation import generate
-from stages.linearize import linearize
-from stages.model_sources import load_model, load_tokenizer
-from stages.params import load_params
+from table2text.generation import generate
+from table2text.data.linearize import linearize
+from table2text.model.sources import load_model, load_tokenizer
+from table2text.params import load_params
 from stages.preprocess import build_record
-from stages.prompts import completion_end
-from stages.sources import read_totto_jsonl
+from table2text.data.prompts import completion_end
+from table2text.data.sources import read_totto_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DEV = REPO / "data" / "demo" / "dev.jsonl"

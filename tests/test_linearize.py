@@ -1,4 +1,4 @@
-"""stages.linearize: the ToTTo baselines' table strings, checked by hand on real examples.
+"""table2text.data.linearize: the ToTTo baselines' table strings, checked by hand on real examples.
 
 Each expected string below was worked out from the printed table with the official heuristics:
 a cell's column headers are the header cells of earlier rows whose adjusted column range (sum of
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.linearize import linearize
-from stages.sources import load_split, read_fetaqa_jsonl, read_totto_jsonl
+from table2text.data.linearize import linearize
+from table2text.data.sources import load_split, read_fetaqa_jsonl, read_totto_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TOTTO_SHARED_DATA", REPO.parent / "shared" / "data"))

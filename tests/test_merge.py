@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from conftest import write_processed
 from stages import merge as merge_stage
-from stages.finetuned import AdapterError
+from table2text.model.finetuned import AdapterError
 from stages import train as train_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_merged_model_reproduces_the_trained_model(pipeline_dir):
 
 
 def stated_model(pipeline_dir, base="trained"):
-    from stages import finetuned
+    from table2text.model import finetuned
 
     params = yaml.safe_load((pipeline_dir / "params.yaml").read_text(encoding="utf-8"))
     return finetuned.load_adapter_model(pipeline_dir / "models" / "adapter", Path(params["model"]["name"]),
@@ -68,7 +68,7 @@ def stated_model(pipeline_dir, base="trained"):
 
 
 def check_prompts(pipeline_dir, n=4):
-    from stages.model_sources import load_tokenizer
+    from table2text.model.sources import load_tokenizer
 
     params = yaml.safe_load((pipeline_dir / "params.yaml").read_text(encoding="utf-8"))
     tokenizer = load_tokenizer(Path(params["model"]["name"]))

@@ -1,4 +1,4 @@
-"""stages.model_sources' checks of model and adapter folders before anything loads them: a truncated or
+"""table2text.model.sources' checks of model and adapter folders before anything loads them: a truncated or
 non-JSON config, a config or adapter_config that disagrees with its weights, each one line naming the
 file (infer exits 2 with it) instead of a JSONDecodeError or peft's size-mismatch traceback."""
 
@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import infer, model_sources
-from stages.model_sources import WeightsError, check_adapter_files, check_model_files
+from stages import infer
+from table2text.model import sources as model_sources
+from table2text.model.sources import WeightsError, check_adapter_files, check_model_files
 
 
 @pytest.fixture(scope="module")

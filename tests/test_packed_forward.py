@@ -1,12 +1,12 @@
-"""Packed rows through the decoder (stages/packed_forward.py): every example computes what it would alone."""
+"""Packed rows through the decoder (table2text/training/packed_forward.py): every example computes what it would alone."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from stages.batching import collate, collate_packed, completion_loss, naive_loss
-from stages.packed_forward import PackedDecoder, compile_layers
+from table2text.training.batching import collate, collate_packed, completion_loss, naive_loss
+from table2text.training.packed_forward import PackedDecoder, compile_layers
 from tests.conftest import TINY
 
 # Examples longer than the window, so that the sliding-window layer's mask is exercised too.

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from stages import preprocess
-from stages.sources import BadRecordError
+from table2text.data.sources import BadRecordError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TOTTO_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -216,7 +216,7 @@ def test_a_full_disk_while_writing_leaves_the_previous_outputs_and_names_the_fil
     import errno
     import os
 
-    from stages import atomic_io
+    from table2text.io import atomic as atomic_io
 
     out = tmp_path / "out"
     assert run_cli(tmp_path, out, train_samples=5, validation_samples=3) == 0
@@ -242,7 +242,7 @@ def test_a_read_only_output_folder_is_named_before_any_work(tmp_path, capsys, mo
     import errno
     import os
 
-    from stages import atomic_io
+    from table2text.io import atomic as atomic_io
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -255,7 +255,7 @@ def test_a_read_only_output_folder_is_named_before_any_work(tmp_path, capsys, mo
 
 
 @pytest.mark.parametrize("value, message", [
-    (-3, "data.train_samples must be >= 0, got -3"),  # stages.config, before any data is read
+    (-3, "data.train_samples must be >= 0, got -3"),  # table2text.config, before any data is read
     (31, "data.train_samples=31 but only 30 train records are left to draw from (read 30, skipped 0): lower it, "
          "or set 0 for all of them"),
     (2.5, "data.train_samples must be an integer, got 2.5 (a float)"),

@@ -1,10 +1,10 @@
-"""stages.prompts with the real Gemma 3 tokenizer: plain prompt, chat template, BOS added exactly once."""
+"""table2text.data.prompts with the real Gemma 3 tokenizer: plain prompt, chat template, BOS added exactly once."""
 
 from __future__ import annotations
 
 import pytest
 
-from stages.prompts import INSTRUCTION, build_prompt, completion_end
+from table2text.data.prompts import INSTRUCTION, build_prompt, completion_end
 
 TABLE = "<page_title> Nashville </page_title> <table> <cell> 2012 <col_header> Year </col_header> </cell> </table>"
 

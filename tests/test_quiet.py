@@ -1,4 +1,4 @@
-"""stages/quiet.py: the known-harmless library messages are dropped, every other message still shows."""
+"""table2text/quiet.py: the known-harmless library messages are dropped, every other message still shows."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 import warnings
 
 import stages  # noqa: F401  (importing the package installs the filters)
-from stages import quiet
+from table2text import quiet
 
 
 class Collect(logging.Handler):

@@ -1,4 +1,4 @@
-"""stages.readers: one reading of each input kind. Hypothesis generates the shapes each reader must
+"""table2text.io.readers: one reading of each input kind. Hypothesis generates the shapes each reader must
 take (line endings, a BOM, U+2028 and the other characters str.splitlines() breaks on, gzip, stdin) and
 checks what comes back; the examples name what the readers refuse."""
 
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages import readers
-from stages.readers import InputFileError
+from table2text.io import readers
+from table2text.io.readers import InputFileError
 
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 # Characters str.splitlines() breaks on that are no line break for any reader here.
@@ -219,7 +219,8 @@ def test_a_bad_processed_record_is_named(tmp_path, bad, message):
 
 def test_train_merge_and_evaluate_read_processed_records_one_way(tmp_path):
     """The train stage's reader (also merge's) and evaluate's are the library's one reader."""
-    from stages import evaluate, train
+    from stages import evaluate
+    from stages import train
 
     path = write(tmp_path / "validation.jsonl", (json.dumps(processed(0)) + "\n" + json.dumps(processed(1, prompt=""))
                                                   + "\n").encode())
@@ -239,8 +240,9 @@ def test_train_merge_and_evaluate_read_processed_records_one_way(tmp_path):
 def test_every_reader_splits_a_file_the_same_way(tmp_path, capsys):
     """A ToTTo record with U+2028 in a cell, after a BOM and with CRLF endings, is one record on line 2
     for preprocess's reader, score's examples reader and infer --batch (which once split on U+2028)."""
-    from stages import infer, score
-    from stages.sources import read_totto_jsonl
+    from stages import infer
+    from stages import score
+    from table2text.data.sources import read_totto_jsonl
 
     rec = {"example_id": 1, "table": [[{"value": "a\u2028b\x0cc", "is_header": False, "column_span": 1,
                                         "row_span": 1}]],

@@ -31,8 +31,14 @@ from safetensors.torch import load_file, save_file
 
 from conftest import write_processed
 from dvc_project import dvc, git, make_tiny_project
-from stages import atomic_io, evaluate, finetuned, infer, merge, model_sources, train
-from stages.atomic_io import current_umask, write_atomic
+from table2text.io import atomic as atomic_io
+from stages import evaluate
+from table2text.model import finetuned
+from stages import infer
+from stages import merge
+from table2text.model import sources as model_sources
+from stages import train
+from table2text.io.atomic import current_umask, write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = REPO / "stages"
@@ -264,7 +270,7 @@ def test_sigkill_during_an_atomic_write_leaves_the_previous_file(tmp_path):
     # The child stops inside write_atomic with the new text written to its temp file, not yet renamed.
     child = subprocess.Popen([sys.executable, "-c", f"""
 import os, sys, time
-from stages import atomic_io
+from table2text.io import atomic as atomic_io
 def stop(fd):
     print("written", flush=True)
     time.sleep(600)
@@ -286,7 +292,7 @@ def test_an_exception_during_an_atomic_write_leaves_the_previous_file(tmp_path, 
     def full_disk(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("stages.atomic_io.os.fsync", full_disk)
+    monkeypatch.setattr("table2text.io.atomic.os.fsync", full_disk)
     with pytest.raises(OSError, match="No space left"):
         write_atomic(target, "new\n")
     assert target.read_text(encoding="utf-8") == "previous\n" and [p.name for p in tmp_path.iterdir()] == ["eval.json"]

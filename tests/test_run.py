@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import run
-from stages import nvidia
+from table2text.devices import nvidia
 
 SMI_HEADER = """\
 +-----------------------------------------------------------------------------------------+

@@ -1,4 +1,4 @@
-"""stages.sources: every data source read into the normalised example; bad records named or counted."""
+"""table2text.data.sources: every data source read into the normalised example; bad records named or counted."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import sources
-from stages.sources import BadRecordError, LoadReport, load_split, read_fetaqa_jsonl, read_totto_jsonl
+from table2text.data import sources
+from table2text.data.sources import BadRecordError, LoadReport, load_split, read_fetaqa_jsonl, read_totto_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TOTTO_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -175,7 +175,7 @@ def test_gem_mapping_accepts_the_column_layout_that_datasets_may_return():
 def test_hub_dataset_offline_gives_a_clear_error(tmp_path):
     # A fresh interpreter with the hub switched off: what a user without network sees.
     code = (
-        "from stages.sources import load_split\n"
+        "from table2text.data.sources import load_split\n"
         "try:\n    load_split({'source': 'hf:GEM/totto'}, 'validation')\n"
         "except RuntimeError as e:\n    print('ERR', e)\n"
     )

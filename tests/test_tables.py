@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.tables import (
+from table2text.data.tables import (
     adjusted_col_offsets,
     cell_headers,
     col_headers,

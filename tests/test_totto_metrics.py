@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.totto_metrics import (
+from table2text.metrics.totto import (
     NOT_COMPUTED,
     bleurt_mean,
     compute_metrics,
@@ -30,7 +30,7 @@ def fixture_data():
     predictions_path = FIXTURE / "output_sample.txt.gz"
     if not (examples_path.exists() and predictions_path.exists()):
         pytest.skip(f"ToTTo eval fixture not found in {FIXTURE} (set TOTTO_SHARED_DATA)")
-    from stages.sources import read_totto_jsonl
+    from table2text.data.sources import read_totto_jsonl
     examples = read_totto_jsonl(examples_path)
     with gzip.open(predictions_path, "rt", encoding="utf-8") as f:
         predictions = [line.rstrip("\n") for line in f]

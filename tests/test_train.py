@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from stages import train as train_stage
-from stages.batching import encode_record
-from stages.params import load_params
-from stages.packed_forward import PackedDecoder
+from table2text.training.batching import encode_record
+from table2text.params import load_params
+from table2text.training.packed_forward import PackedDecoder
 from stages.train import accumulate_gradients, batch_indices, build_model, read_jsonl, row_length, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,8 +187,8 @@ def test_nf4_quantised_training_runs_a_step_on_cpu(tiny_model_dir, real_tokenize
 
 def test_nf4_weights_held_dequantised_compute_what_bitsandbytes_computes(tiny_model_dir):
     bnb = pytest.importorskip("bitsandbytes")
-    from stages.model_sources import load_model
-    from stages.nf4 import DequantizedLinear, dequantize_frozen_nf4
+    from table2text.model.sources import load_model
+    from table2text.model.nf4 import DequantizedLinear, dequantize_frozen_nf4
 
     model = load_model(tiny_model_dir, quantization="nf4", dtype=torch.float32, device=torch.device("cpu"))
     layer = model.model.layers[0].mlp.up_proj
@@ -231,7 +231,7 @@ def test_the_memory_model_keeps_long_completions_under_the_cap(packaged_model_di
     measured at 512 completion positions)."""
     from transformers import AutoConfig
 
-    from stages.batching import activation_bytes_per_token, budget_for_memory, head_chunk_bytes
+    from table2text.training.batching import activation_bytes_per_token, budget_for_memory, head_chunk_bytes
 
     config = AutoConfig.from_pretrained(packaged_model_dir)
     weights, lora = 268_098_176 * 2, 1_900_000 * 4 * 3

@@ -17,11 +17,14 @@ import torch
 
 import conftest
 import run
-from stages import distributed, gpu_slots, model_sources, nvidia
+from table2text.training import distributed
+from table2text.devices import gpu_slots
+from table2text.model import sources as model_sources
+from table2text.devices import nvidia
 from stages import train as train_stage
-from stages.config import ConfigError
-from stages.errors import run_cli
-from stages.params import load_params
+from table2text.config import ConfigError
+from table2text.errors import run_cli
+from table2text.params import load_params
 from stages.train import read_jsonl, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +36,7 @@ def _two_threads():
 
 
 class WindowsSys:
-    """sys as stages.model_sources sees it on Windows (only there: libraries imported meanwhile, such as
+    """sys as table2text.model.sources sees it on Windows (only there: libraries imported meanwhile, such as
     filelock, must keep their Linux code paths, which they choose from the real sys.platform)."""
 
     platform = "win32"
@@ -75,7 +78,10 @@ class MsvcrtLikeLock:
         held.add(self.path)
 filelock.FileLock = MsvcrtLikeLock
 held.add({str(tmp_path / "gpu-0.lock")!r})  # another run holds GPU 0
-from stages import gpu_slots, model_sources, train, distributed
+from table2text.devices import gpu_slots
+from table2text.model import sources as model_sources
+from stages import train
+from table2text.training import distributed
 print(gpu_slots.claim(["0", "1"], {str(tmp_path)!r}), gpu_slots.claim(["0", "1"], {str(tmp_path)!r}))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, encoding="utf-8", timeout=300)
@@ -135,7 +141,7 @@ def test_compile_layers_is_refused_on_windows_before_any_model_loads(monkeypatch
 
 
 def test_compiled_decoding_is_refused_on_windows_and_on_gpus_without_triton(monkeypatch):
-    from stages.generation import generate
+    from table2text.generation import generate
 
     assert model_sources.compile_problem("x", torch.device("cuda"), platform="linux", has_triton=False) == \
         "x: torch.compile on a GPU needs Triton, which this environment lacks; set it to false"

@@ -7,19 +7,19 @@ Two modes (``data.linearization``), both with page and section title:
   * ``full_table`` every cell, row by row, each with its headers; highlighted cells are written
       ``<highlighted_cell> v ... </highlighted_cell>`` and rows are wrapped in ``<row> ... </row>``.
 
-Headers come from stages.tables (the official heuristics, spans handled through adjusted column
+Headers come from table2text.data.tables (the official heuristics, spans handled through adjusted column
 offsets); this module only writes strings. Empty titles are left out, as in the official code.
 """
 
 from __future__ import annotations
 
-from stages.tables import highlighted_subtable, table_with_headers
+from table2text.data.tables import highlighted_subtable, table_with_headers
 
 MODES = ("subtable", "full_table")
 
 
 def linearize(example: dict, mode: str = "subtable", spans: list | None = None) -> str:
-    """The table text of a normalised example (see stages.sources) in the given mode.
+    """The table text of a normalised example (see table2text.data.sources) in the given mode.
 
     With `spans` (a list), appends the (start, end) character offsets in the text of each highlighted
     cell's value, in text order: what stages.preprocess needs to tell which highlighted cells a

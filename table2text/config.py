@@ -1,7 +1,7 @@
 """The pipeline's settings: one typed, validated configuration (the defaults live here and only here).
 
     cfg = load_config("params.yaml")      # a Config: cfg.train.learning_rate, cfg.lora.r, ...
-    params = cfg.to_dict()                # the same as plain dicts, every key present (stages.params)
+    params = cfg.to_dict()                # the same as plain dicts, every key present (table2text.params)
 
 One dataclass per group of params.yaml, in the style of TRL's SFTConfig: every field has a `help` in its
 metadata, and __post_init__ checks types, ranges and enums. Loading refuses, with ONE line naming the key:
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.errors import UserError
+from table2text.errors import UserError
 
 # Enums (the modules that implement them import nothing heavy from here, and torch is not imported here:
 # validation must take well under a second).
@@ -39,7 +39,7 @@ QUANTIZATIONS = ("nf4", "none")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 MERGE_BASES = ("trained", "original")
 MERGE_DTYPES = ("auto", "bfloat16", "float32", "float16")
-EXPORT_TYPES = ("f32", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # what stages.gguf_export writes
+EXPORT_TYPES = ("f32", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # what table2text.model.gguf writes
 EXPORT_BOUND_KEYS = ("max_mean_kl", "min_top1_agreement")
 EVAL_MODELS = ("merged", "adapter")
 EVAL_CACHES = ("static", "dynamic")

@@ -1,8 +1,8 @@
-"""Read params.yaml: the one place that holds every knob of the pipeline, validated by stages.config.
+"""Read params.yaml: the one place that holds every knob of the pipeline, validated by table2text.config.
 
-load_params(path) -> {group: {key: value}} with every key present (defaults from stages.config), so
+load_params(path) -> {group: {key: value}} with every key present (defaults from table2text.config), so
 `params["train"]["seed"]` never needs a `.get(key, default)`; load_config(path) gives the typed Config.
-Any bad setting raises stages.config.ConfigError naming the file and the key.
+Any bad setting raises table2text.config.ConfigError naming the file and the key.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from stages.config import Config, ConfigError, load_config
+from table2text.config import Config, ConfigError, load_config
 
 PARAMS_FILE = Path("params.yaml")
 PARAMS_ENV = "TOTTO_PARAMS"

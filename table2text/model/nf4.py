@@ -1,5 +1,5 @@
 """The frozen NF4 base of QLoRA, held dequantised: what training computes with, and what the merge and the
-evaluation of "the model that was trained" rebuild (stages.finetuned)."""
+evaluation of "the model that was trained" rebuild (table2text.model.finetuned)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.atomic_io import write_json
+from table2text.io.atomic import write_json
 
 RUNTIME_DIR = Path("metrics/runtime")
 

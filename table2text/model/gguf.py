@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.atomic_io import current_umask
-from stages.errors import UserError
+from table2text.io.atomic import current_umask
+from table2text.errors import UserError
 
 # Types the pinned gguf package can write, by the name used in params (export.types) and file names.
 # Norms and other 1-D tensors are float32 in every type.

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from stages.config import group_settings
-from stages.errors import UserError
-from stages.readers import InputFileError, LineError, check_regular_file, iter_lines, parse_json_line
+from table2text.config import group_settings
+from table2text.errors import UserError
+from table2text.io.readers import InputFileError, LineError, check_regular_file, iter_lines, parse_json_line
 
 SPLITS = ("train", "validation")
 ON_BAD_RECORD = ("error", "skip")
@@ -101,7 +101,7 @@ def load_split(params_data: dict, split: str, report: LoadReport | None = None) 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     report = report if report is not None else LoadReport()
-    params_data = group_settings("data", params_data)  # checked, defaults filled in (stages.config)
+    params_data = group_settings("data", params_data)  # checked, defaults filled in (table2text.config)
     on_bad = params_data["on_bad_record"]
     source = params_data["source"]
 
@@ -249,7 +249,7 @@ def _read_records(path, convert, on_bad_record, report) -> list[dict]:
 
 def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed JSON or the BadRecordError that parsing raised) for each non-blank line,
-    split by stages.readers as every other reader splits them."""
+    split by table2text.io.readers as every other reader splits them."""
     label = path.as_posix()
     line_no = 0
     try:

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from stages import gpu_slots, nvidia
-from stages.atomic_io import clean_leftovers, fix_permissions, temp_prefix
-from stages.errors import UserError
+from table2text.devices import gpu_slots
+from table2text.devices import nvidia
+from table2text.io.atomic import clean_leftovers, fix_permissions, temp_prefix
+from table2text.errors import UserError
 
 PACKAGED = "packaged"
 PACKAGED_NAME = "gemma-3-270m (packaged Q4_K_M GGUF, dequantised to bf16)"
@@ -80,7 +81,7 @@ def safetensors_shapes(file: Path) -> dict[str, list[int]]:
 
 
 def _config_file(path: Path, what: str, fix: str) -> dict:
-    from stages.readers import InputFileError, read_json_file
+    from table2text.io.readers import InputFileError, read_json_file
 
     try:
         return read_json_file(path, what, fix=fix)
@@ -236,9 +237,9 @@ class DeviceError(UserError, ValueError):
 
 
 def pick_device(requested: str = "auto", *, find_driver=nvidia.find_driver) -> torch.device:
-    """auto | cpu | cuda | cuda:N. In a torchrun process (stages.distributed) auto and cuda mean this
+    """auto | cpu | cuda | cuda:N. In a torchrun process (table2text.training.distributed) auto and cuda mean this
     rank's GPU, cuda:LOCAL_RANK. Elsewhere auto with several visible GPUs claims a free one for the
-    process's lifetime (stages.gpu_slots: one queued experiment per GPU).
+    process's lifetime (table2text.devices.gpu_slots: one queued experiment per GPU).
 
     Never a silent CPU run: auto where torch sees no GPU but an NVIDIA driver is there (a CPU build of
     torch, as PyPI serves on Windows) raises DeviceError, and so does cuda without a usable GPU; auto on

@@ -1,5 +1,5 @@
 """The one home of the library warnings this project silences: each is known to be harmless here and asks
-for an action nobody should take. Installed when the `stages` package is imported (stages/__init__.py), so
+for an action nobody should take. Installed when the `table2text` package is imported (its __init__.py), so
 every stage, `python -m stages.infer` and the tests get it before bitsandbytes or transformers load.
 Anything not listed here still shows.
 """
@@ -16,7 +16,7 @@ LOGGED = [
     # results are the same, the hub is not reachable offline, and training on a CPU is only the demo.
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
     # The packaged GGUF is converted once, dequantised to bf16 and saved as plain safetensors
-    # (stages.model_sources.convert_packaged): the "packed weights are fastest in float32" advice is about
+    # (table2text.model.sources.convert_packaged): the "packed weights are fastest in float32" advice is about
     # running the GGUF itself, which this project never does.
     ("transformers.quantizers.quantizer_gguf", "Loading a GGUF checkpoint with its weights packed"),
 ]

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from stages.errors import UserError
+from table2text.errors import UserError
 
 BOM = b"\xef\xbb\xbf"
 STDIN = "-"
@@ -46,7 +46,7 @@ STDIN_LABEL = "<stdin>"
 
 class InputFileError(UserError, ValueError):
     """An input file that cannot be read as what it should be; the message names it (and the line).
-    `line`, `detail` (the message without file and line) and `reason` let stages.sources report it as
+    `line`, `detail` (the message without file and line) and `reason` let table2text.data.sources report it as
     one of its BadRecordErrors."""
 
     def __init__(self, message: str, *, line: int | None = None, detail: str | None = None,
@@ -56,7 +56,7 @@ class InputFileError(UserError, ValueError):
 
 
 class LineError(ValueError):
-    """One bad line; the caller adds the file and line. `reason` is the skip reason of stages.sources."""
+    """One bad line; the caller adds the file and line. `reason` is the skip reason of table2text.data.sources."""
 
     def __init__(self, message: str, reason: str):
         super().__init__(message)
@@ -312,7 +312,7 @@ def read_predictions(source: str | Path) -> tuple[str, list[Prediction]]:
     with a "prediction" field is JSON lines too (whatever its name: a ``.json`` or ``.txt`` file of JSON
     lines was once scored as text, BLEU 46 instead of 100); a ``.json`` file that is not JSON lines is
     refused; anything else is plain text, one prediction a line (an empty line is an empty prediction)."""
-    from stages.sources import FieldError, check_text
+    from table2text.data.sources import FieldError, check_text
 
     label = label_of(source)
     lines = list(iter_lines(source, "predictions"))
@@ -345,7 +345,7 @@ def read_predictions(source: str | Path) -> tuple[str, list[Prediction]]:
 
 
 def _prediction_object(obj) -> tuple[str, str | None]:
-    from stages.sources import FieldError
+    from table2text.data.sources import FieldError
 
     if not isinstance(obj, dict) or not isinstance(obj.get("prediction"), str):
         raise FieldError("prediction", "expected a JSON object with a string 'prediction'", "wrong_type")
@@ -395,7 +395,7 @@ def read_processed(path: str | Path, max_records: int = 0, *, what: str = "proce
     """The processed records of `path` (the first `max_records`, all when 0): every line a JSON object
     with the fields of PROCESSED_FIELDS, ids unique. The first problem is an InputFileError naming file,
     line and field; a missing file says to run the preprocess stage."""
-    from stages.sources import FieldError, check_text
+    from table2text.data.sources import FieldError, check_text
 
     path = Path(path)
     label = path.as_posix()

@@ -7,7 +7,7 @@ does, step by step, without its temporary files:
    are the first three ``final_sentence``s padded to three with ``<null>``;
    both are lower-cased.  The PARENT tables are written as
    ``attribute|||value`` entries joined by tabs and lower-cased
-   (see :mod:`stages.tables`).
+   (see :mod:`table2text.data.tables`).
 2. every one of those lines goes through the Moses detokeniser
    (``detokenizer.perl -l en``), re-implemented in :func:`moses_detokenize`;
 3. BLEU: sacrebleu corpus BLEU, 13a tokenisation, exponential smoothing, three
@@ -34,7 +34,7 @@ from pathlib import Path
 from sacrebleu.metrics import BLEU
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-from stages.tables import parent_precision_table, parent_recall_table
+from table2text.data.tables import parent_precision_table, parent_recall_table
 
 NULL = "<null>"
 NUM_REFERENCES = 3

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from stages.model_sources import compile_problem
+from table2text.model.sources import compile_problem
 
 END_OF_TURN = "<end_of_turn>"
 CACHES = ("dynamic", "static")

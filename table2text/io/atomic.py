@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from stages.errors import UserError
+from table2text.errors import UserError
 
 
 class OutputError(UserError, OSError):

@@ -9,7 +9,7 @@ hidden states computed in the forward pass (nothing vocabulary-wide is kept for 
 Why packing: the examples of one step differ a lot in length (FeTaQA: tens to 1,024 tokens), and padding
 16 of them to the longest costs two to four times the real tokens. They are packed instead into rows of
 one fixed length, with attention masked so that no token sees another example; the fixed shape also lets
-a GPU replay one captured CUDA graph per row count (stages.packed_forward).
+a GPU replay one captured CUDA graph per row count (table2text.training.packed_forward).
 """
 
 from __future__ import annotations

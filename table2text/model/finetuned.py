@@ -3,7 +3,7 @@ with it, and the adapter on top. One home for merge, evaluate and infer.
 
 Two bases can carry an adapter (merge.base):
 - trained: the base as training saw it. Under train.quantization nf4 that is the base quantised to NF4 by
-  bitsandbytes in training's compute dtype and dequantised (stages.nf4), the weights QLoRA optimised the
+  bitsandbytes in training's compute dtype and dequantised (table2text.model.nf4), the weights QLoRA optimised the
   adapter against; under none, the base in training's dtype. This is the model that was trained.
 - original: the base weights as saved, what PEFT's merge_and_unload puts the adapter on.
 The packaged Gemma 3 is itself a dequantised Q4_K_M model, so NF4 moves it far (BENCHMARKS.md, merge
@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
-from stages import model_sources, nf4, readers
-from stages.errors import UserError
+from table2text.model import sources as model_sources
+from table2text.model import nf4
+from table2text.io import readers
+from table2text.errors import UserError
 
 ADAPTER_DIR = Path("models/adapter")
 INFO_FILE = "training_info.json"

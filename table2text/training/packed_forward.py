@@ -1,4 +1,4 @@
-"""The decoder's forward over packed rows (stages.batching.collate_packed), eager or as CUDA graphs.
+"""The decoder's forward over packed rows (table2text.training.batching.collate_packed), eager or as CUDA graphs.
 
 Why CUDA graphs: a 270M model at a few thousand tokens a step is bound by launching kernels, not by
 arithmetic: eager PyTorch issues thousands of small kernels a step (18 layers, 7 LoRA linears each,
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.batching import packed_attention_masks
+from table2text.training.batching import packed_attention_masks
 
 
 def compile_layers(decoder: torch.nn.Module) -> int:

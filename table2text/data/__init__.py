@@ -1,0 +1,1 @@
+"""Examples: sources (ToTTo, FeTaQA), table heuristics, linearisation, prompts."""

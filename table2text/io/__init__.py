@@ -1,0 +1,1 @@
+"""Files: reading inputs (one place for every check), atomic outputs."""

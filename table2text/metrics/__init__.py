@@ -1,0 +1,1 @@
+"""Scores: the official ToTTo BLEU and PARENT."""

@@ -1,0 +1,1 @@
+"""Training: batching and packed attention, graphed forward, schedule, checkpoints, throughput, the loop."""
