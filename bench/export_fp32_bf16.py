@@ -27,7 +27,7 @@ def main() -> None:
     from stages import export as export_stage
     from table2text.model import sources as model_sources
     from table2text.params import load_params
-    from stages.train import read_jsonl
+    from table2text.io.readers import read_processed
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("types", nargs="*", default=["bf16"])
@@ -43,7 +43,7 @@ def main() -> None:
         model.save_pretrained(merged, safe_serialization=True)
         model_sources.load_tokenizer(base).save_pretrained(merged)
     params["export"].update(types=args.types, device="cpu")
-    prompts = [r["prompt"] for r in read_jsonl(REPO / "data" / "processed" / "validation.jsonl")]
+    prompts = [r["prompt"] for r in read_processed(REPO / "data" / "processed" / "validation.jsonl")]
     metrics = export_stage.export(params, merged, out / "gguf", prompts, metrics_file=out / "export.json")
     print(json.dumps(metrics, indent=1))
 

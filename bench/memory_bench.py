@@ -28,7 +28,7 @@ from bench import common
 from table2text.model import sources as model_sources
 from table2text.training.batching import encode_record
 from table2text.params import load_params
-from stages.train import train
+from table2text.training.loop import train
 
 WORDS = ("team", "season", "scored", "points", "league", "match", "goals", "record", "title", "home", "away",
          "final", "round", "player", "club", "year", "won", "lost", "cup", "table", "rank", "games")

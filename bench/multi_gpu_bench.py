@@ -31,7 +31,8 @@ from bench import common
 from bench.run_recipe import apply_override
 from table2text.params import load_params
 from table2text.runtime import read_runtime
-from stages.train import batch_indices, read_jsonl
+from table2text.training.schedule import batch_indices
+from table2text.io.readers import read_processed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +82,7 @@ def main(argv=None):
     base = load_params(REPO / "params.yaml")
     for assignment in args.set:
         apply_override(base, assignment)
-    n_records = len(read_jsonl(args.data))
+    n_records = len(read_processed(args.data))
     gpus = sorted(set(args.gpus) | {1})
     # (GPUs, effective batch): each count at the same per-GPU load, and one GPU at each multi-GPU batch
     plan = [(n, args.per_gpu_batch * n) for n in gpus] + [(1, args.per_gpu_batch * n) for n in gpus if n > 1]

@@ -24,9 +24,9 @@ import torch
 from bench import common
 from bench.train_bench import run_project
 from table2text.model import sources as model_sources
-from stages import train as train_stage
 from table2text.params import load_params
-from stages.train import read_jsonl
+from table2text.io.readers import read_processed
+from table2text.training import loop
 
 
 def profile(params, records, model_dir, out: Path, name: str, extra: dict) -> dict:
@@ -41,7 +41,7 @@ def profile(params, records, model_dir, out: Path, name: str, extra: dict) -> di
             stamps.append(time.perf_counter())
             prof.step()
 
-        train_stage.train(p, records, None, checkpoint_dir=None, metrics_dir=None, model_dir=model_dir,
+        loop.train(p, records, None, checkpoint_dir=None, metrics_dir=None, model_dir=model_dir,
                           on_step=on_step, progress=False)
     events = prof.key_averages()
     wall = stamps[-1] - stamps[3]  # the 4 active steps
@@ -71,7 +71,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
 
     params = load_params()
-    records = read_jsonl(args.data)
+    records = read_processed(args.data)
     model_dir = model_sources.resolve_model("packaged")
     profiles, results = [], []
     if not args.skip_profile:

@@ -22,7 +22,8 @@ import torch
 from bench import common
 from table2text.model import sources as model_sources
 from table2text.params import load_params
-from stages.train import read_jsonl, train
+from table2text.io.readers import read_processed
+from table2text.training.loop import train
 
 
 def run_project(name, params, records, model_dir, *, quant, steps, warmup, extra=None):
@@ -44,7 +45,7 @@ def run_project(name, params, records, model_dir, *, quant, steps, warmup, extra
                   on_step=on_step, progress=False)
     # tokens and samples of the measured steps: the same batches the loop drew (stages.train.batch_indices)
     from table2text.training.batching import encode_record
-    from stages.train import batch_indices
+    from table2text.training.schedule import batch_indices
 
     tok = model_sources.load_tokenizer(model_dir)  # the stage's own tokenizer: the same lengths
     lengths = [len(encode_record(tok, r)[0]) for r in records]
@@ -114,7 +115,7 @@ def main(argv=None):
     from bench.baselines import run_hf_trainer, run_trl_liger
 
     params = load_params()
-    records = read_jsonl(args.data)
+    records = read_processed(args.data)
     model_dir = model_sources.resolve_model(args.model)
     tokenizer = model_sources.load_tokenizer(model_dir)
     lora, lr = params["lora"], float(params["train"]["learning_rate"])

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ("stages", "dvc.yaml", "params.yaml", "data/demo", ".gitignore", ".dvcignore")
+COPIED = ("stages", "table2text", "dvc.yaml", "params.yaml", "data/demo", ".gitignore", ".dvcignore")
 # over those `dvc init` writes: analytics off, default remote, the offline plots page and its bar template
 DVC_FILES = (".dvc/config", ".dvc/.gitignore", ".dvc/plots/offline.html", ".dvc/plots/bar_buckets.json")
 GIT_NAME, GIT_EMAIL = "DVC test", "dvc-test@example.invalid"

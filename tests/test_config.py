@@ -29,6 +29,7 @@ from table2text.config import (
 )
 from table2text.errors import UserError, run_cli
 from table2text.params import load_params, validate_params
+from table2text.training import loop
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS_TEXT = (REPO / "params.yaml").read_text(encoding="utf-8")
@@ -139,7 +140,7 @@ def test_target_modules_are_checked_before_the_weights_load(tiny_model_dir, monk
     params["lora"]["target_modules"] = ["q_proj", "o_prj"]
     params["train"]["device"] = "cpu"
     with pytest.raises(ConfigError, match="o_prj: no such module"):
-        train_stage.train(params, [{"prompt": "a", "completion": "b"}], None, checkpoint_dir=None, metrics_dir=None,
+        loop.train(params, [{"prompt": "a", "completion": "b"}], None, checkpoint_dir=None, metrics_dir=None,
                           model_dir=tiny_model_dir, progress=False)
 
 
@@ -266,7 +267,7 @@ def test_settings_built_in_code_are_checked_too():
 
 # ------------------------------------------------------------------------------ the checkpoint run key
 def test_the_run_key_follows_the_math_fields_and_nothing_else():
-    from stages.train import run_key
+    from table2text.training.checkpoints import run_key
 
     params = load_params(REPO / "params.yaml")
     key = run_key(params, "base", "data")

@@ -24,7 +24,10 @@ from stages import train as train_stage
 from table2text.training.batching import encode_record
 from table2text.training.packed_forward import PackedDecoder
 from table2text.params import load_params
-from stages.train import accumulate_gradients, build_model, read_jsonl, train
+from table2text.training.loop import accumulate_gradients, train
+from table2text.model.lora import build_model
+from table2text.io.readers import read_processed
+from table2text.training import checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +57,7 @@ def test_the_ranks_gradients_sum_to_the_one_process_gradient(tiny_model_dir, rea
     params = copy.deepcopy(load_params(REPO / "params.yaml"))
     params["train"]["quantization"] = "none"
     params["lora"]["dropout"] = 0.0
-    examples = [encode_record(real_tokenizer, r) for r in read_jsonl(processed_dir / "train.jsonl")[:5]]
+    examples = [encode_record(real_tokenizer, r) for r in read_processed(processed_dir / "train.jsonl")[:5]]
     torch.manual_seed(0)
     model = build_model(params, tiny_model_dir, torch.device("cpu"), torch.float32)
     for name, p in model.named_parameters():  # LoRA B starts at zero; make the test see all gradients
@@ -178,7 +181,7 @@ def test_two_processes_train_what_one_does_rank_0_writes_and_a_resume_continues(
 
     # (b) the same adapter and loss curve as one process with the same effective batch and seed
     params = load_params(work / "params.yaml")
-    one = train(params, read_jsonl(work / "data" / "processed" / "train.jsonl"), tmp_path / "one" / "adapter",
+    one = train(params, read_processed(work / "data" / "processed" / "train.jsonl"), tmp_path / "one" / "adapter",
                 checkpoint_dir=None, metrics_dir=tmp_path / "one" / "metrics", model_dir=tiny_model_dir,
                 tokenizer=real_tokenizer, progress=False)
     assert one["world_size"] == 1 and one["samples"] == stats["samples"] and one["tokens"] == stats["tokens"]
@@ -233,11 +236,11 @@ def test_each_rank_resumes_its_own_dropout_random_state(tiny_model_dir, tmp_path
     states = []
     for rank in range(2):
         torch.manual_seed(100 + rank)
-        states.append(train_stage.rng_state(cpu))
-    train_stage.save_checkpoint(tmp_path, 3, "key", model, optimizer, scheduler, {"world_size": 2}, states)
+        states.append(checkpoints.rng_state(cpu))
+    checkpoints.save_checkpoint(tmp_path, 3, "key", model, optimizer, scheduler, {"world_size": 2}, states)
 
     def next_draw(rank):
-        state = train_stage.load_checkpoint(tmp_path / "step-000003", model, optimizer, scheduler, cpu, rank)
+        state = checkpoints.load_checkpoint(tmp_path / "step-000003", model, optimizer, scheduler, cpu, rank)
         return state["rng_restored"], torch.rand(4)
 
     restored, draw = next_draw(1)

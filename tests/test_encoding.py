@@ -65,7 +65,7 @@ def text_opens_without_encoding(source: str) -> list[tuple[int, str]]:
 
 
 def project_files() -> list[Path]:
-    return sorted([REPO / "run.py", *REPO.glob("stages/*.py"), *REPO.glob("bench/*.py"), *REPO.glob("tests/*.py")])
+    return sorted([REPO / "run.py", *REPO.glob("stages/*.py"), *REPO.glob("table2text/**/*.py"), *REPO.glob("bench/*.py"), *REPO.glob("tests/*.py")])
 
 
 def test_no_project_file_opens_text_without_an_encoding():

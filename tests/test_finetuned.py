@@ -10,7 +10,8 @@ import torch
 from table2text.model import finetuned
 from table2text.model.sources import load_model
 from table2text.model.nf4 import dequantize_frozen_nf4
-from stages.train import read_jsonl, train
+from table2text.io.readers import read_processed
+from table2text.training.loop import train
 from test_train import small_params
 
 CPU = torch.device("cpu")
@@ -25,7 +26,7 @@ def nf4_adapter(tmp_path_factory, tiny_model_dir, real_tokenizer):
     folder = tmp_path_factory.mktemp("nf4")
     processed = write_processed(folder / "processed", n_train=4, n_validation=2)
     adapter = folder / "adapter"
-    train(small_params(quantization="nf4", max_steps=2, learning_rate=1e-2), read_jsonl(processed / "train.jsonl"),
+    train(small_params(quantization="nf4", max_steps=2, learning_rate=1e-2), read_processed(processed / "train.jsonl"),
           adapter, checkpoint_dir=None, metrics_dir=None, model_dir=tiny_model_dir, tokenizer=real_tokenizer,
           progress=False)
     return adapter

@@ -37,11 +37,12 @@ from table2text.model import finetuned
 from stages import infer
 from stages import merge
 from table2text.model import sources as model_sources
-from stages import train
+from table2text.io.readers import read_processed
+from table2text.training import loop
 from table2text.io.atomic import current_umask, write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = REPO / "stages"
+CODE = sorted([*(REPO / "stages").glob("*.py"), *(REPO / "table2text").rglob("*.py")])  # the stages and their library
 MAX_STEPS, SAVE_STEPS = 6, 2
 # over make_tiny_project's TINY; no base-model comparison: evaluate runs once, faster
 PROJECT = {"train.max_steps": MAX_STEPS, "train.save_steps": SAVE_STEPS, "eval.compare_base": False}
@@ -223,11 +224,11 @@ def small_params(tiny_model_dir) -> dict:
 
 
 def test_half_written_checkpoints_are_never_loaded(tiny_model_dir, real_tokenizer, processed_dir, tmp_path):
-    records = train.read_jsonl(processed_dir / "train.jsonl")
+    records = read_processed(processed_dir / "train.jsonl")
     params = small_params(tiny_model_dir)
 
     def run(folder, on_step=None):
-        return train.train(params, records, folder / "adapter", checkpoint_dir=folder / "ckpt", metrics_dir=None,
+        return loop.train(params, records, folder / "adapter", checkpoint_dir=folder / "ckpt", metrics_dir=None,
                            model_dir=tiny_model_dir, tokenizer=real_tokenizer, on_step=on_step, progress=False)
 
     run(tmp_path / "whole")
@@ -322,14 +323,14 @@ def raw_writes(function: ast.AST) -> list[str]:
 
 
 def test_every_stage_writes_its_files_atomically():
-    """A file write in stages/ is either atomic_io (temp file, rename) or inside a function that builds a
+    """A file write in stages/ or table2text/ is either table2text.io.atomic (temp file, rename) or inside a function that builds a
     temp folder (tempfile.mkdtemp) and renames it into place (os.replace / replace_dir), or fills one of
     atomic_io's temp folders (staged_dir, StagedOutputs.folder)."""
     sample = ast.parse("def f(p):\n    open(p, 'w').write(p.read_text())\n    json.dump({}, p.open('a'))\n").body[0]
     assert sorted(raw_writes(sample)) == ["json.dump (line 3)", "open (line 2)", "p.open (line 3)"]  # what it finds
     offenders = []
-    for path in sorted(STAGES.glob("*.py")):
-        if path.name == "atomic_io.py":
+    for path in CODE:
+        if path.name == "atomic.py":
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for function in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.Module))]:
@@ -562,9 +563,9 @@ def test_loaders_ask_for_safetensors_and_no_remote_code(tiny_model_dir, monkeypa
 
 
 def test_checkpoints_are_read_without_unpickling_code():
-    """torch.load runs pickled code unless weights_only=True: every call in stages/ must say so."""
+    """torch.load runs pickled code unless weights_only=True: every call in stages/ and table2text/ must say so."""
     loads = []
-    for path in sorted(STAGES.glob("*.py")):
+    for path in CODE:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
                 weights_only = [k for k in node.keywords if k.arg == "weights_only"]

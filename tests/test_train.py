@@ -12,11 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import train as train_stage
 from table2text.training.batching import encode_record
 from table2text.params import load_params
 from table2text.training.packed_forward import PackedDecoder
-from stages.train import accumulate_gradients, batch_indices, build_model, read_jsonl, row_length, train
+from table2text.training.loop import accumulate_gradients, train
+from table2text.training.schedule import batch_indices, row_length
+from table2text.model.lora import build_model
+from table2text.io.readers import read_processed
+from table2text.training import loop
+from table2text.training import memory
+from table2text.training import schedule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +49,7 @@ def test_the_data_order_is_a_seeded_shuffle_per_epoch():
 
 
 def test_a_few_steps_reduce_the_loss_on_a_repeated_batch(tiny_model_dir, real_tokenizer, processed_dir, tmp_path):
-    records = read_jsonl(processed_dir / "train.jsonl")[:4]  # effective batch 4: every step sees all 4
+    records = read_processed(processed_dir / "train.jsonl")[:4]  # effective batch 4: every step sees all 4
     params = small_params(max_steps=6, save_steps=100)
     stats = train(params, records, None, checkpoint_dir=None, metrics_dir=tmp_path, model_dir=tiny_model_dir, tokenizer=real_tokenizer,
                   progress=False)
@@ -59,7 +64,7 @@ def test_a_few_steps_reduce_the_loss_on_a_repeated_batch(tiny_model_dir, real_to
 def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tiny_model_dir, real_tokenizer, processed_dir):
     params = small_params()
     params["lora"]["dropout"] = 0.0  # deterministic forward
-    examples = [encode_record(real_tokenizer, r) for r in read_jsonl(processed_dir / "train.jsonl")[:6]]
+    examples = [encode_record(real_tokenizer, r) for r in read_processed(processed_dir / "train.jsonl")[:6]]
     torch.manual_seed(0)
     model = build_model(params, tiny_model_dir, torch.device("cpu"), torch.float32)
     for name, p in model.named_parameters():  # LoRA B starts at zero; make the test see all gradients
@@ -85,7 +90,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tiny_model
 
 
 def test_an_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_model_dir, real_tokenizer, processed_dir, tmp_path):
-    records = read_jsonl(processed_dir / "train.jsonl")  # 12 records, effective batch 4: 3 steps an epoch
+    records = read_processed(processed_dir / "train.jsonl")  # 12 records, effective batch 4: 3 steps an epoch
     params = small_params(max_steps=5, save_steps=2)  # crosses an epoch; dropout on (RNG state restored)
 
     def run(folder, on_step=None):
@@ -137,7 +142,7 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_model_di
     info = json.loads((tmp_path / "whole" / "adapter" / "training_info.json").read_text(encoding="utf-8"))
     assert info["steps"] == 5 and info["base_model"]["weights_sha256"] and info["steps_with_nonzero_lr"] == 5
     assert not {"train_seconds", "wall_seconds", "tokens_per_s", "peak_memory_gb", "resumed_from_step"} & set(info)
-    assert info["data_sha256"] == train_stage.records_sha256(records)
+    assert info["data_sha256"] == loop.records_sha256(records)
     assert (tmp_path / "whole" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "whole" / "adapter" / "tokenizer.json").is_file()
 
@@ -150,11 +155,11 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_model_di
 ])
 def test_steps_with_nonzero_lr_replays_the_schedule(scheduler, warmup_ratio, steps, expected):
     cfg = {"lr_scheduler": scheduler, "warmup_ratio": warmup_ratio, "learning_rate": 5e-5}
-    assert train_stage.steps_with_nonzero_lr(cfg, steps) == expected
+    assert schedule.steps_with_nonzero_lr(cfg, steps) == expected
 
 
 def test_a_checkpoint_of_other_params_is_not_resumed(tiny_model_dir, real_tokenizer, processed_dir, tmp_path):
-    records = read_jsonl(processed_dir / "train.jsonl")[:4]
+    records = read_processed(processed_dir / "train.jsonl")[:4]
     kwargs = dict(checkpoint_dir=tmp_path / "ckpt", metrics_dir=None, model_dir=tiny_model_dir, tokenizer=real_tokenizer, progress=False)
     train(small_params(max_steps=2, save_steps=1), records, None, **kwargs)
     stats = train(small_params(max_steps=2, save_steps=1, learning_rate=2e-2), records, None, **kwargs)
@@ -178,7 +183,7 @@ def test_lora_on_the_real_gemma3_270m_config_has_1898496_parameters(packaged_mod
 
 def test_nf4_quantised_training_runs_a_step_on_cpu(tiny_model_dir, real_tokenizer, processed_dir):
     pytest.importorskip("bitsandbytes")
-    records = read_jsonl(processed_dir / "train.jsonl")[:4]
+    records = read_processed(processed_dir / "train.jsonl")[:4]
     stats = train(small_params(quantization="nf4", max_steps=1), records, None, checkpoint_dir=None,
                   metrics_dir=None, model_dir=tiny_model_dir, tokenizer=real_tokenizer, progress=False)
     assert stats["steps"] == 1 and stats["trainable_params"] > 0
@@ -209,19 +214,19 @@ def test_nf4_weights_held_dequantised_compute_what_bitsandbytes_computes(tiny_mo
 # ------------------------------------------------------------------------------------- memory cap
 def test_max_memory_gb_auto_caps_at_the_free_gpu_memory_less_the_stated_margin():
     gib = 2**30
-    cap, why = train_stage.memory_cap("auto", torch.device("cuda", 0), mem_get_info=lambda d: (int(5.2 * gib), 6 * gib))
+    cap, why = memory.memory_cap("auto", torch.device("cuda", 0), mem_get_info=lambda d: (int(5.2 * gib), 6 * gib))
     assert cap == pytest.approx(5.2 * 0.9 - 0.5)  # 4.18 GiB on a 6 GB laptop card with 5.2 GiB free
     assert "5.20 GiB of 6.00 GiB free on cuda:0, less 10% and 0.5 GiB" in why
-    assert train_stage.memory_cap("auto", torch.device("cpu")) == (0.0, "max_memory_gb=auto: no cap off a GPU")
-    assert train_stage.memory_cap(5, torch.device("cuda", 0))[0] == 5.0  # a number is used as given
-    assert train_stage.memory_cap(0, torch.device("cpu"))[0] == 0.0
-    assert train_stage.auto_memory_cap_gb(0) == 0.0
+    assert memory.memory_cap("auto", torch.device("cpu")) == (0.0, "max_memory_gb=auto: no cap off a GPU")
+    assert memory.memory_cap(5, torch.device("cuda", 0))[0] == 5.0  # a number is used as given
+    assert memory.memory_cap(0, torch.device("cpu"))[0] == 0.0
+    assert memory.auto_memory_cap_gb(0) == 0.0
 
 
 @pytest.mark.parametrize("bad", ["5GB", -1, True, None, [5]])
 def test_a_bad_max_memory_gb_is_named(bad):
     with pytest.raises(ValueError, match="train.max_memory_gb must be auto or a number"):
-        train_stage.memory_cap_setting(bad)
+        memory.memory_cap_setting(bad)
 
 
 def test_the_memory_model_keeps_long_completions_under_the_cap(packaged_model_dir):
@@ -243,7 +248,7 @@ def test_the_memory_model_keeps_long_completions_under_the_cap(packaged_model_di
 
 
 def test_train_logs_the_memory_cap_it_used(tiny_model_dir, processed_dir, capsys):
-    records = read_jsonl(processed_dir / "train.jsonl")
+    records = read_processed(processed_dir / "train.jsonl")
     stats = train(small_params(max_steps=1, max_memory_gb=2), records, None, checkpoint_dir=None,
                   metrics_dir=None, model_dir=tiny_model_dir, progress=False)
     assert "train: memory cap 2.00 GiB (max_memory_gb=2) -> micro_batch_tokens=128" in capsys.readouterr().out

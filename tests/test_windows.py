@@ -25,7 +25,9 @@ from stages import train as train_stage
 from table2text.config import ConfigError
 from table2text.errors import run_cli
 from table2text.params import load_params
-from stages.train import read_jsonl, train
+from table2text.io.readers import read_processed
+from table2text.training import checkpoints, loop, memory
+from table2text.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,15 +51,15 @@ class WindowsSys:
 def test_no_project_module_imports_a_posix_only_module():
     posix_only = {"fcntl", "resource", "termios", "pwd", "grp", "posix"}
     found = []
-    for path in sorted([REPO / "run.py", *REPO.glob("stages/*.py"), *REPO.glob("bench/*.py")]):
+    for path in sorted([REPO / "run.py", *REPO.glob("stages/*.py"), *REPO.glob("table2text/**/*.py"), *REPO.glob("bench/*.py")]):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 if name and name.split(".")[0] in posix_only:
-                    # allowed only inside a try whose except handles its absence (train.peak_memory_gb)
+                    # allowed only inside a try whose except handles its absence (memory.peak_memory_gb)
                     found.append(f"{path.relative_to(REPO).as_posix()}: {name}")
-    assert found == ["stages/train.py: resource"], found
+    assert found == ["table2text/training/memory.py: resource"], found
 
 
 def test_the_stages_import_and_claim_gpus_without_fcntl(tmp_path):
@@ -108,7 +110,7 @@ def test_the_gpu_lock_is_the_operating_systems_with_no_soft_fallback(tmp_path, m
 
 def test_without_resource_the_cpu_peak_is_reported_unavailable(monkeypatch):
     monkeypatch.setitem(sys.modules, "resource", None)
-    peak, kind = train_stage.peak_memory_gb(torch.device("cpu"))
+    peak, kind = memory.peak_memory_gb(torch.device("cpu"))
     assert kind == "unavailable" and peak != peak  # NaN, not a made-up number
 
 
@@ -244,13 +246,13 @@ def test_a_model_folder_named_with_non_ascii_letters_and_spaces_trains_and_is_re
         (REPO / "params.yaml").read_text(encoding="utf-8").replace("name: packaged", f"name: '{folder}'"),
         encoding="utf-8")
     assert load_params(tmp_path / "params.yaml")["model"]["name"] == str(folder)
-    records = read_jsonl(processed_dir / "train.jsonl")[:2]
+    records = read_processed(processed_dir / "train.jsonl")[:2]
     train(params, records, tmp_path / "adapter", checkpoint_dir=tmp_path / "ckpt", metrics_dir=None,
           dvclive=False, progress=False)
     info = json.loads((tmp_path / "adapter" / "training_info.json").read_text(encoding="utf-8"))
     assert info["base_model"]["name"] == str(folder)
-    key = train_stage.run_key(params, model_sources.weights_sha256(folder), train_stage.records_sha256(records))
-    assert train_stage.find_checkpoint(tmp_path / "ckpt", key) is not None  # a resume point a rerun would take
+    key = checkpoints.run_key(params, model_sources.weights_sha256(folder), loop.records_sha256(records))
+    assert checkpoints.find_checkpoint(tmp_path / "ckpt", key) is not None  # a resume point a rerun would take
 
 
 # ------------------------------------------------------------------------- Windows paths in params
