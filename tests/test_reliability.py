@@ -29,17 +29,15 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import write_processed
 from dvc_project import dvc, git, make_tiny_project
 from table2text.io import atomic as atomic_io
-from stages import evaluate
 from table2text.model import finetuned
 from stages import infer
-from stages import merge
 from table2text.model import sources as model_sources
 from table2text.io.readers import read_processed
 from table2text.training import loop
 from table2text.io.atomic import current_umask, write_atomic
+from table2text.model import merging
 
 REPO = Path(__file__).resolve().parents[1]
 CODE = sorted([*(REPO / "stages").glob("*.py"), *(REPO / "table2text").rglob("*.py")])  # the stages and their library
@@ -392,7 +390,7 @@ def test_an_interrupted_merge_keeps_the_previous_model(tiny_model_dir, fresh_ada
 
     monkeypatch.setattr(GenerationConfig, "save_pretrained", killed)
     with pytest.raises(KeyboardInterrupt):
-        merge.merge(merge_params(tiny_model_dir), fresh_adapter, merged, PROMPTS, metrics_file=None)
+        merging.merge(merge_params(tiny_model_dir), fresh_adapter, merged, PROMPTS, metrics_file=None)
     assert {p.name: p.read_bytes() for p in merged.iterdir()} == before
     assert [p.name for p in merged.parent.iterdir()] == ["merged"]  # no temp folder left
 
@@ -403,7 +401,7 @@ def test_merge_refuses_to_start_without_the_disk_space(tiny_model_dir, fresh_ada
     monkeypatch.setattr(atomic_io.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - free, free))
     merged = tmp_path / "models" / "merged"
     with pytest.raises(atomic_io.OutputError) as err:
-        merge.merge(merge_params(tiny_model_dir), fresh_adapter, merged, PROMPTS, metrics_file=None)
+        merging.merge(merge_params(tiny_model_dir), fresh_adapter, merged, PROMPTS, metrics_file=None)
     message = str(err.value)
     assert f"{merged.parent.as_posix()}: not enough disk space for the merged model (bfloat16): needs about " in message
     assert f"{free:,} bytes free" in message
@@ -411,7 +409,7 @@ def test_merge_refuses_to_start_without_the_disk_space(tiny_model_dir, fresh_ada
     # the estimate covers the merged model, which has the base's tensors in bf16 and its tokenizer files
     needed = int(re.search(r"needs about ([\d,]+) bytes", message).group(1).replace(",", ""))
     base = sum(p.stat().st_size for p in tiny_model_dir.iterdir())
-    assert base < needed < base * 1.5 + merge.DISK_SLACK_BYTES
+    assert base < needed < base * 1.5 + merging.DISK_SLACK_BYTES
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,7 +433,7 @@ def test_an_adapter_on_another_base_is_refused_everywhere(tiny_model_dir, fresh_
     params = merge_params(tiny_model_dir)
     with pytest.raises(finetuned.AdapterError, match=r"was trained on base weights sha256 [0-9a-f]{16}\.\.\. .*but "
                                                      r".*other-base\d* has [0-9a-f]{16}"):
-        merge.merge(params, fresh_adapter, tmp_path / "merged", PROMPTS, metrics_file=None, model_dir=other_base)
+        merging.merge(params, fresh_adapter, tmp_path / "merged", PROMPTS, metrics_file=None, model_dir=other_base)
     with pytest.raises(finetuned.AdapterError, match=r"training_info.json: field 'base_model.weights_sha256': the "
                                                      r"adapter was trained on base weights sha256"):
         finetuned.load_adapter_model(fresh_adapter, other_base, torch.device("cpu"), torch.float32)
@@ -482,7 +480,7 @@ def test_a_corrupt_adapter_file_is_named(tiny_model_dir, fresh_adapter, tmp_path
     corrupt(adapter / "adapter_model.safetensors", how)
     pattern = rf"{re.escape((adapter / 'adapter_model.safetensors').as_posix())}: corrupt safetensors file"
     with pytest.raises(model_sources.WeightsError, match=pattern):
-        merge.merge(merge_params(tiny_model_dir), adapter, tmp_path / "merged", PROMPTS, metrics_file=None)
+        merging.merge(merge_params(tiny_model_dir), adapter, tmp_path / "merged", PROMPTS, metrics_file=None)
     with pytest.raises(model_sources.WeightsError, match=pattern):
         finetuned.load_adapter_model(adapter, tiny_model_dir, torch.device("cpu"), torch.float32)
     table = tmp_path / "t.json"
@@ -532,7 +530,7 @@ def test_pickle_weights_are_never_loaded(tiny_model_dir, fresh_adapter, tmp_path
     with pytest.raises(model_sources.WeightsError, match=message):
         finetuned.load_adapter_model(adapter, tiny_model_dir, torch.device("cpu"), torch.float32)
     with pytest.raises(model_sources.WeightsError, match=message):
-        merge.merge(merge_params(tiny_model_dir), adapter, tmp_path / "merged", PROMPTS, metrics_file=None)
+        merging.merge(merge_params(tiny_model_dir), adapter, tmp_path / "merged", PROMPTS, metrics_file=None)
     assert not proof.exists()
 
 

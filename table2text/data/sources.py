@@ -32,14 +32,22 @@ from typing import Any, Callable, Iterable, Iterator
 
 from table2text.config import group_settings
 from table2text.errors import UserError
-from table2text.io.readers import InputFileError, LineError, check_regular_file, iter_lines, parse_json_line
+from table2text.io.readers import (
+    FieldError,
+    InputFileError,
+    LineError,
+    check_regular_file,
+    check_text,
+    iter_lines,
+    parse_json_line,
+)
 
 SPLITS = ("train", "validation")
 ON_BAD_RECORD = ("error", "skip")
 # HTML caps colspan at 1000 and rowspan at 65534; a larger span cannot come from a real web table.
 MAX_COLUMN_SPAN = 1000
 MAX_ROW_SPAN = 65534
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_DIR = REPO_ROOT / "data" / "demo"
 
 # File names tried in a data.path folder, in order, per source and split.
@@ -299,30 +307,12 @@ def _collect(rows: Iterable[tuple[int, Any]], label: str, convert: Callable, on_
 # Schema mapping and validation. FieldError carries field and reason; _collect adds file and line.
 
 
-class FieldError(UserError, ValueError):
-    """A bad field of one record; whoever read the record adds the file and line."""
-
-    def __init__(self, field: str, message: str, reason: str):
-        super().__init__(f"field {field!r}: {message}")
-        self.field, self.message, self.reason = field, message, reason
-
-
 def totto_example(rec, *, require_references: bool = True) -> dict:
     """Validate one official ToTTo record (a parsed JSON object) and return the normalised example,
     without "source_file" and "line" (the caller knows where the record came from). Raises FieldError.
 
     `require_references=False` accepts a record without ``sentence_annotations`` (references ``[]``)."""
     return _from_totto(rec, require_references=require_references)
-
-
-def check_text(value: str, field: str) -> str:
-    """`value` if it is valid Unicode; JSON escapes can smuggle in lone surrogates ("\\ud800") that
-    json.loads accepts but no UTF-8 file or tokenizer can take."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise FieldError(field, f"not valid Unicode (lone surrogate at character {err.start})", "invalid_text") from None
-    return value
 
 
 def _get(rec: dict, key: str, types: type | tuple, *, required: bool = True, default=None):

@@ -44,6 +44,24 @@ STDIN = "-"
 STDIN_LABEL = "<stdin>"
 
 
+class FieldError(UserError, ValueError):
+    """A bad field of one record; whoever read the record adds the file and line."""
+
+    def __init__(self, field: str, message: str, reason: str):
+        super().__init__(f"field {field!r}: {message}")
+        self.field, self.message, self.reason = field, message, reason
+
+
+def check_text(value: str, field: str) -> str:
+    """`value` if it is valid Unicode; JSON escapes can smuggle in lone surrogates ("\\ud800") that
+    json.loads accepts but no UTF-8 file or tokenizer can take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise FieldError(field, f"not valid Unicode (lone surrogate at character {err.start})", "invalid_text") from None
+    return value
+
+
 class InputFileError(UserError, ValueError):
     """An input file that cannot be read as what it should be; the message names it (and the line).
     `line`, `detail` (the message without file and line) and `reason` let table2text.data.sources report it as
@@ -312,7 +330,6 @@ def read_predictions(source: str | Path) -> tuple[str, list[Prediction]]:
     with a "prediction" field is JSON lines too (whatever its name: a ``.json`` or ``.txt`` file of JSON
     lines was once scored as text, BLEU 46 instead of 100); a ``.json`` file that is not JSON lines is
     refused; anything else is plain text, one prediction a line (an empty line is an empty prediction)."""
-    from table2text.data.sources import FieldError, check_text
 
     label = label_of(source)
     lines = list(iter_lines(source, "predictions"))
@@ -345,7 +362,6 @@ def read_predictions(source: str | Path) -> tuple[str, list[Prediction]]:
 
 
 def _prediction_object(obj) -> tuple[str, str | None]:
-    from table2text.data.sources import FieldError
 
     if not isinstance(obj, dict) or not isinstance(obj.get("prediction"), str):
         raise FieldError("prediction", "expected a JSON object with a string 'prediction'", "wrong_type")
@@ -395,7 +411,6 @@ def read_processed(path: str | Path, max_records: int = 0, *, what: str = "proce
     """The processed records of `path` (the first `max_records`, all when 0): every line a JSON object
     with the fields of PROCESSED_FIELDS, ids unique. The first problem is an InputFileError naming file,
     line and field; a missing file says to run the preprocess stage."""
-    from table2text.data.sources import FieldError, check_text
 
     path = Path(path)
     label = path.as_posix()
