@@ -190,6 +190,8 @@ KIND_CASES = [
     ({"eval": {"cache": "paged"}}, "eval.cache must be one of ['dynamic', 'static'], got 'paged'"),
     ({"eval": {"dtype": "float16"}}, "eval.dtype must be auto, float32 or bfloat16, got 'float16' (Gemma 3 overflows"),
     ({"eval": {"fp32_matmul": "fast"}}, "eval.fp32_matmul must be one of ['ieee', 'tf32'], got 'fast'"),
+    ({"eval": {"decoder": "vllm"}}, "eval.decoder must be one of ['generate', 'graph'], got 'vllm'"),
+    ({"eval": {"decoder": "graph", "cache": "dynamic"}}, "eval.decoder 'graph' needs eval.cache 'static', got 'dynamic'"),
     ({"model": {"name": " "}}, "model.name must not be empty"),
 ]
 
