@@ -172,10 +172,11 @@ class _BucketDecoder:
 def greedy_tokens(model, encoded: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
                   batch_size: int, batch_tokens: int = 0, device: torch.device | None = None,
                   use_graph: bool | None = None, check_every: int = CHECK_EVERY,
-                  bucket_cost: int = BUCKET_COST_SLOTS,
+                  bucket_cost: int | None = None,
                   on_bucket: Callable[[int], None] | None = None) -> list[list[int]]:
     """Greedy new tokens (max_new_tokens each, pad after the first end token) for token-id prompts, in the
-    order given. use_graph: capture the step as a CUDA graph (default: on CUDA devices; CPU cannot)."""
+    order given. use_graph: capture the step as a CUDA graph (default: on CUDA devices; CPU cannot).
+    bucket_cost: plan_buckets' cost of a bucket (None: BUCKET_COST_SLOTS, read at call time)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if check_every < 1:
@@ -188,7 +189,8 @@ def greedy_tokens(model, encoded: list[list[int]], max_new_tokens: int, stop_ids
     if use_graph and device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
     outputs: list[list[int] | None] = [None] * len(encoded)
-    buckets = plan_buckets([len(e) for e in encoded], batch_size, batch_tokens, max_new_tokens, bucket_cost)
+    buckets = plan_buckets([len(e) for e in encoded], batch_size, batch_tokens, max_new_tokens,
+                           BUCKET_COST_SLOTS if bucket_cost is None else bucket_cost)
     for indices in buckets:
         bucket = _BucketDecoder(model, [encoded[i] for i in indices], max_new_tokens, stop_ids, pad_id, device)
         tokens = bucket.run(use_graph, check_every).tolist()
