@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = model_sources.load_tokenizer(base_dir)  # the one preprocess built the prompts with
     bleurt = cfg["bleurt_checkpoint"] or None
     gen_args = dict(max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["batch_size"], device=device,
-                    cache=cfg["cache"], batch_tokens=cfg["batch_tokens"], fp32_matmul=cfg["fp32_matmul"])
+                    cache=cfg["cache"], batch_tokens=cfg["batch_tokens"], fp32_matmul=cfg["fp32_matmul"],
+                    decoder=cfg["decoder"])
 
     start = time.perf_counter()
     predictions = generate(model, tokenizer, prompts, **gen_args)
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             "cache": gen_args["cache"],
             "batch_tokens": gen_args["batch_tokens"],
             "fp32_matmul": gen_args["fp32_matmul"],
+            "decoder": gen_args["decoder"],
         },
     }
     with staged_outputs() as stage:  # predictions, summary and plots change together or not at all

@@ -43,6 +43,7 @@ EXPORT_TYPES = ("f32", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # what t
 EXPORT_BOUND_KEYS = ("max_mean_kl", "min_top1_agreement")
 EVAL_MODELS = ("merged", "adapter")
 EVAL_CACHES = ("static", "dynamic")
+EVAL_DECODERS = ("generate", "graph")  # table2text.generation.DECODERS
 EVAL_DTYPES = ("float32", "bfloat16", "auto")
 FP32_MATMULS = ("tf32", "ieee")
 DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+")
@@ -274,6 +275,8 @@ class EvalConfig(Group):
     cache: str = setting("static", "static (KV cache allocated once) | dynamic (grows as tokens come)")
     batch_tokens: int = setting(0, "cap on a batch's prompts x (longest prompt + max_new_tokens) (0 = none)")
     fp32_matmul: str = setting("tf32", "tf32 | ieee: how a float32 model multiplies on a GPU")
+    decoder: str = setting("generate", "generate (transformers' generate) | graph (own greedy loop, CUDA-graphed "
+                                       "step, length buckets; needs cache static)")
     dtype: str = setting("float32", "float32 | bfloat16 | auto (= bf16 on GPUs); never float16")
     max_new_tokens: int = setting(64, "generation length cap")
     max_examples: int = setting(0, "evaluate on the first N validation examples (0 = all)")
@@ -285,6 +288,9 @@ class EvalConfig(Group):
         self._one_of("model", EVAL_MODELS)
         self._one_of("cache", EVAL_CACHES)
         self._one_of("fp32_matmul", FP32_MATMULS)
+        self._one_of("decoder", EVAL_DECODERS)
+        if self.decoder == "graph" and self.cache != "static":
+            raise ConfigError(f"eval.decoder 'graph' needs eval.cache 'static', got {self.cache!r}")
         if self.dtype == "float16":
             raise ConfigError("eval.dtype must be auto, float32 or bfloat16, got 'float16' (Gemma 3 overflows fp16)")
         self._one_of("dtype", EVAL_DTYPES)

@@ -18,6 +18,9 @@ from table2text.model.sources import compile_problem
 
 END_OF_TURN = "<end_of_turn>"
 CACHES = ("dynamic", "static")
+# "generate": transformers' model.generate; "graph": table2text.graph_decode (a hand-written greedy loop over a
+# static cache, its decoding step a CUDA graph on GPUs).
+DECODERS = ("generate", "graph")
 # torch.set_float32_matmul_precision names of eval.fp32_matmul: "ieee" multiplies fp32 in fp32, "tf32" on
 # the tensor cores with inputs rounded to TF32 (10-bit mantissa) and fp32 accumulation and outputs.
 FP32_MATMUL = {"ieee": "highest", "tf32": "high"}
@@ -94,6 +97,22 @@ def _decode(tokenizer, new_tokens: list[int], stop_ids: set[int]) -> str:
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
+def _graph_generate(model, tokenizer, encoded, max_new_tokens, batch_size, batch_tokens, device, progress,
+                    fp32_matmul, stop_ids, pad_id) -> list[str]:
+    from table2text.graph_decode import greedy_tokens  # imported here: generate's own path does not need it
+
+    was_training = model.training
+    model.eval()
+    try:
+        with fp32_matmul_precision(fp32_matmul, device), \
+                tqdm(total=len(encoded), desc="generate", unit="ex", disable=not progress) as bar:
+            tokens = greedy_tokens(model, encoded, max_new_tokens, stop_ids, pad_id, batch_size, batch_tokens,
+                                   device, on_bucket=bar.update)
+    finally:
+        model.train(was_training)
+    return [_decode(tokenizer, t, set(stop_ids)) for t in tokens]
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -107,6 +126,7 @@ def generate(
     compile_decoding: bool = False,
     batch_tokens: int = 0,
     fp32_matmul: str = "ieee",
+    decoder: str = "generate",
 ) -> list[str]:
     """Greedy completions of `prompts` (text without BOS; BOS is added once by the tokenizer).
 
@@ -123,8 +143,14 @@ def generate(
     rounding no more than in IEEE fp32 (unlike bf16, whose outputs are rounded): on an H200, 40 of 40
     outputs were identical to one-at-a-time TF32 decoding, 498 of 500 equal to IEEE fp32 ones, at 114
     examples/s instead of 84 (batch 500; BENCHMARKS.md, 2026-12-02).
+    decoder ("generate" | "graph", DECODERS): "graph" decodes with table2text.graph_decode (static cache only,
+    batches cut by length buckets within batch_size and batch_tokens).
     Returns one stripped string per prompt, in the order given, without end tokens.
     """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder == "graph" and (cache != "static" or compile_decoding):
+        raise ValueError("decoder='graph' needs cache='static' and no compile_decoding (it captures its own step)")
     if cache not in CACHES:
         raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
     if compile_decoding and cache != "static":
@@ -145,6 +171,9 @@ def generate(
     pad_id = pad_token_id(tokenizer)
 
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    if decoder == "graph":
+        return _graph_generate(model, tokenizer, encoded, max_new_tokens, batch_size, batch_tokens, device,
+                               progress, fp32_matmul, stop_ids, pad_id)
     # Longest first: the largest batch (and any out-of-memory error) comes at once, not at the end.
     batches = plan_batches([len(ids) for ids in encoded], batch_size, batch_tokens, max_new_tokens)
     outputs: list[str | None] = [None] * len(prompts)

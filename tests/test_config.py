@@ -191,6 +191,8 @@ KIND_CASES = [
     ({"eval": {"cache": "paged"}}, "eval.cache must be one of ['dynamic', 'static'], got 'paged'"),
     ({"eval": {"dtype": "float16"}}, "eval.dtype must be auto, float32 or bfloat16, got 'float16' (Gemma 3 overflows"),
     ({"eval": {"fp32_matmul": "fast"}}, "eval.fp32_matmul must be one of ['ieee', 'tf32'], got 'fast'"),
+    ({"eval": {"decoder": "vllm"}}, "eval.decoder must be one of ['generate', 'graph'], got 'vllm'"),
+    ({"eval": {"decoder": "graph", "cache": "dynamic"}}, "eval.decoder 'graph' needs eval.cache 'static', got 'dynamic'"),
     ({"model": {"name": " "}}, "model.name must not be empty"),
 ]
 
@@ -390,16 +392,15 @@ def test_the_enums_agree_with_the_modules_that_implement_them():
     from table2text.model import finetuned
     from table2text import generation
     from table2text.model import gguf as gguf_export
-    from table2text.data import linearize
-    from stages import merge
-    from table2text.data import sources
+    from table2text.data import linearize, sources
+    from table2text.model import merging
 
     assert set(config.LINEARIZATIONS) == set(linearize.MODES)
     assert set(config.ON_BAD_RECORD) == set(sources.ON_BAD_RECORD)
     assert set(config.EVAL_CACHES) == set(generation.CACHES)
     assert set(config.FP32_MATMULS) == set(generation.FP32_MATMUL)
     # merge.dtype auto: the fidelity check picks bf16 or float32; the others are stored dtypes
-    assert set(config.MERGE_DTYPES) - {"auto"} == set(merge.DTYPES)
+    assert set(config.MERGE_DTYPES) - {"auto"} == set(merging.DTYPES)
     assert set(config.MERGE_BASES) == set(finetuned.BASES)
     assert set(config.EXPORT_TYPES) == set(gguf_export.TYPES)
 

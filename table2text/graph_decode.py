@@ -1,0 +1,202 @@
+"""Greedy decoding by a hand-written loop over the model's forward, the one-token step a CUDA graph.
+
+Why: `model.generate` spends ~40 ms of host work per decoding step at any batch size on an H200 (masks,
+logits processors, stopping criteria, a host sync per token), 20-40x what the GPU needs for the step
+(issue 23). Here the step is a fixed sequence of kernels over fixed buffers, so on CUDA it is captured
+once per bucket as a torch.cuda.CUDAGraph and replayed; on CPU the very same step function runs eagerly
+(the tests compare it with transformers' greedy `generate` token for token).
+
+- Buckets: prompts sorted by length and cut where it saves padded work (plan_buckets), left-padded
+  within a bucket, so every row's next token sits in one column (one cache slot per step for all rows).
+- Cache: transformers' StaticLayer (the layer of its StaticCache) for every layer, max_cache_len =
+  longest prompt + max_new_tokens; sliding-window layers keep the full length too and get the window
+  from their mask, because StaticSlidingWindowLayer picks its code path by a Python counter that a
+  captured graph could not follow. The masks are built on the device from tensors the step advances
+  itself (slot index, positions), so replaying the graph needs no host work.
+- Stop: a done mask on the device (rows that emitted an end token get the pad token after it, as
+  `generate` pads them); the host reads it only every `check_every` steps.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+# A bucket's fixed cost in cache slots of prefill/decoding work: its decoding steps (max_new_tokens graph
+# replays, each a few hundred microseconds however few rows) and its graph capture. A new bucket is cut
+# where the padded slots it saves exceed this; a guess pending the GPU measurement (bench/decode_bench.py).
+BUCKET_COST_SLOTS = 32768
+CHECK_EVERY = 8
+
+
+def plan_buckets(lengths: list[int], batch_size: int, batch_tokens: int = 0, new_tokens: int = 0,
+                 bucket_cost: int = BUCKET_COST_SLOTS) -> list[list[int]]:
+    """Indices of `lengths` in buckets of similar length, longest first, minimising the padded cache slots
+    (rows x (longest prompt + new_tokens), summed) plus `bucket_cost` a bucket; each bucket holds at most
+    batch_size prompts and, when batch_tokens > 0, at most batch_tokens slots (a single prompt over it
+    still gets a bucket of its own: nothing is dropped)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    widths = np.array([lengths[i] + new_tokens for i in order], dtype=np.float64)
+    n = len(order)
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for end in range(1, n + 1):  # best[end]: the cheapest split of the `end` longest prompts
+        start = np.arange(max(0, end - batch_size), end)  # candidate first rows of the last bucket
+        rows = end - start
+        slots = rows * widths[start]  # sorted longest first: a bucket's first row is its widest
+        cost = best[start] + slots + bucket_cost
+        if batch_tokens:
+            cost = np.where((slots <= batch_tokens) | (rows == 1), cost, np.inf)
+        k = int(np.argmin(cost))
+        best[end], cut[end] = cost[k], start[k]
+    buckets, end = [], n
+    while end > 0:
+        buckets.append(order[cut[end]:end])
+        end = int(cut[end])
+    return buckets[::-1]
+
+
+def _full_static_cache(model, max_cache_len: int):
+    """A transformers Cache of StaticLayers, one per decoder layer, all of the full length (see above)."""
+    from transformers.cache_utils import Cache, StaticLayer
+
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    return Cache(layers=[StaticLayer(max_cache_len=max_cache_len) for _ in range(layers)])
+
+
+def _masks(key_valid: torch.Tensor, query_slots: torch.Tensor, layer_types: set[str], window: int | None) -> dict:
+    """Boolean attention masks [rows, 1, queries, slots] per layer type: a query sees the valid slots at or
+    before its own (and itself, so a pad query never has an empty row, whose softmax would be NaN), the
+    sliding layers only those less than `window` slots back (transformers' sliding_window_overlay)."""
+    slots = torch.arange(key_valid.shape[1], device=key_valid.device)
+    q = query_slots.view(1, -1, 1)
+    s = slots.view(1, 1, -1)
+    full = (key_valid[:, None, :] & (s <= q)) | (s == q)
+    masks = {"full_attention": full[:, None]}
+    if "sliding_attention" in layer_types:
+        masks["sliding_attention"] = (full & (s > q - window))[:, None] if window else full[:, None]
+    return masks
+
+
+class _BucketDecoder:
+    """The state of one bucket's greedy decoding: static buffers a step reads and advances in place."""
+
+    def __init__(self, model, rows: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
+                 device: torch.device):
+        config = model.config.get_text_config(decoder=True)
+        self.model = model
+        self.layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        unknown = self.layer_types - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise ValueError(f"the graph decoder handles full and sliding attention layers, not {sorted(unknown)}")
+        self.window = getattr(config, "sliding_window", None)
+        self.max_new = max_new_tokens
+        width = max(len(r) for r in rows)
+        n = len(rows)
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros((n, width), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            prompt_mask[i, width - len(r):] = True
+        self.ids, prompt_mask = ids.to(device), prompt_mask.to(device)
+        self.prompt_width = width
+        self.cache = _full_static_cache(model, width + max_new_tokens)
+        # slots past the prompt hold generated tokens: valid once written, and never seen before (causal)
+        self.key_valid = torch.cat([prompt_mask, torch.ones((n, max_new_tokens), dtype=torch.bool, device=device)], 1)
+        # positions as transformers' generate gives them: count of real tokens before, pads at 0
+        self.prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        self.stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        self.pad_id = pad_id
+        self.out = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        self.token = torch.empty((n, 1), dtype=torch.long, device=device)
+        self.position = prompt_mask.long().sum(-1, keepdim=True)  # the next token's position
+        self.slot = torch.tensor(width, dtype=torch.long, device=device)  # the cache slot it is written to
+        self.step_index = torch.tensor(1, dtype=torch.long, device=device)  # its column in `out`
+        self.done = torch.zeros(n, dtype=torch.bool, device=device)
+
+    def prefill(self) -> None:
+        slots = torch.arange(self.prompt_width, device=self.ids.device)
+        logits = self.model(input_ids=self.ids, attention_mask=_masks(self.key_valid, slots, self.layer_types, self.window),
+                            position_ids=self.prompt_positions, cache=self.cache, use_cache=True,
+                            logits_to_keep=1).logits
+        first = logits[:, -1].argmax(-1)
+        self.out[:, 0] = first
+        self.token.copy_(first.view(-1, 1))
+        self.done |= torch.isin(first, self.stop)
+
+    def step(self) -> None:
+        """One decoding step over the whole bucket; only tensor operations on fixed buffers (graph-safe)."""
+        masks = _masks(self.key_valid, self.slot.view(1), self.layer_types, self.window)
+        logits = self.model(input_ids=self.token, attention_mask=masks, position_ids=self.position,
+                            cache=self.cache, use_cache=True).logits
+        nxt = torch.where(self.done, self.pad_id, logits[:, -1].argmax(-1))
+        self.out.index_copy_(1, self.step_index.view(1), nxt.view(-1, 1))
+        self.done |= torch.isin(nxt, self.stop)
+        self.token.copy_(nxt.view(-1, 1))
+        self.position.add_(1)
+        self.slot.add_(1)
+        self.step_index.add_(1)
+
+    def run(self, use_graph: bool, check_every: int) -> torch.Tensor:
+        self.prefill()
+        steps = self.max_new - 1  # the prefill gave the first token
+        done_at = 0
+        if steps > 0 and use_graph:
+            # The first step runs eagerly on a side stream (PyTorch's warm-up before capture: kernels
+            # chosen, workspaces allocated); the capture records without running, so state moves on only
+            # by the eager step and by the replays.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.step()
+            run_step, done_at = graph.replay, 1
+        else:
+            run_step = self.step
+        for k in range(done_at, steps):
+            if k % check_every == 0 and bool(self.done.all()):  # the only host sync of the loop
+                break
+            run_step()
+        return self.out.cpu()
+
+
+@torch.inference_mode()
+def greedy_tokens(model, encoded: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
+                  batch_size: int, batch_tokens: int = 0, device: torch.device | None = None,
+                  use_graph: bool | None = None, check_every: int = CHECK_EVERY,
+                  bucket_cost: int | None = None,
+                  on_bucket: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Greedy new tokens (max_new_tokens each, pad after the first end token) for token-id prompts, in the
+    order given. use_graph: capture the step as a CUDA graph (default: on CUDA devices; CPU cannot).
+    bucket_cost: plan_buckets' cost of a bucket (None: BUCKET_COST_SLOTS, read at call time)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    if not stop_ids:
+        raise ValueError("no end tokens: generation could not stop")
+    device = torch.device(device) if device is not None else model.device
+    if use_graph is None:
+        use_graph = device.type == "cuda"
+    if use_graph and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+    outputs: list[list[int] | None] = [None] * len(encoded)
+    buckets = plan_buckets([len(e) for e in encoded], batch_size, batch_tokens, max_new_tokens,
+                           BUCKET_COST_SLOTS if bucket_cost is None else bucket_cost)
+    for indices in buckets:
+        bucket = _BucketDecoder(model, [encoded[i] for i in indices], max_new_tokens, stop_ids, pad_id, device)
+        tokens = bucket.run(use_graph, check_every).tolist()
+        del bucket  # frees the bucket's cache and graph pool before the next one
+        for i, t in zip(indices, tokens):
+            outputs[i] = t
+        if on_bucket is not None:
+            on_bucket(len(indices))
+    return outputs

@@ -1,0 +1,37 @@
+"""The decoding bench's CPU dry run (--tiny) goes through every decoder and writes its results, so a GPU
+call is not spent on a bench that cannot start."""
+
+import json
+
+from bench import decode_bench
+from tests.test_generation import PROMPTS
+
+
+def test_tiny_dry_run_measures_every_decoder_against_one_at_a_time(tmp_path, real_tokenizer):
+    data = tmp_path / "validation.jsonl"  # processed records as the bench reads them: a prompt each
+    data.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)), encoding="utf-8")
+    before = decode_bench.common.BENCHMARKS_MD.read_text(encoding="utf-8")
+    planned = decode_bench.graph_decode.BUCKET_COST_SLOTS
+    path = decode_bench.main(["--tiny", "--data", str(data), "--out", str(tmp_path / "out"), "--max-new-tokens", "6",
+                              "--sequential", "3", "--batch-size", "5", "--repeats", "1",
+                              "--bucket-costs", "0", "1000000"])
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    rows = {r["decoder"] + ("_ref" if r["name"].endswith("one_at_a_time") else "") + str(r["bucket_cost"] or ""): r
+            for r in doc["results"]}
+    assert set(rows) == {"generate_ref", "generate", "graph", "graph1000000", "generate_batch"}
+    assert all(r["error"] is None and r["examples_per_s"] > 0 for r in rows.values()), rows
+    assert rows["graph"]["examples"] == 5 and doc["reference_indices"] == [0, 2, 4]
+    # fp32 on a CPU: batched, graph-decoded and continuous-batched outputs equal one-at-a-time ones
+    assert rows["graph"]["identical"] == "3/3" and rows["graph"]["same_as_generate"] == "5/5"
+    assert rows["generate_batch"]["identical"] == "3/3"
+    # bucket cost 0: no padding is worth a bucket, so prompts of different lengths part; a huge one: one bucket
+    assert rows["graph"]["buckets"] > 1 and rows["graph1000000"]["buckets"] == 1
+    assert rows["graph1000000"]["same_as_generate"] == "5/5"
+    assert decode_bench.graph_decode.BUCKET_COST_SLOTS == planned  # the bench put the planner's constant back
+    assert decode_bench.common.BENCHMARKS_MD.read_text(encoding="utf-8") == before  # a dry run adds no table
+
+
+def test_reference_prompts_spread_over_the_data():
+    assert decode_bench.sample_indices(500, 50)[:3] == [0, 10, 20] and decode_bench.sample_indices(500, 50)[-1] == 499
+    assert len(decode_bench.sample_indices(500, 50)) == 50
+    assert decode_bench.sample_indices(3, 50) == [0, 1, 2]
