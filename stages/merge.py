@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from stages import finetuned, model_sources, readers
+from stages import finetuned, model_sources, phases, readers
 from stages.atomic_io import check_free_space, check_writable, staged_dir, write_json
 from stages.config import group_settings
 from stages.errors import UserError, run_cli
@@ -113,6 +113,7 @@ def save_checked(stated, tokenizer, merged_dir: Path, dtype: torch.dtype, name: 
     with staged_dir(merged_dir) as tmp:
         merged = copy.deepcopy(stated).merge_and_unload().to(dtype)
         merged.config.name_or_path = name
+        phases.enter("save")
         merged.save_pretrained(tmp, safe_serialization=True)
         del merged
         tokenizer.save_pretrained(tmp)
@@ -121,6 +122,7 @@ def save_checked(stated, tokenizer, merged_dir: Path, dtype: torch.dtype, name: 
         generation.pad_token_id = tokenizer.pad_token_id
         generation.bos_token_id = tokenizer.bos_token_id
         generation.save_pretrained(tmp)
+        phases.enter("work")  # the check: the saved files reloaded and compared
         check = verify(tmp)
         if check["problem"] is not None:
             raise Unfaithful(check)
@@ -148,6 +150,7 @@ def merge(
         check_writable(Path(metrics_file).parent, "metrics folder")
     device = model_sources.pick_device(cfg["device"])
     model_dir = Path(model_dir) if model_dir else model_sources.resolve_model(params["model"]["name"])
+    phases.enter("load")  # the base's identity (its weights hashed), the tokenizer, the stated model
     info = finetuned.read_training_info(adapter_dir)
     base_sha256 = finetuned.check_base_identity(adapter_dir, info, model_dir)
     tokenizer = model_sources.load_tokenizer(model_dir)
@@ -157,6 +160,7 @@ def merge(
 
     # The stated model in fp32, unmerged: what the merged checkpoint must reproduce.
     stated = finetuned.load_adapter_model(adapter_dir, model_dir, device, torch.float32, base=cfg["base"], info=info)
+    phases.enter("work")  # merging and the fidelity check of each saved candidate
     name = f"{params['model']['name']} + LoRA {Path(adapter_dir).as_posix()} (on the {cfg['base']} base)"
 
     def verify(dtype_name: str):
@@ -240,4 +244,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # FileNotFoundError: model.name's folder missing
-    sys.exit(run_cli(main, "merge", user_errors=(FileNotFoundError,)))
+    sys.exit(phases.timed("merge", lambda: run_cli(main, "merge", user_errors=(FileNotFoundError,))))

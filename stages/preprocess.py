@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from stages.atomic_io import check_writable, staged_outputs
+from stages import phases
 from stages.errors import run_cli
 from stages.linearize import linearize
 from stages.model_sources import load_tokenizer, resolve_model
@@ -49,8 +50,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     check_writable(args.out_dir, "output folder")  # before the tokenizer and the reading
     check_writable(args.metrics_file.parent, "metrics folder")
+    phases.enter("load")
     tokenizer = cached_tokenizer(params["model"]["name"])
     end = completion_end(tokenizer)
+    phases.enter("work")  # reading, linearising and tokenising every record
 
     # Every split is read, checked and built before anything is written: a bad record in the validation
     # split must not leave a new train.jsonl next to the old validation.jsonl and metrics.
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["total"]["highlighted_cells_kept"] = {
         key: sum(metrics[s]["highlighted_cells_kept"][key] for s in SPLITS) for key in ("all", "some", "none")
     }
+    phases.enter("save")
     with staged_outputs() as stage:  # all three files, or (on any error) none of them
         for path, records in outputs.items():
             stage.write_jsonl(path, records)
@@ -280,4 +284,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(phases.timed("preprocess", cli))

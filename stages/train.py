@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from stages import distributed, model_sources
-from stages import readers
+from stages import phases, readers
 from stages.atomic_io import StagedOutputs, check_writable, staged_dir, staged_outputs
 from stages.config import check_target_modules, math_keys
 from stages.atomic_io import write_json as _write_json
@@ -436,18 +436,22 @@ def train(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    phases.enter("load")  # hashing the weights, the tokenizer, the model
     base_sha256 = model_sources.weights_sha256(model_dir)
     data_sha256 = data_sha256 or records_sha256(train_records)
     key = run_key(params, base_sha256, data_sha256)
 
     tokenizer = tokenizer or model_sources.load_tokenizer(model_dir)
+    phases.enter("prepare")  # tokenising, then (after the model) budgets, compilation, graph capture
     examples = [encode_record(tokenizer, r) for r in train_records]
     n_examples = len(examples)
     n_steps = total_steps(cfg, n_examples)
     effective_batch = int(cfg["effective_batch"])
 
     torch.manual_seed(int(cfg["seed"]))  # LoRA init and dropout
+    phases.enter("load")
     model = build_model(params, model_dir, device, dtype)
+    phases.enter("prepare")
     base = model.get_base_model()
     decoder, head = base.get_decoder(), base.get_output_embeddings().weight
     softcap = getattr(base.config, "final_logit_softcapping", None)
@@ -568,6 +572,7 @@ def train(
         if is_main:
             print(f"train: captured CUDA graphs for micro-batches of {sorted(shapes)} rows "
                   f"in {time.perf_counter() - capture_start:.1f} s")
+    phases.enter("work")  # the optimiser steps (compiled layers without graphs compile in the first ones)
     bar = tqdm(range(start_step, n_steps), initial=start_step, total=n_steps, desc="train", disable=not progress)
     for step in bar:
         t0 = time.perf_counter()
@@ -622,6 +627,7 @@ def train(
         if on_step is not None:
             on_step(step + 1)
     bar.close()
+    phases.enter("save")
 
     peak_gb, peak_kind = peak_memory_gb(device)
     if world > 1:
@@ -756,4 +762,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # FileNotFoundError: data/processed/train.jsonl or model.name's folder missing
-    sys.exit(run_cli(main, "train", user_errors=(FileNotFoundError,)))
+    sys.exit(phases.timed("train", lambda: run_cli(main, "train", user_errors=(FileNotFoundError,))))
