@@ -17,11 +17,14 @@ the data set's mean length x samples (the trainer shuffles internally), as bench
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no network: nothing to report home to
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# its generated, compiled trainer code: a temp folder, not unsloth_compiled_cache/ in the working tree
+os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", os.path.join(tempfile.gettempdir(), "unsloth_compiled_cache"))
 
 import unsloth  # noqa: E402,F401  (first: it patches transformers, trl and peft on import)
 from unsloth import FastLanguageModel  # noqa: E402
@@ -30,7 +33,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
