@@ -6,7 +6,9 @@ and how long it took: one row of the results table, reproducible by its command.
 Stages run as `python -m stages.<name> --params <tmp params>` (exactly what dvc.yaml runs), so this is
 for hosts without DVC (GPU hosts) and for sweeps recorded outside `dvc exp`. Writes
 bench/results/<date>-<gpu>-recipe-<NAME>.json (each stage's metrics file merged with its runtime record,
-metrics/runtime/<stage>.json) and appends a row to BENCHMARKS.md.
+metrics/runtime/<stage>.json) and appends a row to BENCHMARKS.md. Each stage's wall time is split into
+process start-up (interpreter and imports), model load, preparation, the work itself and saving
+(table2text.phases); the rest of the wall time (launching the interpreter, exiting) shows as "exit".
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import yaml
 
 from bench import common
 from table2text.params import load_params
+from table2text.phases import PHASES
 from table2text.runtime import read_runtime
 
 STAGES = ("preprocess", "train", "merge", "evaluate")
@@ -40,6 +43,29 @@ def apply_override(params: dict, assignment: str) -> None:
     if leaf not in node:
         raise SystemExit(f"--set {assignment!r}: params.yaml has no {key}")
     node[leaf] = yaml.safe_load(raw)
+
+
+def stage_phases(stage: str, runtime: dict, wall_seconds: float) -> dict:
+    """The stage's phase times (table2text.phases) plus "exit": the wall time the stage's own clock did not
+    see (process launch before psutil's start time, interpreter shutdown)."""
+    phases = runtime.get("phases")
+    if not phases:
+        raise SystemExit(f"{stage}: metrics/runtime/{stage}.json has no phase times (table2text.phases.timed not called?)")
+    known = sum(v for v in phases.values() if v is not None)
+    return {**phases, "exit": wall_seconds - known}
+
+
+def phase_table(stages: dict) -> str:
+    """One line per stage: wall time and its phases, in seconds."""
+    names = (*PHASES, "exit")
+    lines = [f"{'stage':<11}{'wall':>7}" + "".join(f"{n:>9}" for n in names)]
+    for stage, entry in stages.items():
+        cells = "".join(f"{entry['phases'][n]:>9.2f}" if entry["phases"].get(n) is not None else f"{'n/a':>9}"
+                        for n in names)
+        lines.append(f"{stage:<11}{entry['wall_seconds']:>7.2f}{cells}")
+    total = sum(e["wall_seconds"] for e in stages.values())
+    lines.append(f"{'total':<11}{total:>7.2f}")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -72,7 +98,9 @@ def main(argv=None):
         # the stage's DVC-tracked metrics and how it ran (times, throughput, memory: metrics/runtime/<stage>.json)
         runtime = {k: v for k, v in read_runtime(stage).items() if k != "history"}
         metrics = json.loads(Path(OUTPUTS[stage]).read_text(encoding="utf-8"))
-        row["stages"][stage] = {"wall_seconds": seconds, "metrics": {**metrics, **runtime}}
+        row["stages"][stage] = {"wall_seconds": seconds, "phases": stage_phases(stage, runtime, seconds),
+                                "metrics": {**metrics, **runtime}}
+    print(phase_table(row["stages"]))
     common.write_results(args.out, f"recipe-{args.name}", [row], {
         "command": "python -m bench.run_recipe " + " ".join(sys.argv[1:])})
 

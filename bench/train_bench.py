@@ -3,6 +3,7 @@ in one process, on one GPU, on the same processed data, each for a fixed number 
 an effective batch of 16.
 
     python -m bench.train_bench --data PROCESSED_TRAIN.jsonl [--only NAME ...] [--steps N]
+    python -m bench.train_bench --compile-cache --data PROCESSED_TRAIN.jsonl [--steps N]   (bench.compile_cache_bench)
 
 Writes bench/results/<date>-<gpu>-train.json and appends rows to BENCHMARKS.md.
 """
@@ -110,7 +111,15 @@ def main(argv=None):
                         help="first compare CUDA graphs, and graphs over compiled layers, with eager")
     parser.add_argument("--profile", action="store_true",
                         help="first profile the project's NF4 step, eager and as CUDA graphs (bench.profile_train)")
+    parser.add_argument("--compile-cache", action="store_true",
+                        help="only measure start-up with compiled layers, first (empty compile cache) vs second run "
+                             "(bench.compile_cache_bench)")
     args = parser.parse_args(argv)
+    if args.compile_cache:
+        from bench import compile_cache_bench
+
+        return compile_cache_bench.main(["--data", str(args.data), "--steps", str(min(args.steps, 12)),
+                                         "--out", str(args.out)])
 
     from bench.baselines import run_hf_trainer, run_trl_liger
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from table2text import eval_cache, phases
 from table2text.model import finetuned
 from table2text.model import sources as model_sources
 from table2text.io import readers
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = model_sources.pick_device(cfg["device"])
     dtype = eval_dtype(cfg["dtype"], device)
     base_dir = model_sources.resolve_model(params["model"]["name"])
+    phases.enter("load")
     model = load_finetuned(cfg["model"], base_dir, device, dtype)
     tokenizer = model_sources.load_tokenizer(base_dir)  # the one preprocess built the prompts with
     bleurt = cfg["bleurt_checkpoint"] or None
@@ -72,19 +74,30 @@ def main(argv: list[str] | None = None) -> dict:
                     cache=cfg["cache"], batch_tokens=cfg["batch_tokens"], fp32_matmul=cfg["fp32_matmul"],
                     decoder=cfg["decoder"])
 
+    phases.enter("work")  # generation and the metrics
     start = time.perf_counter()
     predictions = generate(model, tokenizer, prompts, **gen_args)
     seconds = time.perf_counter() - start
     del model
     summary, per_example = compute_metrics(predictions, records, bleurt_checkpoint=bleurt)
 
-    base_predictions = base_summary = base_per_example = base_seconds = None
+    base_predictions = base_summary = base_per_example = base_seconds = base_cache = None
     if cfg["compare_base"]:
+        # known from an earlier run of the same base, prompts and settings (table2text.eval_cache)?
+        cache_inputs = eval_cache.base_inputs(base_dir, prompts, {**gen_args, "device": None}, dtype, device)
+        cache_key = eval_cache.base_key(cache_inputs)
+        base_predictions = eval_cache.load(cache_key, len(prompts))
+        base_cache = "hit" if base_predictions is not None else "miss"
+    if base_cache == "miss":
+        phases.enter("load")
         base = model_sources.load_model(base_dir, quantization="none", dtype=dtype, device=device)
+        phases.enter("work")
         start = time.perf_counter()
         base_predictions = generate(base, tokenizer, prompts, **gen_args)
         base_seconds = time.perf_counter() - start
         del base
+        eval_cache.store(cache_key, cache_inputs, base_predictions)
+    if base_predictions is not None:
         base_summary, base_per_example = compute_metrics(base_predictions, records, bleurt_checkpoint=bleurt)
 
     rows = prediction_rows(records, predictions, per_example, base_predictions, base_per_example)
@@ -110,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
         "generation": {
             "examples_per_s": len(records) / seconds if seconds > 0 else None,
             "seconds": seconds,
-            "base_seconds": base_seconds,
+            "base_seconds": base_seconds,  # None when compare_base is off or the cache held them
+            "base_cache": base_cache,  # hit | miss (generated and stored) | None (compare_base off)
             "batch_size": gen_args["batch_size"],
             "max_new_tokens": gen_args["max_new_tokens"],
             "cache": gen_args["cache"],
@@ -119,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
             "decoder": gen_args["decoder"],
         },
     }
+    phases.enter("save")
     with staged_outputs() as stage:  # predictions, summary and plots change together or not at all
         stage.write_jsonl(PREDICTIONS_FILE, rows)
         stage.write_json(EVAL_FILE, result)
@@ -296,4 +311,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(phases.timed("evaluate", cli))

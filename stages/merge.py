@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from table2text.io import readers
+from table2text import phases
 from table2text.errors import run_cli
 from table2text.params import default_params_file, load_params
 from table2text.model.merging import merge
@@ -44,4 +45,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # FileNotFoundError: model.name's folder missing
-    sys.exit(run_cli(main, "merge", user_errors=(FileNotFoundError,)))
+    sys.exit(phases.timed("merge", lambda: run_cli(main, "merge", user_errors=(FileNotFoundError,))))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from table2text.io.atomic import check_writable, staged_outputs
 from table2text.paths import PROCESSED_DIR
+from table2text import phases
 from table2text.errors import run_cli
 from table2text.params import default_params_file, load_params
 from table2text.data.prompts import completion_end
@@ -51,8 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     check_writable(args.out_dir, "output folder")  # before the tokenizer and the reading
     check_writable(args.metrics_file.parent, "metrics folder")
+    phases.enter("load")
     tokenizer = cached_tokenizer(params["model"]["name"])
     end = completion_end(tokenizer)
+    phases.enter("work")  # reading, linearising and tokenising every record
 
     # Every split is read, checked and built before anything is written: a bad record in the validation
     # split must not leave a new train.jsonl next to the old validation.jsonl and metrics.
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["total"]["highlighted_cells_kept"] = {
         key: sum(metrics[s]["highlighted_cells_kept"][key] for s in SPLITS) for key in ("all", "some", "none")
     }
+    phases.enter("save")
     with staged_outputs() as stage:  # all three files, or (on any error) none of them
         for path, records in outputs.items():
             stage.write_jsonl(path, records)
@@ -144,4 +148,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(phases.timed("preprocess", cli))

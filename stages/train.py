@@ -19,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from table2text import phases
 from table2text.errors import run_cli
 from table2text.io import readers
 from table2text.io.atomic import check_writable
@@ -81,4 +82,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # FileNotFoundError: data/processed/train.jsonl or model.name's folder missing
-    sys.exit(run_cli(main, "train", user_errors=(FileNotFoundError,)))
+    sys.exit(phases.timed("train", lambda: run_cli(main, "train", user_errors=(FileNotFoundError,))))

@@ -194,3 +194,32 @@ def test_a_finetune_that_changed_nothing_is_reported_with_its_cause():
     # a fine-tune that changed the outputs: no warning, even with warm-up steps
     assert evaluate.finetune_warnings(scores(1), {"steps": 2, "steps_with_nonzero_lr": 1}) == []
     assert evaluate.finetune_warnings({"examples": 4}, {}) == []  # no base compared, no training record
+
+
+def test_base_predictions_come_from_the_cache_only_for_the_same_settings(project):
+    """The base model's answers are kept by content hash (table2text.eval_cache): the same model, prompts and
+    settings hit, a changed decoding setting misses, and eval.json is the same byte for byte either way."""
+    folder, params, _ = project
+
+    def run():
+        evaluate.main([])
+        runtime = json.loads((folder / "metrics" / "runtime" / "evaluate.json").read_text(encoding="utf-8"))
+        return (folder / "metrics" / "eval.json").read_bytes(), runtime["generation"]
+
+    fresh, gen = run()
+    assert gen["base_cache"] == "miss" and gen["base_seconds"] > 0
+    assert len(list((folder / ".cache" / "eval-base").glob("*.json"))) == 1
+    cached, gen = run()
+    assert gen["base_cache"] == "hit" and gen["base_seconds"] is None
+    assert cached == fresh
+
+    params["eval"]["max_new_tokens"] = 4  # another decoding setting: other predictions, a new entry
+    set_params(folder, params)
+    _, gen = run()
+    assert gen["base_cache"] == "miss"
+    assert len(list((folder / ".cache" / "eval-base").glob("*.json"))) == 2
+
+    params["eval"]["max_new_tokens"] = 6  # back to the first settings: their entry again
+    set_params(folder, params)
+    again, gen = run()
+    assert gen["base_cache"] == "hit" and again == fresh

@@ -28,6 +28,7 @@ from table2text.config import group_settings
 from table2text.errors import UserError
 from table2text.model.fidelity import LogitDistance, compare_logits
 from table2text.generation import end_token_ids
+from table2text import phases
 from table2text.paths import METRICS_DIR
 
 INFO_FILE = "merge_info.json"
@@ -106,6 +107,7 @@ def save_checked(stated, tokenizer, merged_dir: Path, dtype: torch.dtype, name: 
     with staged_dir(merged_dir) as tmp:
         merged = copy.deepcopy(stated).merge_and_unload().to(dtype)
         merged.config.name_or_path = name
+        phases.enter("save")
         merged.save_pretrained(tmp, safe_serialization=True)
         del merged
         tokenizer.save_pretrained(tmp)
@@ -114,6 +116,7 @@ def save_checked(stated, tokenizer, merged_dir: Path, dtype: torch.dtype, name: 
         generation.pad_token_id = tokenizer.pad_token_id
         generation.bos_token_id = tokenizer.bos_token_id
         generation.save_pretrained(tmp)
+        phases.enter("work")  # the check: the saved files reloaded and compared
         check = verify(tmp)
         if check["problem"] is not None:
             raise Unfaithful(check)
@@ -141,6 +144,7 @@ def merge(
         check_writable(Path(metrics_file).parent, "metrics folder")
     device = model_sources.pick_device(cfg["device"])
     model_dir = Path(model_dir) if model_dir else model_sources.resolve_model(params["model"]["name"])
+    phases.enter("load")  # the base's identity (its weights hashed), the tokenizer, the stated model
     info = finetuned.read_training_info(adapter_dir)
     base_sha256 = finetuned.check_base_identity(adapter_dir, info, model_dir)
     tokenizer = model_sources.load_tokenizer(model_dir)
@@ -150,6 +154,7 @@ def merge(
 
     # The stated model in fp32, unmerged: what the merged checkpoint must reproduce.
     stated = finetuned.load_adapter_model(adapter_dir, model_dir, device, torch.float32, base=cfg["base"], info=info)
+    phases.enter("work")  # merging and the fidelity check of each saved candidate
     name = f"{params['model']['name']} + LoRA {Path(adapter_dir).as_posix()} (on the {cfg['base']} base)"
 
     def verify(dtype_name: str):

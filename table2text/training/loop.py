@@ -27,6 +27,7 @@ from table2text.io.atomic import staged_outputs
 from table2text.model import sources as model_sources
 from table2text.model.lora import build_model, save_adapter
 from table2text.params import validate_params
+from table2text import phases
 from table2text.paths import ADAPTER_DIR, CHECKPOINT_DIR, METRICS_DIR
 from table2text.runtime import write_runtime
 from table2text.training import checkpoints, distributed
@@ -135,10 +136,12 @@ class LoRARecipe:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def _setup_data(self) -> None:
+        phases.enter("load")  # hashing the weights, the tokenizer
         self.base_sha256 = model_sources.weights_sha256(self.model_dir)
         self.data_sha256 = self.data_sha256 or records_sha256(self.records)
         self.key = checkpoints.run_key(self.params, self.base_sha256, self.data_sha256)
         self.tokenizer = self.tokenizer or model_sources.load_tokenizer(self.model_dir)
+        phases.enter("prepare")  # tokenising
         self.examples = [encode_record(self.tokenizer, r) for r in self.records]
         self.n_steps = total_steps(self.cfg, len(self.examples))
         self.effective_batch = int(self.cfg["effective_batch"])
@@ -147,7 +150,9 @@ class LoRARecipe:
     def _setup_model(self) -> None:
         seed = int(self.cfg["seed"])
         torch.manual_seed(seed)  # LoRA init and dropout
+        phases.enter("load")
         self.model = build_model(self.params, self.model_dir, self.device, self.dtype)
+        phases.enter("prepare")  # budgets, compilation, graph capture
         self.base = self.model.get_base_model()
         self.decoder, self.head = self.base.get_decoder(), self.base.get_output_embeddings().weight
         self.softcap = getattr(self.base.config, "final_logit_softcapping", None)
@@ -263,6 +268,7 @@ class LoRARecipe:
 
     # -------------------------------------------------------------------------------------- the loop
     def run(self) -> None:
+        phases.enter("work")  # the optimiser steps (compiled layers without graphs compile in the first ones)
         cfg, device = self.cfg, self.device
         logging_steps, save_steps = int(cfg["logging_steps"]), int(cfg["save_steps"])
         self.model.train()
@@ -338,6 +344,7 @@ class LoRARecipe:
 
     # ---------------------------------------------------------------------------------------- outputs
     def finish(self) -> dict:
+        phases.enter("save")
         peak_gb, peak_kind = peak_memory_gb(self.device)
         if self.world > 1:
             distributed.check_in_sync(self.trainable)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from table2text.training.batching import packed_attention_masks
+from table2text.training.compile_cache import use_compile_cache
 
 
 def compile_layers(decoder: torch.nn.Module) -> int:
@@ -29,6 +30,7 @@ def compile_layers(decoder: torch.nn.Module) -> int:
     tests/test_packed_forward.py compares their loss and gradients with eager ones. On an H200 (NF4,
     FeTaQA, CUDA graphs over compiled layers): 0.055 s a step instead of 0.085, for ~22 s more start-up
     (compilation; BENCHMARKS.md, 2026-12-02), so it pays off on runs of more than ~800 steps."""
+    use_compile_cache()  # a second run loads the compiled kernels from .cache/torch-compile (table2text.training.compile_cache)
     layers = list(decoder.layers)
     for layer in layers:
         layer.compile()

@@ -1,0 +1,54 @@
+"""Phase times of a stage (table2text.phases) and how bench.run_recipe splits a stage's wall time with them."""
+
+import json
+import time
+
+import pytest
+
+from bench import run_recipe
+from table2text import phases
+
+
+def test_each_phase_gets_the_time_until_the_next_and_repeats_add_up(tmp_path):
+    timer = phases.begin("evaluate")
+    assert timer.seconds["startup"] > 0  # this process's age: interpreter, imports, pytest so far
+    phases.enter("load")
+    time.sleep(0.05)
+    phases.enter("work")
+    time.sleep(0.02)
+    phases.enter("load")  # the base model, later
+    time.sleep(0.05)
+    phases.enter("save")
+    (tmp_path / "evaluate.json").write_text(json.dumps({"generation": {"seconds": 1.0}}), encoding="utf-8")
+    record = phases.finish(tmp_path)
+
+    saved = json.loads((tmp_path / "evaluate.json").read_text(encoding="utf-8"))
+    assert saved["generation"] == {"seconds": 1.0}  # the stage's own record is kept
+    assert saved["phases"] == record["phases"] and set(saved["phases"]) == set(phases.PHASES)
+    assert 0.1 <= saved["phases"]["load"] < 0.5 and 0.02 <= saved["phases"]["work"] < 0.1
+    assert saved["process_seconds"] == pytest.approx(sum(saved["phases"].values()))
+
+
+def test_an_unknown_phase_is_refused():
+    with pytest.raises(ValueError, match="unknown phase 'loading'"):
+        phases.enter("loading")
+
+
+def test_timed_writes_phases_only_for_a_successful_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert phases.timed("merge", lambda: 2) == 2
+    assert not (tmp_path / "metrics" / "runtime" / "merge.json").exists()
+    assert phases.timed("merge", lambda: 0) == 0
+    saved = json.loads((tmp_path / "metrics" / "runtime" / "merge.json").read_text(encoding="utf-8"))
+    assert set(saved["phases"]) == set(phases.PHASES)
+
+
+def test_run_recipe_splits_the_wall_time_and_names_a_stage_without_phases():
+    runtime = {"phases": {"startup": 3.0, "load": 2.0, "prepare": 1.0, "work": 10.0, "save": 0.5}}
+    split = run_recipe.stage_phases("train", runtime, 17.0)
+    assert split["exit"] == pytest.approx(0.5) and split["work"] == 10.0
+    table = run_recipe.phase_table({"train": {"wall_seconds": 17.0, "phases": split}})
+    assert table.splitlines()[0].split() == ["stage", "wall", *phases.PHASES, "exit"]
+    assert "17.00" in table and "10.00" in table
+    with pytest.raises(SystemExit, match="metrics/runtime/merge.json has no phase times"):
+        run_recipe.stage_phases("merge", {}, 5.0)
