@@ -276,6 +276,9 @@ class EvalConfig(Group):
     fp32_matmul: str = setting("tf32", "tf32 | ieee: how a float32 model multiplies on a GPU")
     dtype: str = setting("float32", "float32 | bfloat16 | auto (= bf16 on GPUs); never float16")
     max_new_tokens: int = setting(64, "generation length cap")
+    num_beams: int = setting(1, "1 = greedy decoding; N > 1 = beam search with N beams, batched as greedy")
+    length_penalty: float = setting(1.0, "beam search: a finished beam's log-probability is divided by its length "
+                                    "to this power (> 1 favours longer sentences, < 1 shorter)")
     max_examples: int = setting(0, "evaluate on the first N validation examples (0 = all)")
     bleurt_checkpoint: str = setting("", "local BLEURT checkpoint folder; empty = BLEURT not computed")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
@@ -288,8 +291,13 @@ class EvalConfig(Group):
         if self.dtype == "float16":
             raise ConfigError("eval.dtype must be auto, float32 or bfloat16, got 'float16' (Gemma 3 overflows fp16)")
         self._one_of("dtype", EVAL_DTYPES)
-        for name in ("batch_size", "max_new_tokens"):
+        for name in ("batch_size", "max_new_tokens", "num_beams"):
             self._positive(name)
+        if self.num_beams == 1 and self.length_penalty != 1.0:  # greedy never reads it: refuse a silent no-op
+            raise ConfigError(f"eval.length_penalty {self.length_penalty} applies to beam search only: set "
+                              "eval.num_beams > 1, or leave eval.length_penalty at 1.0")
+        if not -10 <= self.length_penalty <= 10:
+            raise ConfigError(f"eval.length_penalty must be between -10 and 10, got {self.length_penalty!r}")
         for name in ("batch_tokens", "max_examples", "num_threads"):
             self._at_least(name, 0)
         self._device("device")

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = model_sources.load_tokenizer(base_dir)  # the one preprocess built the prompts with
     bleurt = cfg["bleurt_checkpoint"] or None
     gen_args = dict(max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["batch_size"], device=device,
-                    cache=cfg["cache"], batch_tokens=cfg["batch_tokens"], fp32_matmul=cfg["fp32_matmul"])
+                    cache=cfg["cache"], batch_tokens=cfg["batch_tokens"], fp32_matmul=cfg["fp32_matmul"],
+                    num_beams=cfg["num_beams"], length_penalty=cfg["length_penalty"])
 
     start = time.perf_counter()
     predictions = generate(model, tokenizer, prompts, **gen_args)
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
             "cache": gen_args["cache"],
             "batch_tokens": gen_args["batch_tokens"],
             "fp32_matmul": gen_args["fp32_matmul"],
+            "num_beams": gen_args["num_beams"],
+            "length_penalty": gen_args["length_penalty"],
         },
     }
     with staged_outputs() as stage:  # predictions, summary and plots change together or not at all

@@ -168,6 +168,10 @@ KIND_CASES = [
     ({"train": {"max_memory_gb": -1}}, "train.max_memory_gb must be >= 0"),
     ({"train": {"max_memory_gb": "lots"}}, "train.max_memory_gb must be a number >= 0 or auto, got 'lots'"),
     ({"eval": {"batch_size": 0}}, "eval.batch_size must be > 0"),
+    ({"eval": {"num_beams": 0}}, "eval.num_beams must be > 0, got 0"),
+    ({"eval": {"num_beams": 2.0}}, "eval.num_beams must be an integer"),
+    ({"eval": {"length_penalty": 0.6}}, "eval.length_penalty 0.6 applies to beam search only"),
+    ({"eval": {"num_beams": 4, "length_penalty": 50}}, "eval.length_penalty must be between -10 and 10"),
     ({"merge": {"max_error_ratio": 1.0}}, "merge.max_error_ratio must be 0 < value < 1"),
     ({"merge": {"verify_prompts": 0}}, "merge.verify_prompts must be > 0"),
     # enums
@@ -206,8 +210,9 @@ def test_good_values_of_each_kind_are_accepted():
         "data": {"source": "hf:GEM/totto", "include_question": True},
         "train": {"max_memory_gb": "auto", "device": "cuda:1", "lr_scheduler": "linear", "learning_rate": 1},
         "merge": {"dtype": "float32", "base": "original", "device": "cpu"},
-        "eval": {"dtype": "auto", "model": "adapter", "device": "cuda"},
+        "eval": {"dtype": "auto", "model": "adapter", "device": "cuda", "num_beams": 4, "length_penalty": 0.6},
     })
+    assert cfg.eval.num_beams == 4 and cfg.eval.length_penalty == 0.6
     assert cfg.train.max_memory_gb == "auto" and cfg.train.learning_rate == 1 and cfg.data.source == "hf:GEM/totto"
     assert Config.from_dict({"train": {"max_memory_gb": 4.5}}).train.max_memory_gb == 4.5
 

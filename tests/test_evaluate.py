@@ -194,3 +194,22 @@ def test_a_finetune_that_changed_nothing_is_reported_with_its_cause():
     # a fine-tune that changed the outputs: no warning, even with warm-up steps
     assert evaluate.finetune_warnings(scores(1), {"steps": 2, "steps_with_nonzero_lr": 1}) == []
     assert evaluate.finetune_warnings({"examples": 4}, {}) == []  # no base compared, no training record
+
+
+def test_beam_search_settings_reach_the_generation_of_both_models(project, monkeypatch):
+    folder, params, records = project
+    seen = []
+    real = evaluate.generate
+
+    def recording(model, tokenizer, prompts, **kwargs):
+        seen.append((kwargs["num_beams"], kwargs["length_penalty"]))
+        return real(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", recording)
+    params["eval"].update(num_beams=2, length_penalty=0.8, max_examples=2, max_new_tokens=3)
+    set_params(folder, params)
+    result = evaluate.main([])
+    assert seen == [(2, 0.8), (2, 0.8)]  # the fine-tuned model, then the base it is compared with
+    assert result["generation"]["num_beams"] == 2 and result["generation"]["length_penalty"] == 0.8
+    rows = (folder / "metrics" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 2
