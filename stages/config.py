@@ -210,6 +210,8 @@ class TrainConfig(Group):
     lr_scheduler: str = setting("cosine", "cosine | linear | constant | constant_with_warmup", math=True)
     weight_decay: float = setting(0.0, "AdamW weight decay", math=True)
     max_grad_norm: float = setting(1.0, "gradient clipping", math=True)
+    label_smoothing: float = setting(0.0, "label smoothing of the completion loss, 0 <= value < 1 (0 = plain "
+                                     "cross-entropy; the logged loss includes it)", math=True)
     epochs: int = setting(1, "passes over the train split", math=True)
     max_steps: int = setting(0, "stop after this many optimiser steps (0 = epochs decide)", math=True)
     seed: int = setting(42, "seed of LoRA init, dropout and data order", math=True)
@@ -234,6 +236,7 @@ class TrainConfig(Group):
         for name in ("cpu_micro_batch_tokens", "max_steps", "seed", "num_threads", "weight_decay", "peak_flops"):
             self._at_least(name, 0)
         self._fraction("warmup_ratio")
+        self._fraction("label_smoothing")
         self._device("device")
         if isinstance(self.max_memory_gb, str):
             if self.max_memory_gb != "auto":

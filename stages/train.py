@@ -321,6 +321,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, device: torch.devic
 def accumulate_gradients(
     forward, head_weight, examples: list[tuple[list[int], int]], row_tokens: int, rows_per_micro_batch: int,
     pad_id: int, device: torch.device, softcap: float | None = None, label_tokens: int | None = None,
+    label_smoothing: float = 0.0,
 ) -> float:
     """Forward and backward `examples` in packed micro-batches; returns their summed loss / label_tokens.
 
@@ -337,7 +338,8 @@ def accumulate_gradients(
         batch = {k: v.to(device, non_blocking=True)
                  for k, v in collate_packed(examples, rows, row_tokens, pad_id).items()}
         hidden = forward(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
-        loss_sum, _ = completion_loss(hidden, batch["targets"], head_weight, softcap=softcap)
+        loss_sum, _ = completion_loss(hidden, batch["targets"], head_weight, softcap=softcap,
+                                      label_smoothing=label_smoothing)
         (loss_sum / label_tokens).backward()
         total += loss_sum.detach()
     return total.item() / label_tokens  # one device sync per step, not one per micro-batch
@@ -577,7 +579,7 @@ def train(
         # Each share's loss is divided by the label tokens of the whole batch, so the ranks' gradients
         # SUM to the one-GPU one.
         step_loss = accumulate_gradients(forward, head, share, row_tokens, rows_per_micro_batch, pad_id, device,
-                                         softcap, label_tokens)
+                                         softcap, label_tokens, float(cfg["label_smoothing"]))
         if world > 1:
             step_loss = distributed.sum_gradients(trainable, step_loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(cfg["max_grad_norm"])).item()

@@ -164,6 +164,7 @@ KIND_CASES = [
     ({"train": {"max_steps": -1}}, "train.max_steps must be >= 0, got -1"),
     ({"train": {"micro_batch_tokens": 0}}, "train.micro_batch_tokens must be > 0"),
     ({"train": {"warmup_ratio": 1.5}}, "train.warmup_ratio must be 0 <= value < 1"),
+    ({"train": {"label_smoothing": 1.0}}, "train.label_smoothing must be 0 <= value < 1, got 1.0"),
     ({"train": {"num_gpus": 0}}, "train.num_gpus must be > 0"),
     ({"train": {"max_memory_gb": -1}}, "train.max_memory_gb must be >= 0"),
     ({"train": {"max_memory_gb": "lots"}}, "train.max_memory_gb must be a number >= 0 or auto, got 'lots'"),
@@ -284,7 +285,7 @@ def test_the_run_key_follows_the_math_fields_and_nothing_else():
         assert run_key(changed, "base", "data") == key, name
     math_changes = {"quantization": "none", "effective_batch": 8, "learning_rate": 1e-4, "warmup_ratio": 0.1,
                     "lr_scheduler": "linear", "weight_decay": 0.1, "max_grad_norm": 0.5, "epochs": 2, "max_steps": 5,
-                    "seed": 1, "nf4_fp32_upcast": True, "compile_layers": True}
+                    "seed": 1, "nf4_fp32_upcast": True, "compile_layers": True, "label_smoothing": 0.1}
     assert set(math_changes) == set(math_keys("train"))
     for name, value in math_changes.items():
         changed = load_params(REPO / "params.yaml")
