@@ -2,7 +2,8 @@
 the chosen few on all of them and score them on the 500 validation examples.
 
     python -m bench.recipe_search --fetaqa DIR [--grid bench/recipe_grid.yaml] [--slots N] [--out DIR]
-                                  [--deadline S] [--hard-deadline S] [--set KEY=VALUE ...] [--dry-run]
+                                  [--deadline S] [--hard-deadline S] [--set KEY=VALUE ...] [--only NAME ...]
+                                  [--dry-run]
 
 Every run is bench/run_recipe.py (`python -m stages.<stage> --params ...`, what dvc.yaml runs) in its own
 copy of the project (bench/run_rows.copy_project), on top of params.yaml, bench/run_rows.py's COMMON, the
@@ -35,6 +36,7 @@ import os
 import queue
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -147,10 +149,18 @@ class Runner:
                 return "not started: hard deadline"
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
+        # its own process group, so that a stop also ends the stage process that run_recipe started
+        group = ({"start_new_session": True} if os.name == "posix"
+                 else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP})
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, **group)
         try:
-            return subprocess.run(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode
+            return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            if os.name == "posix":
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True)
+            proc.wait()
             return "stopped: hard deadline"
 
     def map(self, jobs: list, work, deadline: float = 0) -> list[dict]:
@@ -372,6 +382,7 @@ def main(argv=None) -> int:
     parser.add_argument("--deadline", type=float, default=0, help="start no final after this many seconds")
     parser.add_argument("--hard-deadline", type=float, default=0, help="stop every command at this many seconds")
     parser.add_argument("--peer", type=Path, default=PEER, help="T5-large per-example scores (bench/score_peers.py)")
+    parser.add_argument("--only", nargs="+", help="configs of the grid to run (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
@@ -381,6 +392,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"{fetaqa / name}: not found (--fetaqa is a folder with FeTaQA's train and validation)")
 
     grid = load_grid(args.grid)
+    if args.only:
+        unknown = sorted(set(args.only) - {c["name"] for c in grid["configs"]})
+        if unknown:
+            raise SystemExit(f"--only {' '.join(unknown)}: not configs of {args.grid}")
+        grid["configs"] = [c for c in grid["configs"] if c["name"] in args.only]
     split_dir = workroot / "split"
     selection = selection_runs(grid, split_dir, args.set)  # every setting checked before anything runs
     for run in selection:  # and the finals' settings too, whichever get chosen

@@ -117,3 +117,23 @@ def test_the_whole_search_runs_on_the_cpu_with_the_tiny_model(tmp_path, tiny_mod
     assert "error" in final["vs_t5_large"]  # tiny data shares no ids with T5's 500
     assert "| final (all 2,004 → validation 500) |" in out and "| q | greedy | question |" in out
     assert len(list((tmp_path / "work" / "predictions").glob("*.jsonl.gz"))) == 1
+
+
+def test_the_hard_deadline_stops_a_command_and_what_it_started(tmp_path):
+    import sys
+    import time
+
+    runner = recipe_search.Runner([""], tmp_path, hard_deadline=10, t0=time.perf_counter())
+    script = ("import subprocess, sys, time; "
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "open('child.pid', 'w').write(str(p.pid)); time.sleep(60)")
+    start = time.perf_counter()
+    with open(tmp_path / "log.txt", "w", encoding="utf-8") as log:
+        status = runner.command([sys.executable, "-c", script], tmp_path, "", log)
+    assert status == "stopped: hard deadline" and time.perf_counter() - start < 40
+    child = int((tmp_path / "child.pid").read_text(encoding="utf-8"))
+    status_file = Path(f"/proc/{child}/status")
+    if status_file.exists():  # reparented and not yet reaped: it must at least be dead (a zombie)
+        assert "State:\tZ" in status_file.read_text(encoding="utf-8")
+    with open(tmp_path / "log.txt", "w", encoding="utf-8") as log:  # past the deadline nothing starts
+        assert runner.command([sys.executable, "-c", "print(1)"], tmp_path, "", log) == "not started: hard deadline"
