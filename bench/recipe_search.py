@@ -208,7 +208,7 @@ def stage_record(workdir: Path) -> dict:
     train = workdir / "metrics" / "train.json"
     if train.is_file():
         metrics = json.loads(train.read_text(encoding="utf-8"))
-        record["train"] = {k: metrics.get(k) for k in ("steps", "samples", "final_loss")}
+        record["train"] = {k: metrics.get(k) for k in ("steps", "samples", "tokens", "final_loss", "trainable_params")}
     return record
 
 
@@ -257,7 +257,7 @@ def run_final(job: dict, slot: str, runner: Runner) -> dict:
     out.update(stage_record(workdir))
     out["validation"] = eval_scores(workdir)
     merge = json.loads((workdir / "metrics" / "merge.json").read_text(encoding="utf-8"))
-    out["merge"] = {k: merge.get(k) for k in ("dtype", "passed", "ratio") if k in merge}
+    out["merge"] = {k: merge.get(k) for k in ("base", "stored_dtype", "error_ratio", "passed") if k in merge}
     rows = [json.loads(line) for line in (workdir / "metrics" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
             if line.strip()]
     stats = bleu_statistics([r["prediction"] for r in rows], [r["references"] for r in rows])
