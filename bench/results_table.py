@@ -4,7 +4,8 @@
 
 Reads bench/rows.yaml (the rows and their overrides) and, per row, bench/results/rows/NAME/*.json (the
 FeTaQA run and the ToTTo dev55 evaluation of the same model); the zero-shot row comes from the base-model
-scores of the earlier recipe runs in bench/results/. Writes bench/results/rows/summary.json and
+scores of the earlier recipe runs in bench/results/; the published T5 rows (rows.yaml's peers) from
+bench/results/peers/NAME.json (bench/score_peers.py: the same scorer on their predictions). Writes bench/results/rows/summary.json and
 summary.csv (the plot of the final scores, see bench/results/rows/dvc.yaml) and prints the two markdown
 tables of the README. With --predictions (a folder holding NAME/predictions.jsonl.gz, which stay out of
 git because they hold the data's text) it adds a paired bootstrap of FeTaQA PARENT F against --best.
@@ -62,6 +63,19 @@ def zero_shot() -> dict:
             "source": [str(p.relative_to(ROOT)) for p in ZERO_SHOT.values()]}
 
 
+PEERS = ROOT / "bench" / "results" / "peers"
+
+
+def read_peer(name: str, folder: Path = PEERS) -> dict | None:
+    """A published system's FeTaQA scores (bench/score_peers.py), or None when not scored yet."""
+    path = folder / f"{name}.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return {"name": name, "peer": True, "command": doc["command"], "source": doc["source"],
+            "fetaqa": doc["fetaqa"], "totto": None}
+
+
 def paired_bootstrap(a: dict, b: dict, rounds: int = 2000, seed: int = 0) -> dict:
     """Mean of a - b over the examples both score, with a 95% interval from resampling examples."""
     ids = sorted(set(a) & set(b))
@@ -90,6 +104,10 @@ def markdown(rows: list[dict], described: dict) -> str:
             lines.append(f"| zero-shot | packaged base, no training | {r['date']} | — | — | {f['bleu']:.1f} | {fmt(f['parent_precision'])} "
                          f"| {fmt(f['parent_recall'])} | {fmt(f['parent_f'])} |")
             continue
+        if r.get("peer"):
+            lines.append(f"| {r['name']} | {described[r['name']]} | published | 7326 × 13 (official train split) | — "
+                         f"| {f['bleu']:.1f} | {fmt(f['parent_precision'])} | {fmt(f['parent_recall'])} | {fmt(f['parent_f'])} |")
+            continue
         t = r["train"]
         epochs = round(t["samples"] / r["train_examples"])
         lines.append(f"| {r['name']} | {described[r['name']]} | {r['date']} | {r['train_examples']} × {epochs} ({t['steps']}) "
@@ -97,6 +115,8 @@ def markdown(rows: list[dict], described: dict) -> str:
                      f"| {fmt(f['parent_recall'])} | {fmt(f['parent_f'])} |")
     lines += ["", "| row | ToTTo dev55 overall: BLEU · P / R / F | overlap (37) | non-overlap (18) |", "|---|---|---|---|"]
     for r in rows:
+        if r.get("peer"):  # published FeTaQA predictions only
+            continue
         if r["totto"] is None:
             lines.append(f"| {r['name']} | not measured | | |")
             continue
@@ -107,13 +127,18 @@ def markdown(rows: list[dict], described: dict) -> str:
 
 
 def collect(folder: Path) -> tuple[list[dict], list[str], dict]:
-    """(rows with results, zero-shot first; names of rows without; name -> description), in rows.yaml order."""
-    plan = yaml.safe_load((ROOT / "bench" / "rows.yaml").read_text(encoding="utf-8"))["rows"]
+    """(rows with results, zero-shot first, the published peers last; names of rows without;
+    name -> description), in rows.yaml order."""
+    doc = yaml.safe_load((ROOT / "bench" / "rows.yaml").read_text(encoding="utf-8"))
+    plan, peers = doc["rows"], doc.get("peers", [])
     rows, missing = [zero_shot()], []
     for entry in plan:
         row = read_row(folder, entry["name"])
         (rows.append(row) if row else missing.append(entry["name"]))
-    return rows, missing, {r["name"]: r["desc"] for r in plan}
+    for entry in peers:
+        row = read_peer(entry["name"])
+        (rows.append(row) if row else missing.append(entry["name"]))
+    return rows, missing, {r["name"]: r["desc"] for r in plan + peers}
 
 
 def main(argv=None) -> int:

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     bleurt = cfg["bleurt_checkpoint"] or None
     gen_args = dict(max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["batch_size"], device=device,
                     cache=cfg["cache"], batch_tokens=cfg["batch_tokens"], fp32_matmul=cfg["fp32_matmul"],
-                    decoder=cfg["decoder"])
+                    decoder=cfg["decoder"], num_beams=cfg["num_beams"], length_penalty=cfg["length_penalty"])
 
     phases.enter("work")  # generation and the metrics
     start = time.perf_counter()
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
             "batch_tokens": gen_args["batch_tokens"],
             "fp32_matmul": gen_args["fp32_matmul"],
             "decoder": gen_args["decoder"],
+            "num_beams": gen_args["num_beams"],
+            "length_penalty": gen_args["length_penalty"],
         },
     }
     phases.enter("save")

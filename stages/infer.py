@@ -2,6 +2,7 @@
 
     python -m stages.infer [FILE|-] (--model models/merged | --adapter models/adapter [--base NAME])
                            [--batch FILE.jsonl] [--max-new-tokens N] [--linearization MODE]
+                           [--num-beams N] [--length-penalty X]
 
 Input: FILE holds one JSON object (it may span several lines); `-` or no FILE reads it from stdin.
 --batch FILE.jsonl holds one object per line and prints one sentence per line, in order. Each object is
@@ -25,6 +26,7 @@ line and field, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     include_question = params["data"]["include_question"]
     budget = params["data"]["max_length"] - args.max_new_tokens
 
+    decoding(args, params["eval"])  # checked before anything loads
     examples = read_inputs(args)  # all input is checked before the model is loaded
     device = model_sources.pick_device(args.device)
     dtype = model_sources.pick_dtype(device)
@@ -55,8 +58,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     on_bad = params["data"].get("on_bad_record", "error")
     prompts = [make_prompt(tokenizer, example, where, mode, include_question, budget, on_bad)
                for where, example in examples]
+    num_beams, length_penalty = decoding(args, params["eval"])
     sentences = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, device,
-                         progress=len(prompts) > 1)
+                         progress=len(prompts) > 1, num_beams=num_beams, length_penalty=length_penalty)
     for sentence in sentences:
         print(readers.one_line(sentence), flush=True)  # one line per input, whatever the model wrote
     return sentences
@@ -74,6 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=Path, help="JSON lines file, one table per line")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length cap (default 64)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples generated together (default 16)")
+    parser.add_argument("--num-beams", type=int, default=None,
+                        help="1 = greedy, N > 1 = beam search (default: params eval.num_beams)")
+    parser.add_argument("--length-penalty", type=float, default=None,
+                        help="beam search length penalty (default: params eval.length_penalty)")
     parser.add_argument("--linearization", choices=MODES, help="table text mode (default: params data.linearization)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--params", type=Path, default=default_params_file(),
@@ -85,7 +93,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--base only goes with --adapter")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         parser.error("--max-new-tokens and --batch-size must be at least 1")
+    if args.num_beams is not None and args.num_beams < 1:
+        parser.error("--num-beams must be at least 1")
+    if args.length_penalty is not None and not math.isfinite(args.length_penalty):
+        parser.error("--length-penalty must be a finite number")
     return args
+
+
+def decoding(args, eval_params: dict) -> tuple[int, float]:
+    """(num_beams, length_penalty): the command line's where given, else params.yaml's eval group (the
+    decoding the evaluate stage scored)."""
+    num_beams = eval_params["num_beams"] if args.num_beams is None else args.num_beams
+    if args.length_penalty is None:  # params' penalty goes with params' beams; greedy never reads it
+        length_penalty = eval_params["length_penalty"] if num_beams > 1 else 1.0
+    else:
+        length_penalty = args.length_penalty
+        if num_beams == 1 and length_penalty != 1.0:
+            raise InputError(f"--length-penalty {length_penalty} applies to beam search only: give --num-beams N > 1 "
+                             "(or set eval.num_beams)")
+    return num_beams, length_penalty
 
 
 # --------------------------------------------------------------------------------------------------

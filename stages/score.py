@@ -7,8 +7,11 @@ empty line is an empty prediction), or JSON lines whose objects carry a string
 ``"prediction"`` (and optionally ``"id"`` or ``"example_id"``, checked against the
 example's id). The format comes from the content as well as the name (see
 table2text.io.readers): a ``.json`` file of JSON lines is read as such. ``.gz`` is read
-transparently; a UTF-8 BOM is dropped; ``\n``, ``\r\n`` and ``\r`` end lines.  --examples: official ToTTo JSONL (``.jsonl`` or
-``.jsonl.gz``), in the same order as the predictions.
+transparently; a UTF-8 BOM is dropped; ``\n``, ``\r\n`` and ``\r`` end lines.  --examples: official ToTTo JSONL
+or FeTaQA v1 JSONL (``.jsonl`` or ``.jsonl.gz``), in the same order as the predictions; --format
+``auto`` (the default) tells them apart by the first record's keys (``feta_id``/``table_array``: FeTaQA,
+``example_id``/``table``: ToTTo), and every record is then read as that format. A FeTaQA example's
+reference is its ``answer``; its id (``feta_id``) is what a JSON-lines prediction's id is checked against.
 
 Prints JSON {"overall", "overlap", "non_overlap"}, each with count, bleu,
 parent_precision, parent_recall, parent_f and bleurt.  Bad input ends with a
@@ -24,7 +27,7 @@ from pathlib import Path
 
 from table2text.io import readers
 from table2text.errors import UserError, run_cli
-from table2text.data.sources import BadRecordError, read_totto_jsonl
+from table2text.data.sources import BadRecordError, read_fetaqa_jsonl, read_totto_jsonl
 from table2text.metrics.totto import compute_metrics
 
 
@@ -44,20 +47,48 @@ def read_predictions(path: str | Path) -> list[readers.Prediction]:
     return rows
 
 
-def read_examples(path: str | Path) -> list[dict]:
+EXAMPLE_FORMATS = ("auto", "totto", "fetaqa")
+# The keys that tell the two formats apart (each format's required id and table fields).
+_FORMAT_KEYS = {"fetaqa": ("feta_id", "table_array"), "totto": ("example_id", "table")}
+
+
+def detect_format(path: str | Path) -> str:
+    """'totto' or 'fetaqa', from the keys of the first non-blank record of `path`."""
+    label = readers.label_of(path)
+    for number, raw in readers.iter_lines(path, "examples"):
+        if not raw.strip():
+            continue
+        try:
+            record = readers.parse_json_line(raw)
+        except readers.LineError as err:
+            raise InputError(f"{label}:{number}: field '<line>': {err.message}") from None
+        if isinstance(record, dict):
+            for name, keys in _FORMAT_KEYS.items():
+                if any(k in record for k in keys):
+                    return name
+        raise InputError(f"{label}:{number}: field '<record>': neither a ToTTo record (example_id, table) nor a "
+                         f"FeTaQA record (feta_id, table_array); give --format totto or fetaqa to read it as one")
+    raise InputError(f"{label}: no examples to score")
+
+
+def read_examples(path: str | Path, example_format: str = "auto") -> list[dict]:
     if not Path(path).exists():
         raise InputError(f"{Path(path).as_posix()}: examples file not found")
+    if example_format not in EXAMPLE_FORMATS:
+        raise InputError(f"--format {example_format!r}: expected one of {', '.join(EXAMPLE_FORMATS)}")
     try:
         readers.check_regular_file(path, "examples")
-        return read_totto_jsonl(path)
+        if example_format == "auto":
+            example_format = detect_format(path)
+        return (read_fetaqa_jsonl if example_format == "fetaqa" else read_totto_jsonl)(path)
     except (BadRecordError, readers.InputFileError) as err:
         raise InputError(str(err)) from None
 
 
-def score_files(predictions_path, examples_path, bleurt_checkpoint=None) -> dict:
+def score_files(predictions_path, examples_path, bleurt_checkpoint=None, example_format: str = "auto") -> dict:
     """Read both files, check they align, and return the metrics summary."""
     predictions = read_predictions(predictions_path)
-    examples = read_examples(examples_path)
+    examples = read_examples(examples_path, example_format)
     if not examples:
         raise InputError(f"{examples_path}: no examples to score")
     if len(predictions) != len(examples):
@@ -87,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 def score_command(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--predictions", required=True, help="text (one per line) or JSON-lines predictions ('-': stdin)")
-    parser.add_argument("--examples", required=True, help="ToTTo .jsonl or .jsonl.gz examples")
+    parser.add_argument("--examples", required=True, help="ToTTo or FeTaQA .jsonl or .jsonl.gz examples")
+    parser.add_argument("--format", default="auto", choices=EXAMPLE_FORMATS,
+                        help="format of --examples (default auto: from the first record's keys)")
     parser.add_argument("--bleurt-checkpoint", default=None,
                         help="local BLEURT checkpoint folder (default: BLEURT not computed)")
     args = parser.parse_args(argv)
-    summary = score_files(args.predictions, args.examples, args.bleurt_checkpoint)
+    summary = score_files(args.predictions, args.examples, args.bleurt_checkpoint, args.format)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -211,6 +211,8 @@ class TrainConfig(Group):
     lr_scheduler: str = setting("cosine", "cosine | linear | constant | constant_with_warmup", math=True)
     weight_decay: float = setting(0.0, "AdamW weight decay", math=True)
     max_grad_norm: float = setting(1.0, "gradient clipping", math=True)
+    label_smoothing: float = setting(0.0, "label smoothing of the completion loss, 0 <= value < 1 (0 = plain "
+                                     "cross-entropy; the logged loss includes it)", math=True)
     epochs: int = setting(1, "passes over the train split", math=True)
     max_steps: int = setting(0, "stop after this many optimiser steps (0 = epochs decide)", math=True)
     seed: int = setting(42, "seed of LoRA init, dropout and data order", math=True)
@@ -235,6 +237,7 @@ class TrainConfig(Group):
         for name in ("cpu_micro_batch_tokens", "max_steps", "seed", "num_threads", "weight_decay", "peak_flops"):
             self._at_least(name, 0)
         self._fraction("warmup_ratio")
+        self._fraction("label_smoothing")
         self._device("device")
         if isinstance(self.max_memory_gb, str):
             if self.max_memory_gb != "auto":
@@ -279,6 +282,9 @@ class EvalConfig(Group):
                                        "step, length buckets; needs cache static)")
     dtype: str = setting("float32", "float32 | bfloat16 | auto (= bf16 on GPUs); never float16")
     max_new_tokens: int = setting(64, "generation length cap")
+    num_beams: int = setting(1, "1 = greedy decoding; N > 1 = beam search with N beams, batched as greedy")
+    length_penalty: float = setting(1.0, "beam search: a finished beam's log-probability is divided by its length "
+                                    "to this power (> 1 favours longer sentences, < 1 shorter)")
     max_examples: int = setting(0, "evaluate on the first N validation examples (0 = all)")
     bleurt_checkpoint: str = setting("", "local BLEURT checkpoint folder; empty = BLEURT not computed")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
@@ -291,11 +297,18 @@ class EvalConfig(Group):
         self._one_of("decoder", EVAL_DECODERS)
         if self.decoder == "graph" and self.cache != "static":
             raise ConfigError(f"eval.decoder 'graph' needs eval.cache 'static', got {self.cache!r}")
+        if self.decoder == "graph" and self.num_beams > 1:
+            raise ConfigError(f"eval.decoder 'graph' decodes greedily: it needs eval.num_beams 1, got {self.num_beams}")
         if self.dtype == "float16":
             raise ConfigError("eval.dtype must be auto, float32 or bfloat16, got 'float16' (Gemma 3 overflows fp16)")
         self._one_of("dtype", EVAL_DTYPES)
-        for name in ("batch_size", "max_new_tokens"):
+        for name in ("batch_size", "max_new_tokens", "num_beams"):
             self._positive(name)
+        if self.num_beams == 1 and self.length_penalty != 1.0:  # greedy never reads it: refuse a silent no-op
+            raise ConfigError(f"eval.length_penalty {self.length_penalty} applies to beam search only: set "
+                              "eval.num_beams > 1, or leave eval.length_penalty at 1.0")
+        if not -10 <= self.length_penalty <= 10:
+            raise ConfigError(f"eval.length_penalty must be between -10 and 10, got {self.length_penalty!r}")
         for name in ("batch_tokens", "max_examples", "num_threads"):
             self._at_least(name, 0)
         self._device("device")

@@ -1,10 +1,11 @@
-"""Batched greedy generation: the one decoding path used by the evaluate stage and the inference CLI.
+"""Batched greedy or beam-search generation: the one decoding path of the evaluate stage and the inference CLI.
 
 Speed comes from batching (prompts sorted by length so a batch holds similar lengths and little
 padding), left padding (every sequence's next token sits in the last column, so the KV cache of
 `model.generate` serves the whole batch) and stopping each sequence at its own end token. Greedy
 decoding with left padding gives the same tokens as one prompt at a time (up to float rounding),
-which tests/test_generation.py checks.
+which tests/test_generation.py checks. Beam search (num_beams > 1) runs on the same batches: transformers
+expands each prompt to num_beams rows, so a batch's cache holds num_beams times the slots.
 """
 
 from __future__ import annotations
@@ -127,8 +128,11 @@ def generate(
     batch_tokens: int = 0,
     fp32_matmul: str = "ieee",
     decoder: str = "generate",
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> list[str]:
-    """Greedy completions of `prompts` (text without BOS; BOS is added once by the tokenizer).
+    """Greedy (num_beams=1) or beam-search completions of `prompts` (text without BOS; BOS is added once
+    by the tokenizer).
 
     cache: "dynamic" (transformers' default: the KV cache grows as tokens come) or "static" (transformers'
     StaticCache, allocated once for the batch's longest prompt + max_new_tokens and written in place).
@@ -145,12 +149,18 @@ def generate(
     examples/s instead of 84 (batch 500; BENCHMARKS.md, 2026-12-02).
     decoder ("generate" | "graph", DECODERS): "graph" decodes with table2text.graph_decode (static cache only,
     batches cut by length buckets within batch_size and batch_tokens).
+    num_beams > 1: beam search (transformers' generate), returning each prompt's best beam; length_penalty
+    is its exponent on the length that divides a finished beam's log-probability (> 1 favours longer
+    sentences, < 1 shorter). batch_tokens then counts every beam's slots (prompts x num_beams x width).
+    Greedy decoding never reads length_penalty.
     Returns one stripped string per prompt, in the order given, without end tokens.
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if decoder == "graph" and (cache != "static" or compile_decoding):
         raise ValueError("decoder='graph' needs cache='static' and no compile_decoding (it captures its own step)")
+    if decoder == "graph" and num_beams > 1:
+        raise ValueError("decoder='graph' decodes greedily: it takes num_beams=1")
     if cache not in CACHES:
         raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
     if compile_decoding and cache != "static":
@@ -163,6 +173,8 @@ def generate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     if not prompts:
         return []
     device = torch.device(device) if device is not None else model.device
@@ -175,7 +187,11 @@ def generate(
         return _graph_generate(model, tokenizer, encoded, max_new_tokens, batch_size, batch_tokens, device,
                                progress, fp32_matmul, stop_ids, pad_id)
     # Longest first: the largest batch (and any out-of-memory error) comes at once, not at the end.
-    batches = plan_batches([len(ids) for ids in encoded], batch_size, batch_tokens, max_new_tokens)
+    # a prompt takes num_beams rows of the cache: the token budget is shared by its beams
+    beam_budget = max(1, batch_tokens // num_beams) if batch_tokens else 0
+    batches = plan_batches([len(ids) for ids in encoded], batch_size, beam_budget, max_new_tokens)
+    # greedy passes nothing new, so today's greedy calls are unchanged
+    beams = {"num_beams": num_beams, "length_penalty": float(length_penalty), "num_return_sequences": 1} if num_beams > 1 else {}
     outputs: list[str | None] = [None] * len(prompts)
 
     was_training = model.training
@@ -197,6 +213,7 @@ def generate(
                     temperature=None,
                     top_p=None,
                     top_k=None,
+                    **beams,
                     **({"cache_implementation": "static", "disable_compile": not compile_decoding} if cache == "static" else {}),
                 )
                 new_tokens = generated[:, input_ids.shape[1]:].tolist()

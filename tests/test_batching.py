@@ -73,8 +73,8 @@ def test_collate_refuses_an_example_without_completion():
         collate([([2, 10, 11], 3)], pad_id=0)
 
 
-@pytest.mark.parametrize("softcap", [None, 30.0])
-def test_logits_only_at_labels_equal_the_naive_full_logits_loss_and_gradients(tiny_model_dir, softcap):
+@pytest.mark.parametrize("softcap, smoothing", [(None, 0.0), (30.0, 0.0), (None, 0.1), (30.0, 0.2)])
+def test_logits_only_at_labels_equal_the_naive_full_logits_loss_and_gradients(tiny_model_dir, softcap, smoothing):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -95,11 +95,12 @@ def test_logits_only_at_labels_equal_the_naive_full_logits_loss_and_gradients(ti
         logits = model.lm_head(hidden)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        return naive_loss(logits, batch["targets"])
+        return naive_loss(logits, batch["targets"], label_smoothing=smoothing)  # F.cross_entropy's smoothing
 
     def ours(hidden):
         # a small chunk so that the chunking itself is exercised
-        loss, n = completion_loss(hidden, batch["targets"], model.lm_head.weight, softcap=softcap, chunk_size=7)
+        loss, n = completion_loss(hidden, batch["targets"], model.lm_head.weight, softcap=softcap, chunk_size=7,
+                                  label_smoothing=smoothing)
         assert n == 15 + 8 + 1
         return loss
 
@@ -155,6 +156,18 @@ def test_the_in_place_head_loss_computes_exactly_the_formulas(softcap):
     loss.backward()
     assert n == 40 and torch.equal(loss.detach(), want_loss)
     assert torch.equal(hidden.grad, want_grad)
+
+
+def test_label_smoothing_changes_the_loss_and_is_range_checked():
+    torch.manual_seed(0)
+    weight = torch.randn(1000, 16)
+    hidden = torch.randn(1, 40, 16)
+    targets = torch.randint(0, 1000, (1, 40))
+    plain, _ = completion_loss(hidden, targets, weight)
+    smoothed, _ = completion_loss(hidden, targets, weight, label_smoothing=0.1)
+    assert smoothed.item() != pytest.approx(plain.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        completion_loss(hidden, targets, weight, label_smoothing=1.0)
 
 
 def test_the_head_chunk_the_loss_uses_is_the_one_the_memory_model_counts():

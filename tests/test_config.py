@@ -165,10 +165,15 @@ KIND_CASES = [
     ({"train": {"max_steps": -1}}, "train.max_steps must be >= 0, got -1"),
     ({"train": {"micro_batch_tokens": 0}}, "train.micro_batch_tokens must be > 0"),
     ({"train": {"warmup_ratio": 1.5}}, "train.warmup_ratio must be 0 <= value < 1"),
+    ({"train": {"label_smoothing": 1.0}}, "train.label_smoothing must be 0 <= value < 1, got 1.0"),
     ({"train": {"num_gpus": 0}}, "train.num_gpus must be > 0"),
     ({"train": {"max_memory_gb": -1}}, "train.max_memory_gb must be >= 0"),
     ({"train": {"max_memory_gb": "lots"}}, "train.max_memory_gb must be a number >= 0 or auto, got 'lots'"),
     ({"eval": {"batch_size": 0}}, "eval.batch_size must be > 0"),
+    ({"eval": {"num_beams": 0}}, "eval.num_beams must be > 0, got 0"),
+    ({"eval": {"num_beams": 2.0}}, "eval.num_beams must be an integer"),
+    ({"eval": {"length_penalty": 0.6}}, "eval.length_penalty 0.6 applies to beam search only"),
+    ({"eval": {"num_beams": 4, "length_penalty": 50}}, "eval.length_penalty must be between -10 and 10"),
     ({"merge": {"max_error_ratio": 1.0}}, "merge.max_error_ratio must be 0 < value < 1"),
     ({"merge": {"verify_prompts": 0}}, "merge.verify_prompts must be > 0"),
     # enums
@@ -193,6 +198,7 @@ KIND_CASES = [
     ({"eval": {"fp32_matmul": "fast"}}, "eval.fp32_matmul must be one of ['ieee', 'tf32'], got 'fast'"),
     ({"eval": {"decoder": "vllm"}}, "eval.decoder must be one of ['generate', 'graph'], got 'vllm'"),
     ({"eval": {"decoder": "graph", "cache": "dynamic"}}, "eval.decoder 'graph' needs eval.cache 'static', got 'dynamic'"),
+    ({"eval": {"decoder": "graph", "num_beams": 4}}, "eval.decoder 'graph' decodes greedily: it needs eval.num_beams 1"),
     ({"model": {"name": " "}}, "model.name must not be empty"),
 ]
 
@@ -209,8 +215,9 @@ def test_good_values_of_each_kind_are_accepted():
         "data": {"source": "hf:GEM/totto", "include_question": True},
         "train": {"max_memory_gb": "auto", "device": "cuda:1", "lr_scheduler": "linear", "learning_rate": 1},
         "merge": {"dtype": "float32", "base": "original", "device": "cpu"},
-        "eval": {"dtype": "auto", "model": "adapter", "device": "cuda"},
+        "eval": {"dtype": "auto", "model": "adapter", "device": "cuda", "num_beams": 4, "length_penalty": 0.6},
     })
+    assert cfg.eval.num_beams == 4 and cfg.eval.length_penalty == 0.6
     assert cfg.train.max_memory_gb == "auto" and cfg.train.learning_rate == 1 and cfg.data.source == "hf:GEM/totto"
     assert Config.from_dict({"train": {"max_memory_gb": 4.5}}).train.max_memory_gb == 4.5
 
@@ -282,7 +289,7 @@ def test_the_run_key_follows_the_math_fields_and_nothing_else():
         assert run_key(changed, "base", "data") == key, name
     math_changes = {"quantization": "none", "effective_batch": 8, "learning_rate": 1e-4, "warmup_ratio": 0.1,
                     "lr_scheduler": "linear", "weight_decay": 0.1, "max_grad_norm": 0.5, "epochs": 2, "max_steps": 5,
-                    "seed": 1, "nf4_fp32_upcast": True, "compile_layers": True}
+                    "seed": 1, "nf4_fp32_upcast": True, "compile_layers": True, "label_smoothing": 0.1}
     assert set(math_changes) == set(math_keys("train"))
     for name, value in math_changes.items():
         changed = load_params(REPO / "params.yaml")

@@ -223,3 +223,22 @@ def test_base_predictions_come_from_the_cache_only_for_the_same_settings(project
     set_params(folder, params)
     again, gen = run()
     assert gen["base_cache"] == "hit" and again == fresh
+
+
+def test_beam_search_settings_reach_the_generation_of_both_models(project, monkeypatch):
+    folder, params, records = project
+    seen = []
+    real = evaluate.generate
+
+    def recording(model, tokenizer, prompts, **kwargs):
+        seen.append((kwargs["num_beams"], kwargs["length_penalty"]))
+        return real(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", recording)
+    params["eval"].update(num_beams=2, length_penalty=0.8, max_examples=2, max_new_tokens=3)
+    set_params(folder, params)
+    result = evaluate.main([])
+    assert seen == [(2, 0.8), (2, 0.8)]  # the fine-tuned model, then the base it is compared with
+    assert result["generation"]["num_beams"] == 2 and result["generation"]["length_penalty"] == 0.8
+    rows = (folder / "metrics" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 2

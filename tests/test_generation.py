@@ -144,3 +144,62 @@ def test_fp32_matmul_setting_is_checked_and_restored(tiny):
         generate(model, tokenizer, ["x"], 4, 1, "cpu", fp32_matmul="fast")
     generate(model, tokenizer, PROMPTS[:1], 2, 1, "cpu", progress=False, fp32_matmul="tf32")
     assert torch.get_float32_matmul_precision() == before
+
+
+# ---- beam search (eval.num_beams > 1), on the same batches as greedy decoding
+
+
+def spy_generate(model, monkeypatch) -> list[dict]:
+    """Record the keyword arguments of every model.generate call (the call itself still runs)."""
+    calls, real = [], model.generate
+
+    def recording(**kwargs):
+        calls.append({k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")})
+        return real(**kwargs)
+
+    monkeypatch.setattr(model, "generate", recording)
+    return calls
+
+
+def test_num_beams_1_is_the_greedy_call_of_before(tiny, monkeypatch):
+    model, tokenizer = tiny
+    calls = spy_generate(model, monkeypatch)
+    default = generate(model, tokenizer, PROMPTS[:3], 5, batch_size=3, device="cpu", progress=False)
+    one_beam = generate(model, tokenizer, PROMPTS[:3], 5, batch_size=3, device="cpu", progress=False,
+                        num_beams=1, length_penalty=3.0)
+    assert one_beam == default
+    assert calls[0] == calls[1]  # greedy passes nothing beam-related, length_penalty included
+    assert "num_beams" not in calls[0] and "length_penalty" not in calls[0]
+
+
+def test_beam_search_runs_batched_and_gives_one_sentence_per_prompt(tiny, monkeypatch):
+    model, tokenizer = tiny
+    prompts = PROMPTS[:3]
+    calls = spy_generate(model, monkeypatch)
+    batched = generate(model, tokenizer, prompts, 5, batch_size=3, device="cpu", progress=False,
+                       num_beams=3, length_penalty=0.5)
+    assert len(calls) == 1 and calls[0]["num_beams"] == 3 and calls[0]["length_penalty"] == 0.5
+    assert calls[0]["num_return_sequences"] == 1
+    assert len(batched) == len(prompts) and all(isinstance(s, str) for s in batched)
+    # left padding changes nothing for beams either: the batch gives each prompt's own best beam
+    one_at_a_time = [generate(model, tokenizer, [p], 5, batch_size=1, device="cpu", progress=False,
+                              num_beams=3, length_penalty=0.5)[0] for p in prompts]
+    assert batched == one_at_a_time
+
+
+def test_beams_share_the_token_budget(monkeypatch, tiny):
+    model, tokenizer = tiny
+    budgets = []
+    real = generation.plan_batches
+    monkeypatch.setattr(generation, "plan_batches", lambda lengths, size, budget, new: budgets.append(budget)
+                        or real(lengths, size, budget, new))
+    monkeypatch.setattr(model, "generate", lambda **kw: kw["input_ids"])  # planning only: no decoding
+    generate(model, tokenizer, PROMPTS[:2], 4, 2, "cpu", progress=False, batch_tokens=1000, num_beams=4)
+    generate(model, tokenizer, PROMPTS[:2], 4, 2, "cpu", progress=False, batch_tokens=1000)
+    assert budgets == [250, 1000]
+
+
+def test_rejects_zero_beams(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="num_beams"):
+        generate(model, tokenizer, ["x"], 4, 1, "cpu", num_beams=0)

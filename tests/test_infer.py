@@ -192,3 +192,26 @@ def test_missing_files_and_models_are_exit_2(tmp_path, capsys):
     assert status == 2 and "no config.json" in err
     status, _, err = run(capsys, table, "--adapter", tmp_path)
     assert status == 2 and "no adapter_config.json" in err
+
+
+def test_decoding_comes_from_params_unless_given(capsys):
+    args = infer.parse_args(["x.json", "--model", "m"])
+    assert infer.decoding(args, {"num_beams": 1, "length_penalty": 1.0}) == (1, 1.0)
+    assert infer.decoding(args, {"num_beams": 4, "length_penalty": 0.6}) == (4, 0.6)
+    args = infer.parse_args(["x.json", "--model", "m", "--num-beams", "1"])
+    assert infer.decoding(args, {"num_beams": 4, "length_penalty": 0.6}) == (1, 1.0)  # greedy: no penalty
+    args = infer.parse_args(["x.json", "--model", "m", "--num-beams", "3", "--length-penalty", "2"])
+    assert infer.decoding(args, {"num_beams": 1, "length_penalty": 1.0}) == (3, 2.0)
+    args = infer.parse_args(["x.json", "--model", "m", "--length-penalty", "2"])
+    with pytest.raises(infer.InputError, match="--length-penalty 2.0 applies to beam search only"):
+        infer.decoding(args, {"num_beams": 1, "length_penalty": 1.0})
+
+
+def test_beam_search_prints_one_sentence_per_table(tiny_model_dir, tokenizer, totto_line, tmp_path, capsys):
+    batch = tmp_path / "tables.jsonl"
+    batch.write_text(json.dumps(SIMPLE) + "\n" + totto_line + "\n", encoding="utf-8")
+    status, out, err = run(capsys, "--batch", batch, "--model", tiny_model_dir, "--num-beams", "2")
+    assert status == 0 and len(out) == 2, err
+    with pytest.raises(SystemExit) as exit_status:  # argparse's own error, before anything loads
+        run(capsys, "--batch", batch, "--model", tiny_model_dir, "--num-beams", "0")
+    assert exit_status.value.code == 2 and "--num-beams must be at least 1" in capsys.readouterr().err

@@ -44,3 +44,13 @@ def test_paired_bootstrap_interval_covers_zero_for_a_symmetric_difference():
     b = {str(i): float((i + 1) % 2) for i in range(100)}
     result = paired_bootstrap(a, b, rounds=500)
     assert result["mean"] == 0 and result["low"] < 0 < result["high"]
+
+
+def test_the_published_t5_rows_hold_the_peers_readme_numbers():
+    rows, _, _ = collect(ROWS)
+    peers = {r["name"]: r["fetaqa"] for r in rows if r.get("peer")}
+    published = {"t5-small": (30.48, 0.542), "t5-base": (33.08, 0.583), "t5-large": (33.85, 0.596)}
+    assert set(peers) == set(published)
+    for name, (bleu, parent_f) in published.items():
+        assert peers[name]["count"] == 500
+        assert round(peers[name]["bleu"], 2) == bleu and round(peers[name]["parent_f"], 3) == parent_f

@@ -162,10 +162,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
     so the vocabulary-wide logits never outlive their chunk. The head weight must be frozen (it is: the
     head is tied to the embeddings and LoRA does not train it). The elementwise steps run in place, and a
     chunk's tensors are freed before the next chunk's matmul, so the peak is head_chunk_bytes (the values
-    are those of the out-of-place formulas: the same operations on the same numbers)."""
+    are those of the out-of-place formulas: the same operations on the same numbers).
+
+    smoothing e > 0: label smoothing as F.cross_entropy(label_smoothing=e) defines it, (1 - e) x the
+    cross-entropy + e x the mean over the vocabulary of -log p; its logit gradient is softmax - (1 - e) x
+    onehot - e / V. At e = 0 none of its operations run (the numbers are those of plain cross-entropy)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, softcap):
+    def forward(ctx, hidden, weight, targets, chunk_size, softcap, smoothing=0.0):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], chunk_size):
@@ -177,12 +181,21 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 capped = logits.div_(softcap).tanh_()
                 logits = capped * softcap
             log_z = torch.logsumexp(logits, dim=-1)
-            total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if smoothing:
+                vocab = logits.shape[1]
+                total += ((1.0 - smoothing) * (log_z - logits.gather(1, y[:, None]).squeeze(1))
+                          + smoothing * (log_z - logits.mean(dim=-1))).sum()
+            else:
+                total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if grad_hidden is not None:
                 if softcap:  # d/dz [c * tanh(z / c)] = 1 - tanh^2, with tanh = logits / c as before
                     derivative = torch.div(logits, softcap, out=capped).square_().neg_().add_(1.0)
                 grad = logits.sub_(log_z[:, None]).exp_()  # softmax, in the logits' memory
-                grad[torch.arange(len(y), device=y.device), y] -= 1.0
+                if smoothing:
+                    grad[torch.arange(len(y), device=y.device), y] -= 1.0 - smoothing
+                    grad.sub_(smoothing / vocab)
+                else:
+                    grad[torch.arange(len(y), device=y.device), y] -= 1.0
                 if softcap:
                     grad.mul_(derivative)
                 grad_hidden[start : start + chunk_size] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
@@ -194,7 +207,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None
 
 
 def completion_loss(
@@ -204,12 +217,14 @@ def completion_loss(
     *,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy over completion positions, number of those positions).
 
     hidden: [batch, time, dim] final hidden states (after the final norm); targets from `collate`.
     chunk_size: positions per head chunk, by default head_chunk_positions(vocabulary), which the train
     stage's memory model (head_chunk_bytes) assumes.
+    label_smoothing: 0 <= e < 1, as F.cross_entropy's (train.label_smoothing); 0 is plain cross-entropy.
     The caller divides by the completion-token count of the whole effective batch."""
     if head_weight.requires_grad:
         raise ValueError("completion_loss assumes a frozen vocabulary head (LoRA does not train it)")
@@ -219,13 +234,16 @@ def completion_loss(
     if picked.shape[0] == 0:
         return hidden.sum() * 0.0, 0
     chunk_size = chunk_size or head_chunk_positions(head_weight.shape[0])
-    loss = _HeadCrossEntropy.apply(picked, head_weight, wanted, chunk_size, softcap or 0.0)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be 0 <= value < 1, got {label_smoothing}")
+    loss = _HeadCrossEntropy.apply(picked, head_weight, wanted, chunk_size, softcap or 0.0, float(label_smoothing))
     return loss, int(picked.shape[0])
 
 
-def naive_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def naive_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """The reference: full logits at every position, summed cross-entropy where targets are set."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum",
+                           label_smoothing=label_smoothing)
 
 
 def activation_bytes_per_token(config, dtype_bytes: int = 2, lora_bytes: int = 4) -> int:

@@ -283,7 +283,8 @@ class LoRARecipe:
             # 2. forward and backward in micro-batches; each share's loss is divided by the label tokens of
             #    the whole batch, so the ranks' gradients SUM to the one-GPU one
             loss = accumulate_gradients(self.forward, self.head, share, self.row_tokens, self.rows_per_micro_batch,
-                                        self.pad_id, device, self.softcap, label_tokens)
+                                        self.pad_id, device, self.softcap, label_tokens,
+                                        float(cfg["label_smoothing"]))
             if self.world > 1:
                 loss = distributed.sum_gradients(self.trainable, loss)
             # 3. clip, step, schedule
@@ -415,6 +416,7 @@ def new_window() -> dict:
 def accumulate_gradients(
     forward, head_weight, examples: list[tuple[list[int], int]], row_tokens: int, rows_per_micro_batch: int,
     pad_id: int, device: torch.device, softcap: float | None = None, label_tokens: int | None = None,
+    label_smoothing: float = 0.0,
 ) -> float:
     """Forward and backward `examples` in packed micro-batches; returns their summed loss / label_tokens.
 
@@ -431,7 +433,8 @@ def accumulate_gradients(
         batch = {k: v.to(device, non_blocking=True)
                  for k, v in collate_packed(examples, rows, row_tokens, pad_id).items()}
         hidden = forward(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
-        loss_sum, _ = completion_loss(hidden, batch["targets"], head_weight, softcap=softcap)
+        loss_sum, _ = completion_loss(hidden, batch["targets"], head_weight, softcap=softcap,
+                                      label_smoothing=label_smoothing)
         (loss_sum / label_tokens).backward()
         total += loss_sum.detach()
     return total.item() / label_tokens  # one device sync per step, not one per micro-batch

@@ -1,0 +1,65 @@
+"""Paired bootstrap of FeTaQA PARENT F and BLEU between two systems scored on the same examples.
+
+PARENT F is a mean of per-example scores, so a resample's score is the mean over the drawn examples.
+BLEU is a corpus score: a resample's BLEU is computed from the summed sufficient statistics (matches and
+totals per n-gram order, lengths) of the drawn examples, which is what sacrebleu's own paired bootstrap
+does. The statistics come from the same preparation as table2text.metrics.totto.corpus_bleu (lower-cased,
+Moses-detokenised text, 13a tokenisation, exp smoothing), so the full-set BLEU from them is the scorer's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sacrebleu.metrics import BLEU
+
+from table2text.metrics.totto import prepare_prediction, prepare_references
+
+_BLEU = BLEU(tokenize="13a", smooth_method="exp", lowercase=False)  # table2text.metrics.totto.corpus_bleu's
+
+
+def bleu_statistics(predictions: list[str], references: list[list[str]]) -> list[list[int]]:
+    """Per example, BLEU's sufficient statistics (10 integers) of one prediction against its references
+    (raw text: prepared here exactly as compute_metrics prepares it)."""
+    hyps = [prepare_prediction(p) for p in predictions]
+    refs = [prepare_references(r) for r in references]
+    streams = [list(stream) for stream in zip(*refs)]  # as corpus_bleu builds them
+    # sacrebleu's per-sentence statistics, the ones its PairedTest resamples
+    return [list(map(int, s)) for s in _BLEU._extract_corpus_statistics(hyps, streams)]
+
+
+def bleu_from_statistics(stats) -> float:
+    return float(_BLEU._compute_score_from_stats(list(np.asarray(stats, dtype=np.int64).sum(axis=0))).score)
+
+
+def paired_bootstrap(a: dict, b: dict, rounds: int = 2000, seed: int = 0) -> dict:
+    """a, b: example id -> {"parent_f": float, "bleu_stats": [10 ints]} of two systems. Over the ids both
+    score: a - b in PARENT F and in BLEU (points), each with the full-set difference and a 95% interval
+    from resampling the examples (the same resamples for both metrics)."""
+    ids = sorted(set(a) & set(b))
+    if not ids:
+        raise ValueError("paired bootstrap: the two systems share no example ids")
+    fa = np.array([a[i]["parent_f"] for i in ids])
+    fb = np.array([b[i]["parent_f"] for i in ids])
+    sa = np.array([a[i]["bleu_stats"] for i in ids], dtype=np.int64)
+    sb = np.array([b[i]["bleu_stats"] for i in ids], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(ids), size=(rounds, len(ids)))
+    df = fa[draws].mean(axis=1) - fb[draws].mean(axis=1)
+    sums_a, sums_b = sa[draws].sum(axis=1), sb[draws].sum(axis=1)
+    db = np.array([_BLEU._compute_score_from_stats(list(x)).score - _BLEU._compute_score_from_stats(list(y)).score
+                   for x, y in zip(sums_a, sums_b)])
+
+    def interval(full: float, samples: np.ndarray) -> dict:
+        return {"mean": float(full), "low": float(np.quantile(samples, 0.025)),
+                "high": float(np.quantile(samples, 0.975))}
+
+    return {"examples": len(ids), "rounds": rounds,
+            "parent_f": interval(fa.mean() - fb.mean(), df),
+            "bleu": interval(bleu_from_statistics(sa) - bleu_from_statistics(sb), db)}
+
+
+def per_example(predictions: list[str], examples: list[dict], scored: list[dict]) -> dict:
+    """id -> {"parent_f", "bleu_stats"} of one system: `scored` is compute_metrics' per_example list."""
+    stats = bleu_statistics(predictions, [ex["references"] for ex in examples])
+    return {str(ex["id"]): {"parent_f": s["parent_f"], "bleu_stats": st}
+            for ex, s, st in zip(examples, scored, stats)}
