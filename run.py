@@ -26,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import venv
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,19 +107,36 @@ def ensure_venv() -> None:
     wanted = hashlib.sha256((requirements + f"\ntorch index: {plan.index}").encode("utf-8")).hexdigest()
     if PYTHON.exists() and STAMP.exists() and STAMP.read_text(encoding="utf-8").strip() == wanted:
         return
+    started = time.monotonic()
     if not PYTHON.exists():
-        print(f"creating {VENV}", flush=True)
+        print(f"run.py: creating the virtual environment {VENV} (first run only)", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     print(f"run.py: {plan.why}", flush=True)
     pip = [str(PYTHON), "-m", "pip", "install", "-q"]
     if plan.index:
         # First, so that requirements.txt finds torch==pin satisfied (2.13.0+cu126 is a 2.13.0) and keeps
         # it; --force-reinstall replaces a CPU build installed earlier.
+        print(f"run.py: installing torch=={pin} from {plan.index} (a download of a few GB)", flush=True)
         subprocess.run([*pip, "--force-reinstall", "--no-deps", f"torch=={pin}", "--index-url", plan.index],
                        check=True)
-    print("installing requirements.txt (first run only)", flush=True)
+    pins = requirement_names(requirements)
+    # pip -q prints nothing until it is done, so say what is coming and how long it takes
+    print(f"run.py: installing {len(pins)} packages from requirements.txt into {VENV.name} ({', '.join(pins[:4])}, "
+          f"...; with their dependencies; first run only, a few minutes: torch alone is a large download)",
+          flush=True)
     subprocess.run([*pip, "-r", str(ROOT / "requirements.txt")], check=True)
     STAMP.write_text(wanted, encoding="utf-8")
+    print(f"run.py: {VENV.name} ready in {time.monotonic() - started:.0f} s", flush=True)
+
+
+def requirement_names(requirements: str) -> list[str]:
+    """The packages requirements.txt pins, in its order (comments and options skipped)."""
+    names = []
+    for line in requirements.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            names.append(re.split(r"[=<>!~\[;\s]", line, maxsplit=1)[0])
+    return names
 
 
 def project_modules(root: Path = ROOT) -> list[str]:

@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from table2text.io import readers
 from table2text.io.atomic import current_umask, replace_dir, write_json
 from table2text.config import group_settings
 from table2text.errors import run_cli
-from table2text.model.fidelity import compare_logits
+from table2text.model.fidelity import compare_logits, prompt_logits
 from table2text.generation import generate
 from table2text.params import default_params_file, load_params
 
@@ -85,9 +86,12 @@ def export(params: dict, merged_dir: Path, out_dir: Path, prompts: list[str], *,
     tokenizer = model_sources.load_tokenizer(merged_dir)
     prompt_ids = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts]
     reference = model_sources.load_model(merged_dir, dtype=torch.float32, device=device).eval()
-    # what the merged model writes, greedily: the outputs each exported file is held to
+    # what the merged model computes and writes greedily, once: the logits and outputs each exported file
+    # is held to (then the model goes: with a read-back model beside it, two fp32 copies in memory)
+    reference_logits = prompt_logits(reference, prompt_ids, device)
     reference_text = generate(reference, tokenizer, prompts, cfg["max_new_tokens"], batch_size=len(prompts),
                               device=device, progress=False)
+    del reference
     merged_config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -99,54 +103,58 @@ def export(params: dict, merged_dir: Path, out_dir: Path, prompts: list[str], *,
     failures = []
     tokenizer_fields = None
     try:
-        for out_type in cfg["types"]:
-            file = tmp / f"{cfg['name']}-{out_type}.gguf"
-            expected = gguf_export.write_gguf(merged_dir, file, out_type, name=cfg["name"], tokenizer=tokenizer)
-            read = gguf_export.read_metadata(file)
-            check_metadata(file, read, expected)
-            fields = {k: v for k, v in read["metadata"].items() if k.startswith("tokenizer.")}
-            if tokenizer_fields is None:
-                # the tokenizer as a GGUF reader rebuilds it must split the prompts as the merged model's does
-                gguf_tokenizer = gguf_export.load_gguf_tokenizer(file)
-                same = sum(gguf_tokenizer(p, add_special_tokens=True).input_ids == ids
-                           for p, ids in zip(prompts, prompt_ids))
-                del gguf_tokenizer
-                if same != len(prompts):
+        # each file parsed once by the gguf reader, for the metadata check and transformers' loader alike
+        with gguf_export.parse_each_file_once():
+            for out_type in cfg["types"]:
+                file = tmp / f"{cfg['name']}-{out_type}.gguf"
+                expected = gguf_export.write_gguf(merged_dir, file, out_type, name=cfg["name"],
+                                                  tokenizer=tokenizer)
+                read = gguf_export.read_metadata(file)
+                check_metadata(file, read, expected)
+                fields = {k: v for k, v in read["metadata"].items() if k.startswith("tokenizer.")}
+                if tokenizer_fields is None:
+                    # the tokenizer as a GGUF reader rebuilds it must split the prompts as the merged model's
+                    gguf_tokenizer = gguf_export.load_gguf_tokenizer(file)
+                    same = sum(gguf_tokenizer(p, add_special_tokens=True).input_ids == ids
+                               for p, ids in zip(prompts, prompt_ids))
+                    del gguf_tokenizer
+                    if same != len(prompts):
+                        raise gguf_export.ExportError(
+                            f"{file.name}: the tokenizer read back from the GGUF splits {len(prompts) - same} of "
+                            f"{len(prompts)} validation prompts differently from {merged_dir.as_posix()}'s")
+                    tokenizer_fields = fields
+                elif fields != tokenizer_fields:  # the same tokenizer in every file: one read-back covers all
                     raise gguf_export.ExportError(
-                        f"{file.name}: the tokenizer read back from the GGUF splits {len(prompts) - same} of "
-                        f"{len(prompts)} validation prompts differently from {merged_dir.as_posix()}'s")
-                tokenizer_fields = fields
-            elif fields != tokenizer_fields:  # the same tokenizer in every file, so one read-back covers all
-                raise gguf_export.ExportError(f"{file.name}: tokenizer metadata differs from {cfg['types'][0]}'s")
-            model = gguf_export.load_gguf_model(file, device)
-            logits = compare_logits(reference, model, prompt_ids, device)
-            text = generate(model, tokenizer, prompts, cfg["max_new_tokens"], batch_size=len(prompts),
-                            device=device, progress=False)
-            del model
-            bound = cfg["bounds"][out_type]
-            passed = (logits["finite"] and logits["mean_kl"] <= float(bound["max_mean_kl"])
-                      and logits["top1_agreement"] >= float(bound["min_top1_agreement"]))
-            metrics["files"][out_type] = {
-                "file": (out_dir / file.name).as_posix(),
-                "bytes": file.stat().st_size,
-                "sha256": readers.sha256_file(file),
-                "tensors": expected["tensors_written"],
-                "tensor_types": sorted({t for t, _ in read["tensors"].values()}),
-                "metadata_keys": len(read["metadata"]),
-                "vocab_size": len(read["metadata"]["tokenizer.ggml.tokens"]),
-                "chat_template": "tokenizer.chat_template" in read["metadata"],
-                "tokenizer_prompts_identical": len(prompts),
-                **logits,
-                "greedy_identical": sum(a == b for a, b in zip(text, reference_text)) / len(prompts),
-                "max_mean_kl": float(bound["max_mean_kl"]),
-                "min_top1_agreement": float(bound["min_top1_agreement"]),
-                "passed": passed,
-            }
-            if not passed:
-                failures.append(
-                    f"{out_type}: mean KL {logits['mean_kl']:.2e} (max {bound['max_mean_kl']}), top-1 agreement "
-                    f"{logits['top1_agreement']:.4f} (min {bound['min_top1_agreement']}), max logit diff "
-                    f"{logits['max_logit_diff']:.3f}, finite={logits['finite']}")
+                        f"{file.name}: tokenizer metadata differs from {cfg['types'][0]}'s")
+                model = gguf_export.load_gguf_model(file, device)
+                logits = compare_logits(reference_logits, model, prompt_ids, device)
+                text = generate(model, tokenizer, prompts, cfg["max_new_tokens"], batch_size=len(prompts),
+                                device=device, progress=False)
+                del model
+                bound = cfg["bounds"][out_type]
+                passed = (logits["finite"] and logits["mean_kl"] <= float(bound["max_mean_kl"])
+                          and logits["top1_agreement"] >= float(bound["min_top1_agreement"]))
+                metrics["files"][out_type] = {
+                    "file": (out_dir / file.name).as_posix(),
+                    "bytes": file.stat().st_size,
+                    "sha256": readers.sha256_file(file),
+                    "tensors": expected["tensors_written"],
+                    "tensor_types": sorted({t for t, _ in read["tensors"].values()}),
+                    "metadata_keys": len(read["metadata"]),
+                    "vocab_size": len(read["metadata"]["tokenizer.ggml.tokens"]),
+                    "chat_template": "tokenizer.chat_template" in read["metadata"],
+                    "tokenizer_prompts_identical": len(prompts),
+                    **logits,
+                    "greedy_identical": sum(a == b for a, b in zip(text, reference_text)) / len(prompts),
+                    "max_mean_kl": float(bound["max_mean_kl"]),
+                    "min_top1_agreement": float(bound["min_top1_agreement"]),
+                    "passed": passed,
+                }
+                if not passed:
+                    failures.append(
+                        f"{out_type}: mean KL {logits['mean_kl']:.2e} (max {bound['max_mean_kl']}), top-1 "
+                        f"agreement {logits['top1_agreement']:.4f} (min {bound['min_top1_agreement']}), max logit "
+                        f"diff {logits['max_logit_diff']:.3f}, finite={logits['finite']}")
         metrics["passed"] = not failures
         if metrics_file is not None:  # written before failing too: it says by how much
             write_json(metrics_file, metrics)
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_params(args.params)  # every setting checked here, before anything is loaded
     prompts = [r["prompt"] for r in readers.read_processed(VALIDATION_FILE)]
+    started = time.monotonic()
     metrics = export(params, MERGED_DIR, GGUF_DIR, prompts)
     if not metrics["enabled"]:
         print("export: disabled (export.enabled: false), no GGUF written")
@@ -177,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"export: {m['file']} ({m['bytes'] / 2**20:.0f} MiB), mean KL {m['mean_kl']:.2e}, top-1 agreement "
               f"{m['top1_agreement']:.4f}, max logit diff {m['max_logit_diff']:.3f}, greedy outputs identical "
               f"{m['greedy_identical']:.0%} on {metrics['prompts']} prompts")
+    # printed only: metrics/export.json is DVC-tracked and holds nothing that varies between runs
+    print(f"export: {len(metrics['files'])} files written and verified in {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":

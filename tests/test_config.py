@@ -42,6 +42,9 @@ def set_line(text: str, key: str, value: str) -> str:
     return new
 
 
+WARMUP_TEXT = set_line(PARAMS_TEXT, "warmup_ratio", "0.06")  # a real recipe's warm-up (the demo has none)
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(text, encoding="utf-8")
@@ -74,7 +77,7 @@ ISSUE_CASES = {
     "max_length abc": (set_line(PARAMS_TEXT, "max_length", "abc"),
                        "data.max_length must be an integer, got 'abc' (a str)"),
     "group dta": (PARAMS_TEXT.replace("\ndata:\n", "\ndta:\n"), "unknown group dta (did you mean data?)"),
-    "constant with warm-up": (set_line(PARAMS_TEXT, "lr_scheduler", "constant"),
+    "constant with warm-up": (set_line(WARMUP_TEXT, "lr_scheduler", "constant"),
                               "train.lr_scheduler: constant has no warm-up, but train.warmup_ratio is 0.06"),
 }
 
@@ -94,9 +97,9 @@ def test_a_tab_in_params_yaml_names_file_and_line(tmp_path):
 
 
 def test_constant_with_warmup_is_offered_and_constant_without_warmup_is_fine(tmp_path):
-    message = rejected(tmp_path, set_line(PARAMS_TEXT, "lr_scheduler", "constant"))
+    message = rejected(tmp_path, set_line(WARMUP_TEXT, "lr_scheduler", "constant"))
     assert "set train.warmup_ratio: 0, or train.lr_scheduler: constant_with_warmup" in message
-    assert load_config(write(tmp_path, set_line(PARAMS_TEXT, "lr_scheduler", "constant_with_warmup"))).train.warmup_ratio == 0.06
+    assert load_config(write(tmp_path, set_line(WARMUP_TEXT, "lr_scheduler", "constant_with_warmup"))).train.warmup_ratio == 0.06
     no_warmup = set_line(set_line(PARAMS_TEXT, "lr_scheduler", "constant"), "warmup_ratio", "0")
     assert load_config(write(tmp_path, no_warmup)).train.lr_scheduler == "constant"
 
@@ -250,7 +253,8 @@ def test_the_committed_params_are_valid_and_list_every_key():
     for group, cls in GROUPS.items():
         unlisted = {f"{group}.{f.name}" for f in dataclasses.fields(cls)} - {f"{group}.{k}" for k in listed[group]}
         assert unlisted <= pending, f"params.yaml does not list {sorted(unlisted - pending)}"
-    assert cfg.train.learning_rate == 5.0e-5 and cfg.lora.target_modules[-1] == "down_proj"
+    assert cfg.train.learning_rate == 2.0e-4 and cfg.lora.target_modules[-1] == "down_proj"
+    assert cfg.train.warmup_ratio == 0.0  # the demo's 2 steps: a warm-up step would run at learning rate 0
 
 
 def test_missing_keys_and_groups_take_the_dataclass_defaults(tmp_path):

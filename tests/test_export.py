@@ -195,12 +195,20 @@ def stage_params(**export) -> dict:
     return params
 
 
-def test_the_stage_writes_verified_files_and_metrics_without_timings(tmp_path, model_dir):
+def test_the_stage_writes_verified_files_and_metrics_without_timings(tmp_path, model_dir, monkeypatch):
+    import gguf
+
+    parsed = []  # the gguf reader's parses: the costly walk over the vocabulary, once a file
+    real = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, mode="r": parsed.append(Path(path).name) or real(path, mode))
     prompts = [json.loads(line)["prompt"] for line in
                (write_processed(tmp_path / "data", 0, 3) / "validation.jsonl").read_text(encoding="utf-8").splitlines()]
     out = tmp_path / "models" / "gguf"
     metrics = export_stage.export(stage_params(name="tiny"), model_dir, out, prompts,
                                   metrics_file=tmp_path / "export.json")
+    # read back by the stage's metadata check, transformers' tokenizer and model loaders: one parse each file
+    assert sorted(parsed) == ["tiny-bf16.gguf", "tiny-q8_0.gguf"]
+    assert gguf.GGUFReader is not real and gguf.GGUFReader.__name__ == "<lambda>"  # the stage's own is undone
     assert sorted(p.name for p in out.iterdir()) == ["tiny-bf16.gguf", "tiny-q8_0.gguf"]
     from table2text.io.atomic import current_umask
 
@@ -214,6 +222,17 @@ def test_the_stage_writes_verified_files_and_metrics_without_timings(tmp_path, m
     assert bf16["tokenizer_prompts_identical"] == 3
     text = json.dumps(metrics)
     assert not any(word in text for word in ("seconds", "time", "_s\""))  # DVC-tracked: nothing that varies
+
+
+def test_one_parse_serves_every_reader_of_an_unchanged_file_within_the_block(written):
+    import gguf
+
+    path = written["bf16"][0]
+    with gguf_export.parse_each_file_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first  # the same file by another spelling
+        assert gguf.GGUFReader(written["q8_0"][0]) is not first
+    assert gguf.GGUFReader(path) is not first  # outside the block: a fresh parse
 
 
 def test_the_stage_fails_in_one_line_beyond_the_bound_and_keeps_the_old_files(tmp_path, model_dir):

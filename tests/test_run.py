@@ -119,6 +119,28 @@ def test_ensure_venv_installs_the_cuda_build_first_then_requirements(tmp_path, m
     assert len(commands) == 3 and commands[2][-2] == "-r"
 
 
+def test_a_first_install_says_what_it_is_doing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(run, "VENV", tmp_path / ".venv")
+    monkeypatch.setattr(run, "PYTHON", tmp_path / ".venv" / "python")  # missing: the venv is created
+    monkeypatch.setattr(run, "STAMP", tmp_path / "stamp")
+    monkeypatch.setattr(run.venv, "EnvBuilder", lambda **kw: type("B", (), {"create": lambda self, d: None})())
+    monkeypatch.setattr(nvidia, "find_driver", lambda: None)
+    monkeypatch.delenv("TOTTO_TORCH_INDEX", raising=False)
+    monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: None)
+    run.ensure_venv()
+    lines = capsys.readouterr().out.splitlines()
+    pins = run.requirement_names((run.ROOT / "requirements.txt").read_text(encoding="utf-8"))
+    assert pins[:2] == ["torch", "transformers"] and "pytest" in pins and len(pins) > 10
+    assert lines[0].startswith("run.py: creating the virtual environment")
+    assert any(f"installing {len(pins)} packages from requirements.txt" in line for line in lines)
+    assert lines[-1].startswith("run.py: .venv ready in ")
+
+
+def test_requirement_names_skip_comments_options_and_markers():
+    assert run.requirement_names("# c\n--index-url x\na==1  # why\nb[extra]>=2; sys_platform == 'win32'\n\nc\n") == \
+        ["a", "b", "c"]
+
+
 def test_ensure_venv_stops_with_the_instruction(monkeypatch):
     monkeypatch.setattr(run.sys, "platform", "win32")
     monkeypatch.setattr(nvidia, "find_driver", lambda: nvidia.Driver("nvidia-smi", (11, 8)))

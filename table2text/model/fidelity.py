@@ -36,10 +36,19 @@ class LogitDistance:
 
 
 @torch.no_grad()
+def prompt_logits(model, prompts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """The model's fp32 logits at every position of each prompt (token id lists), one tensor a prompt."""
+    return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float() for ids in prompts]
+
+
+@torch.no_grad()
 def compare_logits(reference, candidate, prompts: list[list[int]], device: torch.device) -> dict:
-    """LogitDistance of candidate from reference over every position of the prompts (token id lists)."""
+    """LogitDistance of candidate from reference over every position of the prompts (token id lists).
+    reference is a model, or its prompt_logits() on the same prompts: computed once when several
+    candidates are held to one reference (the export stage's GGUF types)."""
     distance = LogitDistance()
-    for ids in prompts:
+    for i, ids in enumerate(prompts):
         x = torch.tensor([ids], device=device)
-        distance.add(reference(input_ids=x).logits[0].float(), candidate(input_ids=x).logits[0].float())
+        ref = reference[i] if isinstance(reference, list) else reference(input_ids=x).logits[0].float()
+        distance.add(ref, candidate(input_ids=x).logits[0].float())
     return distance.result()

@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -194,6 +195,10 @@ def packaged_model_dir() -> Path:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # first run only, and silent for a while otherwise: say what it is and how long it takes
+    print(f"model: converting the packaged Gemma 3 270M GGUF into a bf16 model folder {target.as_posix()} "
+          "(first run only; about 90 s on 2 CPU cores)", file=sys.stderr, flush=True)
+    started = time.monotonic()
     gguf = assemble(cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf")
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(target.parent, ".convert-")  # folders of conversions that were killed half-way
@@ -215,6 +220,7 @@ def packaged_model_dir() -> Path:
         else:
             fix_permissions(tmp)  # a plain folder's modes, not mkdtemp's 0700
             os.replace(tmp, target)  # atomic: a half-converted folder is never seen as done
+        print(f"model: converted in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
