@@ -60,7 +60,7 @@ def copy_project(workdir: Path) -> None:
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    for item in ("stages", "bench", "params.yaml"):
+    for item in ("stages", "table2text", "bench", "params.yaml"):
         src = ROOT / item
         if src.is_dir():
             shutil.copytree(src, workdir / item, ignore=shutil.ignore_patterns("__pycache__", "results"))
