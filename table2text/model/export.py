@@ -66,7 +66,9 @@ def export(params: dict, merged_dir: Path, out_dir: Path, prompts: list[str], *,
     reference = merged_reference(merged_dir, tokenizer, prompts, cfg["max_new_tokens"], device)
     merged_config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
 
-    tmp = _new_folder_beside(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # a plain folder's permissions, not mkdtemp's private 0700
     metrics = {"enabled": True, "name": cfg["name"], "merged_dtype": merged_config.get("dtype"),
                "verify_compute_dtype": "float32", "prompts": len(prompts), "max_new_tokens": cfg["max_new_tokens"],
                "files": {}}
@@ -111,22 +113,15 @@ def export(params: dict, merged_dir: Path, out_dir: Path, prompts: list[str], *,
 def write_disabled(out_dir: Path, metrics_file: Path | None) -> dict:
     """export.enabled false: models/gguf is a DVC output, so it still exists, holding a note and no stale .gguf."""
     metrics = {"enabled": False, "files": {}}
-    tmp = _new_folder_beside(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
     (tmp / DISABLED_NOTE).write_text("export.enabled is false in params.yaml: no GGUF file was written.\n",
                                      encoding="utf-8")
     replace_dir(tmp, out_dir)
     if metrics_file is not None:
         write_json(metrics_file, metrics)
     return metrics
-
-
-def _new_folder_beside(out_dir: Path) -> Path:
-    """An empty temp folder next to out_dir (so replace_dir renames it in place), with a plain folder's
-    permissions, not mkdtemp's private 0700."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())
-    return tmp
 
 
 def merged_reference(merged_dir: Path, tokenizer, prompts: list[str], max_new_tokens: int, device) -> dict:
