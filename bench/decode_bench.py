@@ -30,7 +30,7 @@ import torch
 from bench import common
 from table2text import graph_decode
 from table2text.model import sources as model_sources
-from table2text.generation import FP32_MATMUL, _decode, end_token_ids, fp32_matmul_precision, generate, pad_token_id
+from table2text.generation import FP32_MATMUL, decode_new_tokens, end_token_ids, fp32_matmul_precision, generate, pad_token_id
 
 DECODERS = ("generate", "graph", "generate_batch")
 # The tiny model of --tiny: Gemma 3's architecture and vocabulary (the real tokenizer), everything else
@@ -80,7 +80,7 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, sm
     failed = [o.request_id for o in outputs if o.error is not None]
     if len(outputs) != len(prompts) or failed:
         raise RuntimeError(f"generate_batch returned {len(outputs)} of {len(prompts)} results, {len(failed)} failed")
-    return [_decode(tokenizer, list(o.generated_tokens), set(stop)) for o in outputs]
+    return [decode_new_tokens(tokenizer, list(o.generated_tokens), set(stop)) for o in outputs]
 
 
 def run_decoder(name, model, tok, prompts, args, matmul, device):

@@ -3,9 +3,9 @@
     python bench/export_fp32_bf16.py [TYPE ...] [--out DIR]
 
 Merges models/adapter into the base of params model.name in fp32 (what merge.dtype: float32 saves), then
-runs the export stage's export() on that folder for the given types (default bf16) with the committed
-params, on the CPU, and prints metrics/export.json's content for it. Run from the repository root after
-`dvc repro merge`. Nothing here is a DVC output.
+runs the export pipeline (table2text.model.export.export) on that folder for the given types (default
+bf16) with the committed params, on the CPU, and prints metrics/export.json's content for it. Run from the
+repository root after `dvc repro merge`. Nothing here is a DVC output.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main() -> None:
     import torch
     from peft import PeftModel
 
-    from stages import export as export_stage
+    from table2text.model import export as model_export
     from table2text.model import sources as model_sources
     from table2text.params import load_params
     from table2text.io.readers import read_processed
@@ -44,7 +44,7 @@ def main() -> None:
         model_sources.load_tokenizer(base).save_pretrained(merged)
     params["export"].update(types=args.types, device="cpu")
     prompts = [r["prompt"] for r in read_processed(REPO / "data" / "processed" / "validation.jsonl")]
-    metrics = export_stage.export(params, merged, out / "gguf", prompts, metrics_file=out / "export.json")
+    metrics = model_export.export(params, merged, out / "gguf", prompts, metrics_file=out / "export.json")
     print(json.dumps(metrics, indent=1))
 
 

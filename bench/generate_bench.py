@@ -26,7 +26,7 @@ import torch
 
 from bench import common
 from table2text.model import sources as model_sources
-from table2text.generation import FP32_MATMUL, _left_pad, fp32_matmul_precision, generate, pad_token_id, plan_batches
+from table2text.generation import FP32_MATMUL, left_pad, fp32_matmul_precision, generate, pad_token_id, plan_batches
 
 
 def sync():
@@ -53,7 +53,7 @@ def prefill_seconds(model, tok, prompts, batch, batch_tokens, max_new, fp32_matm
         sync()
         t, slots = time.perf_counter(), 0
         for indices in batches:
-            ids, mask = _left_pad([encoded[i] for i in indices], pad_token_id(tok), model.device)
+            ids, mask = left_pad([encoded[i] for i in indices], pad_token_id(tok), model.device)
             model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
             slots += ids.numel()
         sync()

@@ -32,7 +32,7 @@ from bench.results_table import paired_bootstrap
 from bench.run_recipe import apply_override
 from table2text.model import finetuned
 from table2text.model import sources as model_sources
-from stages.evaluate import read_processed
+from table2text.evaluation import read_processed
 from table2text.generation import generate
 from table2text.params import load_params
 from table2text.metrics.totto import compute_metrics

@@ -13,52 +13,17 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from bench import common
-from bench.train_bench import run_project
+from bench.measure_train import profile, run_project
 from table2text.model import sources as model_sources
 from table2text.params import load_params
 from table2text.io.readers import read_processed
-from table2text.training import loop
-
-
-def profile(params, records, model_dir, out: Path, name: str, extra: dict) -> dict:
-    from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
-
-    p = copy.deepcopy(params)
-    p["train"].update({"max_steps": 8, "device": "cuda", **extra})
-    sched = schedule(wait=2, warmup=2, active=4)
-    stamps = []
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=sched) as prof:
-        def on_step(step):
-            stamps.append(time.perf_counter())
-            prof.step()
-
-        loop.train(p, records, None, checkpoint_dir=None, metrics_dir=None, model_dir=model_dir,
-                          on_step=on_step, progress=False)
-    events = prof.key_averages()
-    wall = stamps[-1] - stamps[3]  # the 4 active steps
-    # Kernels are the events without CPU time of their own; summing every event's device time would count
-    # a kernel again in the op (or graph replay) that launched it.
-    kernels = [e for e in events if e.self_cpu_time_total == 0 and e.self_device_time_total > 0
-               and not e.key.startswith("ProfilerStep")]  # the step marker spans its kernels
-    kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6
-    launched = sum(e.count for e in kernels)
-    text = [f"variant {name} {extra}: 4 active steps, wall {wall:.3f} s, kernel time {kernel_s:.3f} s "
-            f"(GPU busy {kernel_s / wall:.0%}), {launched} kernels ({launched / 4:.0f} a step)",
-            events.table(sort_by="self_device_time_total", row_limit=30),
-            events.table(sort_by="self_cpu_time_total", row_limit=30)]
-    (out / f"profile-{name}.txt").write_text("\n\n".join(text), encoding="utf-8")
-    print(text[0], flush=True)
-    return {"name": f"profile_{name}", "wall_4_steps_s": wall, "kernel_s": kernel_s,
-            "gpu_busy_fraction": kernel_s / wall, "kernels_per_step": launched / 4}
 
 
 def main(argv=None):

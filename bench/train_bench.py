@@ -15,63 +15,16 @@ import copy
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from bench import common
+from bench.measure_train import profile, run_project
 from table2text.model import sources as model_sources
 from table2text.params import load_params
 from table2text.io.readers import read_processed
 from table2text.training.loop import train
-
-
-def run_project(name, params, records, model_dir, *, quant, steps, warmup, extra=None):
-    """The train stage's own loop (stages.train.train) with outputs off; throughput after `warmup` steps."""
-    p = copy.deepcopy(params)
-    p["train"].update({"quantization": quant, "max_steps": steps + warmup, "device": "cuda", "logging_steps": 1})
-    p["train"].update(extra or {})
-    stamps = []
-
-    def on_step(step):
-        stamps.append((step, time.perf_counter()))
-
-    # Dynamo's compiled code is kept per code object for the whole process: without a reset, the compiled
-    # runs before this one use up its recompile limit (8) and this run's layers silently stay eager (what
-    # happened to project_bf16_compiled in the 2026-12-02 "train-2" run).
-    torch._dynamo.reset()
-    torch.cuda.reset_peak_memory_stats()
-    stats = train(p, records, None, checkpoint_dir=None, metrics_dir=None, model_dir=model_dir,
-                  on_step=on_step, progress=False)
-    # tokens and samples of the measured steps: the same batches the loop drew (stages.train.batch_indices)
-    from table2text.training.batching import encode_record
-    from table2text.training.schedule import batch_indices
-
-    tok = model_sources.load_tokenizer(model_dir)  # the stage's own tokenizer: the same lengths
-    lengths = [len(encode_record(tok, r)[0]) for r in records]
-    eff = int(p["train"]["effective_batch"])
-    measured = [batch_indices(s, len(records), eff, int(p["train"]["seed"])) for s in range(warmup, steps + warmup)]
-    elapsed = stamps[-1][1] - stamps[warmup - 1][1]
-    tokens = sum(lengths[i] for batch in measured for i in batch)
-    samples = sum(len(b) for b in measured)
-    return {
-        "name": name,
-        "steps_measured": steps,
-        "step_time_s": elapsed / steps,
-        "samples_per_s": samples / elapsed,
-        "tokens_per_s": tokens / elapsed,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "final_loss": stats["final_loss"],
-        "micro_batch_tokens": stats["micro_batch_tokens"],
-        "row_tokens": stats["row_tokens"],
-        "rows_per_micro_batch": stats["rows_per_micro_batch"],
-        "cuda_graphs": stats["cuda_graphs"],
-        "gradient_checkpointing": stats["gradient_checkpointing"],
-        "train_wall_s": stats["wall_seconds"],  # model load, graph capture and every step
-        "mfu": sum(r.get("mfu", 0.0) for r in stats["history"][warmup:]) / max(1, len(stats["history"][warmup:])),
-        "loss_curve": [r["loss"] for r in stats["history"]],
-    }
 
 
 def check_graphs(params, records, model_dir, steps=4, variants=None) -> dict:
@@ -168,8 +121,6 @@ def main(argv=None):
             checks["graphs_vs_eager"] = {"error": traceback.format_exc()[-3000:]}
         print(json.dumps(checks), flush=True)
     if args.profile:
-        from bench.profile_train import profile
-
         args.out.mkdir(parents=True, exist_ok=True)
         profiles = []
         for name, extra in (("nf4_graphs", {}), ("nf4_eager", {"cuda_graphs": False})):

@@ -47,7 +47,9 @@ def pad_token_id(tokenizer) -> int:
     return end_token_ids(tokenizer)[0]
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequences` as one batch padded on the left with pad_id (input_ids, attention_mask) on `device`:
+    every sequence's next token then sits in the last column."""
     width = max(len(seq) for seq in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -90,7 +92,8 @@ def fp32_matmul_precision(fp32_matmul: str, device: torch.device):
         torch.set_float32_matmul_precision(before)
 
 
-def _decode(tokenizer, new_tokens: list[int], stop_ids: set[int]) -> str:
+def decode_new_tokens(tokenizer, new_tokens: list[int], stop_ids: set[int]) -> str:
+    """The text of generated tokens up to (without) the first of stop_ids, special tokens skipped, stripped."""
     for pos, token in enumerate(new_tokens):
         if token in stop_ids:  # everything after the first end token is padding
             new_tokens = new_tokens[:pos]
@@ -111,7 +114,7 @@ def _graph_generate(model, tokenizer, encoded, max_new_tokens, batch_size, batch
                                    device, on_bucket=bar.update)
     finally:
         model.train(was_training)
-    return [_decode(tokenizer, t, set(stop_ids)) for t in tokens]
+    return [decode_new_tokens(tokenizer, t, set(stop_ids)) for t in tokens]
 
 
 @torch.inference_mode()
@@ -155,6 +158,25 @@ def generate(
     Greedy decoding never reads length_penalty.
     Returns one stripped string per prompt, in the order given, without end tokens.
     """
+    check_generate_settings(model, max_new_tokens, batch_size, device, cache, compile_decoding, decoder, num_beams)
+    if not prompts:
+        return []
+    device = torch.device(device) if device is not None else model.device
+    stop_ids = end_token_ids(tokenizer)
+    pad_id = pad_token_id(tokenizer)
+
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    if decoder == "graph":
+        return _graph_generate(model, tokenizer, encoded, max_new_tokens, batch_size, batch_tokens, device,
+                               progress, fp32_matmul, stop_ids, pad_id)
+    return _generate_batches(model, tokenizer, encoded, max_new_tokens, batch_size, batch_tokens, device,
+                             progress, cache, compile_decoding, fp32_matmul, num_beams, length_penalty,
+                             stop_ids, pad_id)
+
+
+def check_generate_settings(model, max_new_tokens: int, batch_size: int, device, cache: str, compile_decoding: bool,
+                            decoder: str, num_beams: int) -> None:
+    """generate()'s settings, each one checked: raises ValueError naming the first that is wrong."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if decoder == "graph" and (cache != "static" or compile_decoding):
@@ -175,32 +197,27 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if not prompts:
-        return []
-    device = torch.device(device) if device is not None else model.device
-    stop_ids = end_token_ids(tokenizer)
-    stop_set = set(stop_ids)
-    pad_id = pad_token_id(tokenizer)
 
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    if decoder == "graph":
-        return _graph_generate(model, tokenizer, encoded, max_new_tokens, batch_size, batch_tokens, device,
-                               progress, fp32_matmul, stop_ids, pad_id)
+
+def _generate_batches(model, tokenizer, encoded, max_new_tokens, batch_size, batch_tokens, device, progress, cache,
+                      compile_decoding, fp32_matmul, num_beams, length_penalty, stop_ids, pad_id) -> list[str]:
+    """generate() through transformers' model.generate, batch by batch (plan_batches); outputs in prompt order."""
+    stop_set = set(stop_ids)
     # Longest first: the largest batch (and any out-of-memory error) comes at once, not at the end.
     # a prompt takes num_beams rows of the cache: the token budget is shared by its beams
     beam_budget = max(1, batch_tokens // num_beams) if batch_tokens else 0
     batches = plan_batches([len(ids) for ids in encoded], batch_size, beam_budget, max_new_tokens)
     # greedy passes nothing new, so today's greedy calls are unchanged
     beams = {"num_beams": num_beams, "length_penalty": float(length_penalty), "num_return_sequences": 1} if num_beams > 1 else {}
-    outputs: list[str | None] = [None] * len(prompts)
+    outputs: list[str | None] = [None] * len(encoded)
 
     was_training = model.training
     model.eval()
     try:
         with fp32_matmul_precision(fp32_matmul, device), \
-                tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress) as bar:
+                tqdm(total=len(encoded), desc="generate", unit="ex", disable=not progress) as bar:
             for indices in batches:
-                input_ids, attention_mask = _left_pad([encoded[i] for i in indices], pad_id, device)
+                input_ids, attention_mask = left_pad([encoded[i] for i in indices], pad_id, device)
                 generated = model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
@@ -218,7 +235,7 @@ def generate(
                 )
                 new_tokens = generated[:, input_ids.shape[1]:].tolist()
                 for i, tokens in zip(indices, new_tokens):
-                    outputs[i] = _decode(tokenizer, tokens, stop_set)
+                    outputs[i] = decode_new_tokens(tokenizer, tokens, stop_set)
                 bar.update(len(indices))
     finally:
         model.train(was_training)

@@ -323,7 +323,7 @@ def test_run_cli_turns_a_user_error_into_one_line_and_status_2(capsys):
 
 
 def test_the_existing_error_classes_are_user_errors():
-    from stages.evaluate import EvalError
+    from table2text.evaluation import EvalError
     from table2text.data.user_tables import InputError as InferInputError
     from table2text.model.merging import MergeError
     from table2text.model.sources import WeightsError

@@ -26,7 +26,7 @@ from dvc_project import dvc, git, make_tiny_project, set_params
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["preprocess", "train", "merge", "evaluate", "export"]  # dvc.yaml order (export: disabled here)
-# metrics/eval.json keys (stages/evaluate.py) that a comparison of two runs is about, as DVC flattens them
+# metrics/eval.json keys (table2text/evaluation.py eval_result) that a comparison of two runs is about, as DVC flattens them
 SCORES = [f"{run}.overall.{score}" for run in ("finetuned", "base")
           for score in ("bleu", "parent_precision", "parent_recall", "parent_f")]
 SCORES += ["gain.overall.bleu", "gain.overall.parent_f"]

@@ -10,6 +10,8 @@ import torch
 import yaml
 
 from stages import evaluate
+from table2text import evaluation
+from table2text.model import sources as model_sources
 from table2text.model.finetuned import AdapterError
 from table2text.model.sources import load_model, load_tokenizer
 from table2text.metrics.totto import SUBSETS
@@ -43,8 +45,8 @@ def tokenizer(tiny_model_dir):
 @pytest.fixture(autouse=True)
 def tokenizer_loaded_once(monkeypatch, tiny_model_dir, tokenizer):
     """The 262k-entry tokenizer takes seconds to load: every stage run here reuses the module's copy."""
-    real = evaluate.model_sources.load_tokenizer
-    monkeypatch.setattr(evaluate.model_sources, "load_tokenizer",
+    real = model_sources.load_tokenizer
+    monkeypatch.setattr(model_sources, "load_tokenizer",
                         lambda folder: tokenizer if Path(folder) == Path(tiny_model_dir) else real(folder))
 
 
@@ -102,7 +104,7 @@ def test_merged_with_base_writes_predictions_metrics_and_plots(project, tiny_mod
     assert runtime["generation"]["seconds"] > 0 and runtime["generation"]["examples_per_s"] > 0
     from table2text.config import group_settings
 
-    wanted = evaluate.eval_dtype(group_settings("eval", params["eval"])["dtype"], torch.device("cpu"))  # what eval.dtype asks
+    wanted = evaluation.eval_dtype(group_settings("eval", params["eval"])["dtype"], torch.device("cpu"))  # what eval.dtype asks
     assert runtime["model"] == {"kind": "merged", "base": str(tiny_model_dir), "device": "cpu", "dtype": str(wanted)}
     # the summary names the outputs and says that the "fine-tuned" model (the base itself here) changed nothing
     out = capsys.readouterr().out
@@ -185,15 +187,15 @@ def scores(same: int, examples: int = 4) -> dict:
 
 def test_a_finetune_that_changed_nothing_is_reported_with_its_cause():
     # every prediction the base's, and the only steps were warm-up steps at learning rate 0
-    (equal, cause) = evaluate.finetune_warnings(scores(4), {"steps": 2, "steps_with_nonzero_lr": 0})
+    (equal, cause) = evaluation.finetune_warnings(scores(4), {"steps": 2, "steps_with_nonzero_lr": 0})
     assert "exactly the base model's sentence for all 4 examples" in equal
     assert "all 2 optimiser steps ran at learning rate 0" in cause and "train.warmup_ratio" in cause
     # most predictions equal, one of two steps at lr 0: both said
-    (most, cause) = evaluate.finetune_warnings(scores(3), {"steps": 2, "steps_with_nonzero_lr": 1})
+    (most, cause) = evaluation.finetune_warnings(scores(3), {"steps": 2, "steps_with_nonzero_lr": 1})
     assert "for 3 of 4 examples" in most and "only 1 of 2 optimiser steps" in cause
     # a fine-tune that changed the outputs: no warning, even with warm-up steps
-    assert evaluate.finetune_warnings(scores(1), {"steps": 2, "steps_with_nonzero_lr": 1}) == []
-    assert evaluate.finetune_warnings({"examples": 4}, {}) == []  # no base compared, no training record
+    assert evaluation.finetune_warnings(scores(1), {"steps": 2, "steps_with_nonzero_lr": 1}) == []
+    assert evaluation.finetune_warnings({"examples": 4}, {}) == []  # no base compared, no training record
 
 
 def test_base_predictions_come_from_the_cache_only_for_the_same_settings(project):
@@ -228,13 +230,13 @@ def test_base_predictions_come_from_the_cache_only_for_the_same_settings(project
 def test_beam_search_settings_reach_the_generation_of_both_models(project, monkeypatch):
     folder, params, records = project
     seen = []
-    real = evaluate.generate
+    real = evaluation.generate
 
     def recording(model, tokenizer, prompts, **kwargs):
         seen.append((kwargs["num_beams"], kwargs["length_penalty"]))
         return real(model, tokenizer, prompts, **kwargs)
 
-    monkeypatch.setattr(evaluate, "generate", recording)
+    monkeypatch.setattr(evaluation, "generate", recording)
     params["eval"].update(num_beams=2, length_penalty=0.8, max_examples=2, max_new_tokens=3)
     set_params(folder, params)
     result = evaluate.main([])

@@ -1,4 +1,5 @@
-"""The export stage (stages/export.py) and the GGUF writer behind it (table2text/model/gguf.py).
+"""The export stage (stages/export.py), its pipeline (table2text/model/export.py) and the GGUF writer behind
+it (table2text/model/gguf.py).
 
 The round trips run on a tiny random Gemma 3 in llama.cpp's layout (6 layers, the 6th global, head_dim
 256 = query_pre_attn_scalar) with Gemma's real tokenizer cut to its first 2,048 tokens, so a file is a
@@ -16,6 +17,7 @@ import yaml
 
 from conftest import TINY, write_processed
 from stages import export as export_stage
+from table2text.model import export as model_export
 from table2text.model import gguf as gguf_export
 from table2text.errors import run_cli
 from table2text.model.fidelity import compare_logits
@@ -119,7 +121,7 @@ def test_metadata_is_complete_for_llama_cpp(written, tokenizer):
     assert "output.weight" not in tensors and len(tensors) == 2 + 6 * 13 == info["tensors_written"]
     assert tensors["blk.5.attn_q_norm.weight"] == ("F32", [256])
     assert tensors["token_embd.weight"] == ("Q8_0", [64, VOCAB])
-    export_stage.check_metadata(path, read, info)  # the stage's own check passes on what was written
+    model_export.check_metadata(path, read, info)  # the stage's own check passes on what was written
 
 
 def test_norms_are_stored_with_llamas_plus_one(written, model_dir):
@@ -204,7 +206,7 @@ def test_the_stage_writes_verified_files_and_metrics_without_timings(tmp_path, m
     prompts = [json.loads(line)["prompt"] for line in
                (write_processed(tmp_path / "data", 0, 3) / "validation.jsonl").read_text(encoding="utf-8").splitlines()]
     out = tmp_path / "models" / "gguf"
-    metrics = export_stage.export(stage_params(name="tiny"), model_dir, out, prompts,
+    metrics = model_export.export(stage_params(name="tiny"), model_dir, out, prompts,
                                   metrics_file=tmp_path / "export.json")
     # read back by the stage's metadata check, transformers' tokenizer and model loaders: one parse each file
     assert sorted(parsed) == ["tiny-bf16.gguf", "tiny-q8_0.gguf"]
@@ -242,7 +244,7 @@ def test_the_stage_fails_in_one_line_beyond_the_bound_and_keeps_the_old_files(tm
     params = stage_params(types=["q8_0"])
     params["export"]["bounds"]["q8_0"] = {"max_mean_kl": 0.0, "min_top1_agreement": 1.0}
     with pytest.raises(gguf_export.ExportError) as err:
-        export_stage.export(params, model_dir, out, ["Team 1 scored 7 points."] * 3, metrics_file=tmp_path / "m.json")
+        model_export.export(params, model_dir, out, ["Team 1 scored 7 points."] * 3, metrics_file=tmp_path / "m.json")
     assert "q8_0: mean KL" in str(err.value) and "\n" not in str(err.value)
     assert [p.name for p in out.iterdir()] == ["old.gguf"]  # nothing half-replaced
     assert json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))["passed"] is False
@@ -269,7 +271,7 @@ def test_a_disabled_export_writes_no_gguf(tmp_path):
     out = tmp_path / "gguf"
     out.mkdir()
     (out / "old-bf16.gguf").write_bytes(b"stale")
-    metrics = export_stage.export(stage_params(enabled=False), tmp_path / "no-model", out, [],
+    metrics = model_export.export(stage_params(enabled=False), tmp_path / "no-model", out, [],
                                   metrics_file=tmp_path / "m.json")
     assert metrics == {"enabled": False, "files": {}} == json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
-    assert [p.name for p in out.iterdir()] == [export_stage.DISABLED_NOTE]
+    assert [p.name for p in out.iterdir()] == [model_export.DISABLED_NOTE]

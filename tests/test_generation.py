@@ -102,8 +102,8 @@ def test_output_has_no_end_tokens_or_outer_whitespace():
         def decode(self, ids, skip_special_tokens):
             return "".join({5: " hello", 6: " world ", 1: "<eos>"}[i] for i in ids)
 
-    assert generation._decode(FakeTokenizer(), [5, 6, 1, 5, 0], {1, 106}) == "hello world"
-    assert generation._decode(FakeTokenizer(), [1, 5], {1, 106}) == ""
+    assert generation.decode_new_tokens(FakeTokenizer(), [5, 6, 1, 5, 0], {1, 106}) == "hello world"
+    assert generation.decode_new_tokens(FakeTokenizer(), [1, 5], {1, 106}) == ""
 
 
 def test_rejects_bad_arguments(tiny):

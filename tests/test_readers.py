@@ -219,19 +219,19 @@ def test_a_bad_processed_record_is_named(tmp_path, bad, message):
 
 def test_train_merge_and_evaluate_read_processed_records_one_way(tmp_path):
     """The train stage's reader (also merge's) and evaluate's are the library's one reader."""
-    from stages import evaluate
+    from table2text import evaluation
     from table2text.io import readers
 
     path = write(tmp_path / "validation.jsonl", (json.dumps(processed(0)) + "\n" + json.dumps(processed(1, prompt=""))
                                                   + "\n").encode())
     with pytest.raises(InputFileError) as from_train:
         readers.read_processed(path)
-    with pytest.raises(evaluate.EvalError) as from_evaluate:
-        evaluate.read_processed(path)
+    with pytest.raises(evaluation.EvalError) as from_evaluate:
+        evaluation.read_processed(path)
     assert str(from_train.value) == str(from_evaluate.value) == f"{path.as_posix()}:2: field 'prompt': expected a " \
                                                                  "non-empty string, got str"
-    with pytest.raises(evaluate.EvalError, match="no such file \\(run the preprocess stage first\\)"):
-        evaluate.read_processed(tmp_path / "missing.jsonl")
+    with pytest.raises(evaluation.EvalError, match="no such file \\(run the preprocess stage first\\)"):
+        evaluation.read_processed(tmp_path / "missing.jsonl")
 
 
 # ------------------------------------------------------------------------------------------ every reader alike

@@ -184,19 +184,9 @@ def write_gguf(model_dir: Path, out_path: Path, out_type: str, *, name: str, tok
     if out_type not in TYPES:
         raise ExportError(f"export type {out_type!r} is not one of {sorted(TYPES)}")
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    check_exportable(config, (model_dir / "config.json").as_posix())
-    if not (model_dir / "tokenizer.json").is_file():
-        raise ExportError(f"{(model_dir / 'tokenizer.json').as_posix()} missing: the vocabulary is read from it")
-    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    vocab = vocab_metadata(tokenizer_json, tokenizer)
-    n_vocab = len(vocab["tokens"])
-    if n_vocab > config["vocab_size"]:
-        raise ExportError(f"tokenizer has {n_vocab} tokens but config.json vocab_size is {config['vocab_size']}")
+    config, vocab = _read_model_folder(model_dir, tokenizer)
     qtype = gguf.GGMLQuantizationType[TYPES[out_type][0]]
     file_type = gguf.LlamaFileType[TYPES[out_type][1]]
-    n_layers = config["num_hidden_layers"]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, n_layers)
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,71 +194,13 @@ def write_gguf(model_dir: Path, out_path: Path, out_type: str, *, name: str, tok
     tmp = tmp_dir / out_path.name
     try:
         writer = gguf.GGUFWriter(tmp, ARCH)
-        rope = config.get("rope_parameters") or {}
-        full = rope.get("full_attention", rope)
-        a = f"{ARCH}."
-        # key -> (value, GGUF value type); also what the read-back must find
-        meta = {
-            "general.type": ("model", "string"),
-            "general.name": (name, "string"),
-            a + "context_length": (config["max_position_embeddings"], "uint32"),
-            a + "embedding_length": (config["hidden_size"], "uint32"),
-            a + "block_count": (n_layers, "uint32"),
-            a + "feed_forward_length": (config["intermediate_size"], "uint32"),
-            a + "attention.head_count": (config["num_attention_heads"], "uint32"),
-            a + "attention.head_count_kv": (config["num_key_value_heads"], "uint32"),
-            a + "attention.layer_norm_rms_epsilon": (float(config["rms_norm_eps"]), "float32"),
-            a + "attention.key_length": (config["head_dim"], "uint32"),
-            a + "attention.value_length": (config["head_dim"], "uint32"),
-            a + "rope.freq_base": (float(full.get("rope_theta", 1_000_000.0)), "float32"),
-            a + "attention.sliding_window": (config["sliding_window"], "uint32"),
-            "general.file_type": (int(file_type), "uint32"),
-            "tokenizer.ggml.model": ("llama", "string"),
-            "tokenizer.ggml.pre": ("default", "string"),
-            "tokenizer.ggml.add_bos_token": (bool(vocab["add_bos_token"]), "bool"),
-            "tokenizer.ggml.add_eos_token": (bool(vocab["add_eos_token"]), "bool"),
-            "tokenizer.ggml.add_space_prefix": (bool(vocab["add_space_prefix"]), "bool"),
-        }
-        if full.get("rope_type") == "linear":
-            meta[a + "rope.scaling.type"] = ("linear", "string")
-            meta[a + "rope.scaling.factor"] = (float(full["factor"]), "float32")
-        if config.get("final_logit_softcapping"):
-            meta[a + "final_logit_softcapping"] = (float(config["final_logit_softcapping"]), "float32")
-        if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.BF16):
-            meta["general.quantization_version"] = (gguf.GGML_QUANT_VERSION, "uint32")
-        for key in ("bos", "eos", "unknown", "padding", "eot"):
-            if vocab[f"{key}_token_id"] is not None:
-                meta[f"tokenizer.ggml.{key}_token_id"] = (int(vocab[f"{key}_token_id"]), "uint32")
-        if vocab["chat_template"]:
-            meta["tokenizer.chat_template"] = (vocab["chat_template"], "string")
+        meta = gguf_metadata(config, vocab, name, qtype, file_type)
         for key, (value, kind) in meta.items():
             getattr(writer, f"add_{kind}")(key, value)
         writer.add_token_list(vocab["tokens"])
         writer.add_token_scores(vocab["scores"])
         writer.add_token_types(vocab["token_types"])
-
-        tensors = _load_tensors(model_dir)
-        tied = config.get("tie_word_embeddings", True)
-        if tied:
-            tensors.pop("lm_head.weight", None)
-        written = []
-        for hf_name in sorted(tensors):
-            data = tensors.pop(hf_name)
-            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise ExportError(f"{model_dir.as_posix()}: tensor {hf_name} has no GGUF name for gemma3")
-            if hf_name.endswith("norm.weight"):
-                data = data + 1.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp's by w
-            if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
-                data = data[:n_vocab]  # rows past the tokenizer's vocabulary are never used
-            if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-                writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
-            else:
-                if data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-                    raise ExportError(f"{hf_name}: rows of {data.shape[-1]} values do not split into "
-                                      f"{out_type} blocks of {gguf.GGML_QUANT_SIZES[qtype][0]}")
-                writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-            written.append(gguf_name)
+        written = _add_tensors(writer, model_dir, config, len(vocab["tokens"]), qtype, out_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -285,6 +217,94 @@ def write_gguf(model_dir: Path, out_path: Path, out_type: str, *, name: str, tok
     expected["tokenizer.ggml.token_type"] = vocab["token_types"]
     return {"tensors_written": len(written), "tensors": written, "metadata": expected,
             "bytes": out_path.stat().st_size}
+
+
+def _read_model_folder(model_dir: Path, tokenizer) -> tuple[dict, dict]:
+    """model_dir's config.json (checked exportable) and its vocabulary as GGUF stores it (vocab_metadata)."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    check_exportable(config, (model_dir / "config.json").as_posix())
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ExportError(f"{(model_dir / 'tokenizer.json').as_posix()} missing: the vocabulary is read from it")
+    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = vocab_metadata(tokenizer_json, tokenizer)
+    n_vocab = len(vocab["tokens"])
+    if n_vocab > config["vocab_size"]:
+        raise ExportError(f"tokenizer has {n_vocab} tokens but config.json vocab_size is {config['vocab_size']}")
+    return config, vocab
+
+
+def gguf_metadata(config: dict, vocab: dict, name: str, qtype, file_type) -> dict:
+    """The GGUF metadata of a Gemma 3 model: key -> (value, GGUF value type); also what the read-back must find."""
+    import gguf
+
+    rope = config.get("rope_parameters") or {}
+    full = rope.get("full_attention", rope)
+    a = f"{ARCH}."
+    meta = {
+        "general.type": ("model", "string"),
+        "general.name": (name, "string"),
+        a + "context_length": (config["max_position_embeddings"], "uint32"),
+        a + "embedding_length": (config["hidden_size"], "uint32"),
+        a + "block_count": (config["num_hidden_layers"], "uint32"),
+        a + "feed_forward_length": (config["intermediate_size"], "uint32"),
+        a + "attention.head_count": (config["num_attention_heads"], "uint32"),
+        a + "attention.head_count_kv": (config["num_key_value_heads"], "uint32"),
+        a + "attention.layer_norm_rms_epsilon": (float(config["rms_norm_eps"]), "float32"),
+        a + "attention.key_length": (config["head_dim"], "uint32"),
+        a + "attention.value_length": (config["head_dim"], "uint32"),
+        a + "rope.freq_base": (float(full.get("rope_theta", 1_000_000.0)), "float32"),
+        a + "attention.sliding_window": (config["sliding_window"], "uint32"),
+        "general.file_type": (int(file_type), "uint32"),
+        "tokenizer.ggml.model": ("llama", "string"),
+        "tokenizer.ggml.pre": ("default", "string"),
+        "tokenizer.ggml.add_bos_token": (bool(vocab["add_bos_token"]), "bool"),
+        "tokenizer.ggml.add_eos_token": (bool(vocab["add_eos_token"]), "bool"),
+        "tokenizer.ggml.add_space_prefix": (bool(vocab["add_space_prefix"]), "bool"),
+    }
+    if full.get("rope_type") == "linear":
+        meta[a + "rope.scaling.type"] = ("linear", "string")
+        meta[a + "rope.scaling.factor"] = (float(full["factor"]), "float32")
+    if config.get("final_logit_softcapping"):
+        meta[a + "final_logit_softcapping"] = (float(config["final_logit_softcapping"]), "float32")
+    if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.BF16):
+        meta["general.quantization_version"] = (gguf.GGML_QUANT_VERSION, "uint32")
+    for key in ("bos", "eos", "unknown", "padding", "eot"):
+        if vocab[f"{key}_token_id"] is not None:
+            meta[f"tokenizer.ggml.{key}_token_id"] = (int(vocab[f"{key}_token_id"]), "uint32")
+    if vocab["chat_template"]:
+        meta["tokenizer.chat_template"] = (vocab["chat_template"], "string")
+    return meta
+
+
+def _add_tensors(writer, model_dir: Path, config: dict, n_vocab: int, qtype, out_type: str) -> list[str]:
+    """Every weight of model_dir added to `writer` under its GGUF name, quantised to qtype where 2-D; returns
+    the names written."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config["num_hidden_layers"])
+    tensors = _load_tensors(model_dir)
+    tied = config.get("tie_word_embeddings", True)
+    if tied:
+        tensors.pop("lm_head.weight", None)
+    written = []
+    for hf_name in sorted(tensors):
+        data = tensors.pop(hf_name)
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ExportError(f"{model_dir.as_posix()}: tensor {hf_name} has no GGUF name for gemma3")
+        if hf_name.endswith("norm.weight"):
+            data = data + 1.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp's by w
+        if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
+            data = data[:n_vocab]  # rows past the tokenizer's vocabulary are never used
+        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
+        else:
+            if data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+                raise ExportError(f"{hf_name}: rows of {data.shape[-1]} values do not split into "
+                                  f"{out_type} blocks of {gguf.GGML_QUANT_SIZES[qtype][0]}")
+            writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        written.append(gguf_name)
+    return written
 
 
 @contextlib.contextmanager
