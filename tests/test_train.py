@@ -148,7 +148,7 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_model_di
 
 
 @pytest.mark.parametrize("scheduler, warmup_ratio, steps, expected", [
-    ("cosine", 0.06, 2, 1),    # the committed demo: ceil(0.06 x 2) = 1 warm-up step at lr 0, then one at 5e-5
+    ("cosine", 0.06, 2, 1),    # the earlier demo: ceil(0.06 x 2) = 1 warm-up step at lr 0, then one at 5e-5
     ("cosine", 0.5, 1, 0),     # a one-step run that is all warm-up: the weights never move
     ("linear", 0.0, 3, 3),
     ("constant", 0.5, 4, 4),   # no warm-up in a constant schedule
