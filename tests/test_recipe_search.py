@@ -126,7 +126,7 @@ def test_the_hard_deadline_stops_a_command_and_what_it_started(tmp_path):
     runner = recipe_search.Runner([""], tmp_path, hard_deadline=10, t0=time.perf_counter())
     script = ("import subprocess, sys, time; "
               "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-              "open('child.pid', 'w').write(str(p.pid)); time.sleep(60)")
+              "open('child.pid', 'w', encoding='utf-8').write(str(p.pid)); time.sleep(60)")
     start = time.perf_counter()
     with open(tmp_path / "log.txt", "w", encoding="utf-8") as log:
         status = runner.command([sys.executable, "-c", script], tmp_path, "", log)
