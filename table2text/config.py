@@ -315,7 +315,7 @@ class EvalConfig(Group):
 
 
 def _default_export_bounds() -> dict:
-    return {"bf16": {"max_mean_kl": 1.0e-3, "min_top1_agreement": 0.98},
+    return {"bf16": {"max_mean_kl": 1.0e-6, "min_top1_agreement": 0.999},
             "q8_0": {"max_mean_kl": 5.0e-3, "min_top1_agreement": 0.95}}
 
 

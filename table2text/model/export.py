@@ -4,8 +4,9 @@ verified against it before the output folder is replaced (the export stage, stag
 A file passes when the gguf package's reader finds the metadata and tensor names as written
 (check_metadata), the tokenizer transformers rebuilds from it splits every verify prompt as the merged
 model's does, and the model read back from it keeps its fp32 logits within export.bounds.<type> of the
-merged model's (mean KL divergence, top-1 agreement); its greedy outputs are reported as the share identical
-to the merged model's.
+merged model's (mean KL divergence, top-1 agreement; a bf16 file against the merged model with its weights
+rounded to bf16, what bf16 can hold, the cost of that rounding reported as "storage"); its greedy outputs
+are reported as the share identical to the merged model's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from table2text.io import readers
 from table2text.io.atomic import current_umask, replace_dir, write_json
 from table2text.model import gguf as gguf_export
 from table2text.model import sources as model_sources
-from table2text.model.fidelity import compare_logits, prompt_logits
+from table2text.model.fidelity import LogitDistance, compare_logits, prompt_logits
 from table2text.paths import METRICS_DIR
 
 METRICS_FILE = METRICS_DIR / "export.json"
@@ -63,7 +64,8 @@ def export(params: dict, merged_dir: Path, out_dir: Path, prompts: list[str], *,
     device = model_sources.pick_device(cfg["device"])
     phases.enter("load")
     tokenizer = model_sources.load_tokenizer(merged_dir)
-    reference = merged_reference(merged_dir, tokenizer, prompts, cfg["max_new_tokens"], device)
+    reference = merged_reference(merged_dir, tokenizer, prompts, cfg["max_new_tokens"], device,
+                                 bf16_too="bf16" in cfg["types"])
     merged_config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -124,17 +126,30 @@ def write_disabled(out_dir: Path, metrics_file: Path | None) -> dict:
     return metrics
 
 
-def merged_reference(merged_dir: Path, tokenizer, prompts: list[str], max_new_tokens: int, device) -> dict:
+def merged_reference(merged_dir: Path, tokenizer, prompts: list[str], max_new_tokens: int, device, *,
+                     bf16_too: bool = False) -> dict:
     """What the merged model computes (fp32 logits) and writes greedily on the prompts, once: what each
     exported file is held to. The model goes afterwards: with a read-back model beside it, two fp32 copies
-    would be in memory."""
+    would be in memory.
+
+    bf16_too: also the logits of the merged model with every weight a bf16 GGUF stores in bf16 (all but the
+    1-D norms) rounded to bf16 -- what a bf16 file can hold exactly. A bf16 file is checked against these,
+    so its bound measures the export alone; what bf16 storage itself costs against an fp32 merged model
+    is reported beside it ("storage"), not mistaken for an export error."""
     prompt_ids = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts]
     model = model_sources.load_model(merged_dir, dtype=torch.float32, device=device).eval()
     logits = prompt_logits(model, prompt_ids, device)
     text = generate(model, tokenizer, prompts, max_new_tokens, batch_size=len(prompts), device=device,
                     progress=False)
+    reference = {"prompt_ids": prompt_ids, "logits": logits, "text": text}
+    if bf16_too:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:  # round to nearest even, as the writer converts them
+                    p.copy_(p.to(torch.bfloat16).float())
+        reference["bf16_logits"] = prompt_logits(model, prompt_ids, device)
     del model
-    return {"prompt_ids": prompt_ids, "logits": logits, "text": text}
+    return reference
 
 
 def check_tokenizer(file: Path, prompts: list[str], prompt_ids: list[list[int]], merged_dir: Path) -> None:
@@ -153,7 +168,10 @@ def verify_file(file: Path, read: dict, expected: dict, reference: dict, tokeniz
     """The model read back from `file` against the merged model's logits and outputs: its metrics entry
     (without "file"), "passed" saying whether it stayed within export.bounds.<out_type>."""
     model = gguf_export.load_gguf_model(file, device)
-    logits = compare_logits(reference["logits"], model, reference["prompt_ids"], device)
+    # a bf16 file against the merged model as bf16 can hold it (see merged_reference); other types against
+    # the merged model itself
+    held_to = reference["bf16_logits"] if out_type == "bf16" else reference["logits"]
+    logits = compare_logits(held_to, model, reference["prompt_ids"], device)
     text = generate(model, tokenizer, prompts, cfg["max_new_tokens"], batch_size=len(prompts), device=device,
                     progress=False)
     del model
@@ -170,11 +188,23 @@ def verify_file(file: Path, read: dict, expected: dict, reference: dict, tokeniz
         "chat_template": "tokenizer.chat_template" in read["metadata"],
         "tokenizer_prompts_identical": len(prompts),
         **logits,
+        "reference": "merged model, weights rounded to bf16" if out_type == "bf16" else "merged model",
+        **({"storage": storage_cost(reference)} if out_type == "bf16" else {}),
         "greedy_identical": sum(a == b for a, b in zip(text, reference["text"])) / len(prompts),
         "max_mean_kl": float(bound["max_mean_kl"]),
         "min_top1_agreement": float(bound["min_top1_agreement"]),
         "passed": passed,
     }
+
+
+def storage_cost(reference: dict) -> dict:
+    """Mean KL and top-1 agreement of the bf16-rounded merged model against the merged model itself: what
+    storing it in bf16 costs (0 when the merged model is bf16 already)."""
+    distance = LogitDistance()
+    for ref, rounded in zip(reference["logits"], reference["bf16_logits"]):
+        distance.add(ref, rounded)
+    result = distance.result()
+    return {"mean_kl": result["mean_kl"], "top1_agreement": result["top1_agreement"]}
 
 
 def failure_line(out_type: str, entry: dict, bound: dict) -> str:
