@@ -63,7 +63,8 @@ def main(argv=None):
     parser.add_argument("--check-graphs", action="store_true",
                         help="first compare CUDA graphs, and graphs over compiled layers, with eager")
     parser.add_argument("--profile", action="store_true",
-                        help="first profile the project's NF4 step, eager and as CUDA graphs (bench.profile_train)")
+                        help="first profile the project's NF4 step: eager, as CUDA graphs, and compiled layers under graphs "
+                             "(bench.profile_train)")
     parser.add_argument("--compile-cache", action="store_true",
                         help="only measure start-up with compiled layers, first (empty compile cache) vs second run "
                              "(bench.compile_cache_bench)")
@@ -123,7 +124,8 @@ def main(argv=None):
     if args.profile:
         args.out.mkdir(parents=True, exist_ok=True)
         profiles = []
-        for name, extra in (("nf4_graphs", {}), ("nf4_eager", {"cuda_graphs": False})):
+        for name, extra in (("nf4_graphs", {}), ("nf4_eager", {"cuda_graphs": False}),
+                            ("nf4_compiled_graphs", {"compile_layers": True})):
             try:
                 profiles.append(profile(params, records, model_dir, args.out, name, extra))
             except Exception as err:  # recorded; the throughput runs still run

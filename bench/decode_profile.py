@@ -1,0 +1,124 @@
+"""Where the graph decoder's time goes: per bucket, its prefill and its graphed steps timed apart (CUDA
+events), then torch.profiler's top kernels of one eager prefill and one eager step of the largest bucket.
+
+    python -m bench.decode_profile --data PROCESSED_VALIDATION.jsonl [--dtype float32] [--batch-size 500]
+        [--max-new-tokens 64] [--out bench/results]
+
+Writes <out>/<date>-<gpu>-decode-profile.json and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from bench import common
+from table2text import graph_decode
+from table2text.generation import end_token_ids, fp32_matmul_precision, pad_token_id
+from table2text.model import sources as model_sources
+
+
+def timed_buckets(model, encoded, args, stop, pad, device) -> list[dict]:
+    """Each bucket's prefill, graph capture and replayed steps, in seconds (events around each)."""
+    rows = []
+    for indices in graph_decode.plan_buckets([len(e) for e in encoded], args.batch_size, 0, args.max_new_tokens):
+        bucket = graph_decode._BucketDecoder(model, [encoded[i] for i in indices], args.max_new_tokens, stop, pad,
+                                             device)
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        marks[0].record()
+        bucket.prefill()
+        marks[1].record()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            bucket.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            bucket.step()
+        marks[2].record()
+        steps = args.max_new_tokens - 2
+        for _ in range(steps):
+            graph.replay()
+        marks[3].record()
+        torch.cuda.synchronize()
+        rows.append({"rows": len(indices), "width": bucket.prompt_width,
+                     "prompt_tokens": sum(len(encoded[i]) for i in indices),
+                     "prefill_s": marks[0].elapsed_time(marks[1]) / 1000,
+                     "capture_s": marks[1].elapsed_time(marks[2]) / 1000,
+                     "steps": steps, "steps_s": marks[2].elapsed_time(marks[3]) / 1000})
+        del bucket, graph
+    return rows
+
+
+def kernel_table(fn, limit: int = 20) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    return [{"name": e.key[:90], "calls": e.count, "cuda_ms": e.device_time_total / 1000,
+             "cpu_ms": e.cpu_time_total / 1000} for e in events[:limit]]
+
+
+@torch.inference_mode()
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", default="packaged")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    prompts = [json.loads(line)["prompt"] for line in args.data.read_text(encoding="utf-8").splitlines() if line]
+    model_dir = model_sources.resolve_model(args.model)
+    tok = model_sources.load_tokenizer(model_dir)
+    model = model_sources.load_model(model_dir, dtype=getattr(torch, args.dtype), device=device).eval()
+    encoded = tok(prompts, add_special_tokens=True)["input_ids"]
+    stop, pad = end_token_ids(tok), pad_token_id(tok)
+    with fp32_matmul_precision("tf32" if args.dtype == "float32" else "ieee", device):
+        timed_buckets(model, encoded[:16], args, stop, pad, device)  # warm-up
+        buckets = timed_buckets(model, encoded, args, stop, pad, device)
+        largest = max(graph_decode.plan_buckets([len(e) for e in encoded], args.batch_size, 0,
+                                                args.max_new_tokens), key=len)
+        def fresh():  # a bucket's static cache takes one prefill: each profiled prefill gets a new bucket
+            return graph_decode._BucketDecoder(model, [encoded[i] for i in largest], args.max_new_tokens, stop,
+                                               pad, device)
+
+        prefill = kernel_table(lambda: fresh().prefill())
+        bucket = fresh()
+        bucket.prefill()
+        step = kernel_table(bucket.step)
+    total = {k: sum(b[k] for b in buckets) for k in ("prefill_s", "capture_s", "steps_s")}
+    meta = {"prompts": len(prompts), "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
+            "command": "python -m bench.decode_profile " + " ".join(sys.argv[1:] if argv is None else argv)}
+    results = [{"name": "buckets", "buckets": buckets, "total": total},
+               {"name": "prefill_kernels", "kernels": prefill}, {"name": "step_kernels", "kernels": step}]
+    env = common.environment()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{dt.date.today().isoformat()}-{env['gpu'].replace(' ', '-')}-decode-profile.json"
+    path.write_text(json.dumps({"kind": "decode-profile", "env": env, **meta, "results": results}, indent=2) + "\n",
+                    encoding="utf-8")
+    print(json.dumps(total))
+    for b in buckets:
+        print(json.dumps(b))
+    for title, table in (("prefill", prefill), ("step", step)):
+        print(f"== {title}")
+        for k in table:
+            print(f"{k['cuda_ms']:9.3f} ms {k['calls']:5d}  {k['name']}")
+    print(f"results: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
