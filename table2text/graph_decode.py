@@ -13,6 +13,8 @@ once per bucket as a torch.cuda.CUDAGraph and replayed; on CPU the very same ste
   from their mask, because StaticSlidingWindowLayer picks its code path by a Python counter that a
   captured graph could not follow. The masks are built on the device from tensors the step advances
   itself (slot index, positions), so replaying the graph needs no host work.
+- Step: table2text.gemma3_step's lean Gemma 3 forward (~25 kernels a layer instead of ~95) where the
+  model is a plain Gemma 3; other models take their own forward (lean_step=False forces that).
 - Stop: a done mask on the device (rows that emitted an end token get the pad token after it, as
   `generate` pads them); the host reads it only every `check_every` steps.
 """
@@ -23,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from table2text import gemma3_step
 
 # A bucket's fixed cost in cache slots of prefill/decoding work: its decoding steps (max_new_tokens graph
 # replays, each a few hundred microseconds however few rows) and its graph capture. A new bucket is cut
@@ -87,9 +91,10 @@ class _BucketDecoder:
     """The state of one bucket's greedy decoding: static buffers a step reads and advances in place."""
 
     def __init__(self, model, rows: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
-                 device: torch.device):
+                 device: torch.device, lean=None):
         config = model.config.get_text_config(decoder=True)
         self.model = model
+        self.lean = lean  # a Gemma3Step, or None: the model's own forward
         self.layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         unknown = self.layer_types - {"full_attention", "sliding_attention"}
         if unknown:
@@ -131,10 +136,19 @@ class _BucketDecoder:
 
     def step(self) -> None:
         """One decoding step over the whole bucket; only tensor operations on fixed buffers (graph-safe)."""
+        self.advance(self.next_logits())
+
+    def next_logits(self) -> torch.Tensor:
+        """The next token's logits [rows, vocabulary]; writes the current token's keys and values to the cache."""
         masks = _masks(self.key_valid, self.slot.view(1), self.layer_types, self.window)
-        logits = self.model(input_ids=self.token, attention_mask=masks, position_ids=self.position,
-                            cache=self.cache, use_cache=True).logits
-        nxt = torch.where(self.done, self.pad_id, logits[:, -1].argmax(-1))
+        if self.lean is not None:
+            return self.lean(self.token, self.position, masks, self.slot, self.cache)
+        return self.model(input_ids=self.token, attention_mask=masks, position_ids=self.position,
+                          cache=self.cache, use_cache=True).logits[:, -1]
+
+    def advance(self, logits: torch.Tensor) -> None:
+        """Take the greedy token of `logits` and move every buffer on by one step."""
+        nxt = torch.where(self.done, self.pad_id, logits.argmax(-1))
         self.out.index_copy_(1, self.step_index.view(1), nxt.view(-1, 1))
         self.done |= torch.isin(nxt, self.stop)
         self.token.copy_(nxt.view(-1, 1))
@@ -172,11 +186,12 @@ class _BucketDecoder:
 def greedy_tokens(model, encoded: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
                   batch_size: int, batch_tokens: int = 0, device: torch.device | None = None,
                   use_graph: bool | None = None, check_every: int = CHECK_EVERY,
-                  bucket_cost: int | None = None,
+                  bucket_cost: int | None = None, lean_step: bool | None = None,
                   on_bucket: Callable[[int], None] | None = None) -> list[list[int]]:
     """Greedy new tokens (max_new_tokens each, pad after the first end token) for token-id prompts, in the
     order given. use_graph: capture the step as a CUDA graph (default: on CUDA devices; CPU cannot).
-    bucket_cost: plan_buckets' cost of a bucket (None: BUCKET_COST_SLOTS, read at call time)."""
+    bucket_cost: plan_buckets' cost of a bucket (None: BUCKET_COST_SLOTS, read at call time).
+    lean_step: take table2text.gemma3_step's step (None: where the model supports it; True: it must)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if check_every < 1:
@@ -188,11 +203,15 @@ def greedy_tokens(model, encoded: list[list[int]], max_new_tokens: int, stop_ids
         use_graph = device.type == "cuda"
     if use_graph and device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+    reason = gemma3_step.unsupported(model) if lean_step is not False else "not asked for"
+    if lean_step and reason:
+        raise ValueError(f"lean_step: {reason}")
+    lean = gemma3_step.Gemma3Step(model) if reason is None else None
     outputs: list[list[int] | None] = [None] * len(encoded)
     buckets = plan_buckets([len(e) for e in encoded], batch_size, batch_tokens, max_new_tokens,
                            BUCKET_COST_SLOTS if bucket_cost is None else bucket_cost)
     for indices in buckets:
-        bucket = _BucketDecoder(model, [encoded[i] for i in indices], max_new_tokens, stop_ids, pad_id, device)
+        bucket = _BucketDecoder(model, [encoded[i] for i in indices], max_new_tokens, stop_ids, pad_id, device, lean)
         tokens = bucket.run(use_graph, check_every).tolist()
         del bucket  # frees the bucket's cache and graph pool before the next one
         for i, t in zip(indices, tokens):

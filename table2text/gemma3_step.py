@@ -1,0 +1,126 @@
+"""One decoding step of a Gemma 3 text model in fewer, larger kernels: the graph decoder's step
+(table2text.graph_decode), the same arithmetic as transformers' forward.
+
+Why: a decoding step of the 270M model over a few hundred rows is a few GFLOP, but transformers' forward
+issues ~1,700 kernels for it (per layer: six RMS norms of six kernels each, three q/k/v and two gate/up
+matmuls, rotary per tensor, cache index arithmetic, dtype casts that are no-ops in fp32 yet still
+dispatch), and on a GPU each kernel costs a few microseconds even replayed from a CUDA graph. Here a layer
+is ~25 kernels: RMS norm as one torch rms_norm each, q/k/v and gate/up each one matmul over weights
+concatenated once, rotary once over q and k together, the cache written at a slot index the step
+advances on the device, attention as transformers runs it for one query token (the query heads of a
+key/value head as that head's queries, pack_gqa).
+
+The values are transformers' formulas (Gemma3RMSNorm's x * rsqrt(mean(x^2) + eps) * (1 + w) in fp32,
+rotate_half, gelu_pytorch_tanh, the embedding scale, the tied head), so logits agree to rounding:
+tests/test_gemma3_step.py compares them with the model's own step and greedy tokens with `generate`.
+The prompt's prefill still runs the model's forward (one call per bucket; its kernels are large).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def unsupported(model) -> str | None:
+    """Why `model` cannot take this step (None: it can). Plain Gemma 3 text models only: every projection a
+    torch.nn.Linear without bias (a PEFT-wrapped or quantised layer would compute something else)."""
+    config = getattr(model, "config", None)
+    text = getattr(model, "model", None)
+    if type(model).__name__ != "Gemma3ForCausalLM" or text is None or not hasattr(text, "layers"):
+        return f"not a Gemma3ForCausalLM ({type(model).__name__})"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping"
+    if getattr(config, "hidden_activation", None) != "gelu_pytorch_tanh":
+        return f"activation {getattr(config, 'hidden_activation', None)!r}"
+    for layer in text.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            if type(linear) is not torch.nn.Linear or linear.bias is not None:
+                return f"a projection of type {type(linear).__name__}"
+    if type(model.lm_head) is not torch.nn.Linear or model.lm_head.bias is not None:
+        return f"a head of type {type(model.lm_head).__name__}"
+    return None
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma3RMSNorm: in fp32, times (1 + w) (weight holds 1 + w), back to x's dtype."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight, eps).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class _Layer:
+    def __init__(self, layer):
+        attn, mlp = layer.self_attn, layer.mlp
+        with torch.no_grad():
+            self.qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous()
+            self.gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
+            norms = (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+                     layer.post_feedforward_layernorm, attn.q_norm, attn.k_norm)
+            self.norms = [1.0 + n.weight.float() for n in norms]
+        self.o, self.down = attn.o_proj.weight, mlp.down_proj.weight
+        self.eps = layer.input_layernorm.eps
+        self.type = attn.layer_type or "full_attention"
+        self.scaling = attn.scaling
+        self.heads = attn.q_proj.out_features // attn.head_dim
+        self.kv_heads = attn.k_proj.out_features // attn.head_dim
+        self.head_dim = attn.head_dim
+        self.intermediate = mlp.gate_proj.out_features
+
+
+class Gemma3Step:
+    """step(token [rows, 1], position [rows, 1], masks {layer type: bool [rows, 1, 1, slots]}, slot, cache)
+    -> logits [rows, vocabulary] of the next token; writes the token's keys and values to cache slot `slot`
+    (a 0-d device tensor) of transformers' static cache layers, which the prefill filled."""
+
+    def __init__(self, model):
+        reason = unsupported(model)
+        if reason:
+            raise ValueError(f"the lean Gemma 3 step cannot run this model: {reason}")
+        text = model.model
+        self.model = model
+        self.rotary = text.rotary_emb
+        self.embed = text.embed_tokens
+        self.layers = [_Layer(layer) for layer in text.layers[: model.config.num_hidden_layers]]
+        self.final_norm = 1.0 + text.norm.weight.float()
+        self.final_eps = text.norm.eps
+        self.head = model.lm_head.weight
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def __call__(self, token, position, masks, slot, cache) -> torch.Tensor:
+        rows = token.shape[0]
+        hidden = self.embed(token).view(rows, -1)  # embedding times its scale, as the model's module does
+        rope = {t: self.rotary(hidden, position, t) for t in {layer.type for layer in self.layers}}
+        index = slot.view(1)
+        for i, layer in enumerate(self.layers):
+            hidden = self._layer(layer, hidden, rope[layer.type], masks[layer.type], index, cache.layers[i])
+        hidden = _norm(hidden, self.final_norm, self.final_eps)
+        logits = F.linear(hidden, self.head)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @staticmethod
+    def _layer(layer: _Layer, hidden, rope, mask, index, cache_layer) -> torch.Tensor:
+        rows, h, g, d = hidden.shape[0], layer.heads, layer.kv_heads, layer.head_dim
+        norm_in, norm_attn, norm_pre_ff, norm_post_ff, norm_q, norm_k = layer.norms
+        qkv = F.linear(_norm(hidden, norm_in, layer.eps), layer.qkv)
+        q = _norm(qkv[:, : h * d].view(rows, h, d), norm_q, layer.eps)
+        k = _norm(qkv[:, h * d : (h + g) * d].view(rows, g, d), norm_k, layer.eps)
+        cos, sin = (t.view(rows, 1, d) for t in rope)
+        qk = _rotate(torch.cat([q, k], dim=1), cos, sin)
+        q, k = qk[:, :h], qk[:, h:]
+        v = qkv[:, (h + g) * d :].view(rows, g, 1, d)
+        cache_layer.keys.index_copy_(2, index, k.view(rows, g, 1, d))
+        cache_layer.values.index_copy_(2, index, v)
+        # one query token: the h/g query heads of each key/value head are that head's queries (pack_gqa)
+        out = F.scaled_dot_product_attention(q.reshape(rows, g, h // g, d), cache_layer.keys, cache_layer.values,
+                                             attn_mask=mask, scale=layer.scaling)
+        hidden = hidden + _norm(F.linear(out.reshape(rows, h * d), layer.o), norm_attn, layer.eps)
+        gate, up = F.linear(_norm(hidden, norm_pre_ff, layer.eps), layer.gate_up).split(layer.intermediate, dim=-1)
+        mlp = F.linear(F.gelu(gate, approximate="tanh") * up, layer.down)
+        return hidden + _norm(mlp, norm_post_ff, layer.eps)

@@ -1,0 +1,58 @@
+"""The lean Gemma 3 step computes the model's own step: the same next-token logits (to fp32 rounding) after
+the same prefill, the same greedy tokens, and it refuses models it does not cover."""
+
+import pytest
+import torch
+
+from table2text import gemma3_step, graph_decode
+from table2text.generation import end_token_ids, pad_token_id
+from tests.test_generation import PROMPTS, short_window_model_dir, tiny  # noqa: F401 (fixtures)
+
+
+def bucket(model, tokenizer, lean):
+    encoded = tokenizer(PROMPTS, add_special_tokens=True)["input_ids"]
+    b = graph_decode._BucketDecoder(model, encoded, 6, end_token_ids(tokenizer), pad_token_id(tokenizer),
+                                    torch.device("cpu"), lean)
+    b.prefill()
+    return b
+
+
+@torch.inference_mode()
+def test_next_token_logits_equal_the_models_step_over_several_steps(tiny):
+    model, tokenizer = tiny
+    lean = gemma3_step.Gemma3Step(model)
+    ours, theirs = bucket(model, tokenizer, lean), bucket(model, tokenizer, None)
+    for _ in range(4):  # each step reads the keys and values the earlier steps wrote
+        a, b = ours.next_logits(), theirs.next_logits()
+        assert a.shape == b.shape == (len(PROMPTS), model.config.vocab_size)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        ours.advance(a)
+        theirs.advance(b)
+        assert torch.equal(ours.out, theirs.out)
+    assert torch.equal(ours.cache.layers[0].keys, theirs.cache.layers[0].keys)
+
+
+def test_greedy_tokens_are_the_same_with_and_without_the_lean_step(tiny):
+    model, tokenizer = tiny
+    encoded = tokenizer(PROMPTS, add_special_tokens=True)["input_ids"]
+    stop, pad = end_token_ids(tokenizer), pad_token_id(tokenizer)
+    lean = graph_decode.greedy_tokens(model, encoded, 10, stop, pad, batch_size=2, lean_step=True)
+    plain = graph_decode.greedy_tokens(model, encoded, 10, stop, pad, batch_size=2, lean_step=False)
+    assert lean == plain
+
+
+def test_a_peft_wrapped_model_is_refused_and_lean_step_true_says_why(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    try:
+        assert "PeftModel" in gemma3_step.unsupported(wrapped)
+        inner = wrapped.base_model.model  # the Gemma3ForCausalLM, its q_proj now a LoRA layer
+        assert "projection of type" in gemma3_step.unsupported(inner)
+        with pytest.raises(ValueError, match="lean_step: a projection of type"):
+            graph_decode.greedy_tokens(inner, [[2, 5, 6]], 2, end_token_ids(tokenizer), pad_token_id(tokenizer),
+                                       batch_size=1, lean_step=True)
+    finally:
+        wrapped.unload()  # the session's tiny model stays a plain Gemma 3 for the other tests
+    assert gemma3_step.unsupported(model) is None
