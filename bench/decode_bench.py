@@ -19,6 +19,7 @@ decoder that fails is recorded with its error and the others still run. Writes
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from table2text import graph_decode
 from table2text.model import sources as model_sources
 from table2text.generation import FP32_MATMUL, decode_new_tokens, end_token_ids, fp32_matmul_precision, generate, pad_token_id
 
-DECODERS = ("generate", "graph", "generate_batch")
+DECODERS = ("generate", "graph", "graph_model_step", "generate_batch")
 # The tiny model of --tiny: Gemma 3's architecture and vocabulary (the real tokenizer), everything else
 # small (as tests/conftest.py's), so the dry run takes seconds on a CPU.
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
@@ -87,6 +88,14 @@ def run_decoder(name, model, tok, prompts, args, matmul, device):
     if name == "generate_batch":
         with fp32_matmul_precision(matmul, device):
             return generate_batch(model, tok, prompts, args.max_new_tokens, small=device.type == "cpu")
+    if name == "graph_model_step":  # the graph decoder with the model's own forward as its step (the lean
+        # step's baseline): generate imports greedy_tokens at call time, so it gets this partial
+        original = graph_decode.greedy_tokens
+        graph_decode.greedy_tokens = functools.partial(original, lean_step=False)
+        try:
+            return run_decoder("graph", model, tok, prompts, args, matmul, device)
+        finally:
+            graph_decode.greedy_tokens = original
     return generate(model, tok, prompts, args.max_new_tokens, args.batch_size, device=device, progress=False,
                     cache="static", batch_tokens=args.batch_tokens, fp32_matmul=matmul, decoder=name)
 
@@ -167,7 +176,7 @@ def _main(argv):
         print(json.dumps(results[-1]), flush=True)
         baseline = None
         variants = [(name, cost) for name in args.decoders
-                    for cost in (args.bucket_costs if name == "graph" else [None])]
+                    for cost in (args.bucket_costs if name.startswith("graph") else [None])]
         for name, cost in variants:
             batching = "" if name == "generate_batch" else f"_batch_{args.batch_size}"  # it sizes its own batches
             row = {"name": f"{label}_{name}{batching}" + (f"_bucket_cost_{cost}" if len(args.bucket_costs) > 1

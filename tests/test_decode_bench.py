@@ -18,12 +18,15 @@ def test_tiny_dry_run_measures_every_decoder_against_one_at_a_time(tmp_path, rea
     doc = json.loads(path.read_text(encoding="utf-8"))
     rows = {r["decoder"] + ("_ref" if r["name"].endswith("one_at_a_time") else "") + str(r["bucket_cost"] or ""): r
             for r in doc["results"]}
-    assert set(rows) == {"generate_ref", "generate", "graph", "graph1000000", "generate_batch"}
+    assert set(rows) == {"generate_ref", "generate", "graph", "graph1000000", "graph_model_step",
+                         "graph_model_step1000000", "generate_batch"}
     assert all(r["error"] is None and r["examples_per_s"] > 0 for r in rows.values()), rows
     assert rows["graph"]["examples"] == 5 and doc["reference_indices"] == [0, 2, 4]
     # fp32 on a CPU: batched, graph-decoded and continuous-batched outputs equal one-at-a-time ones
     assert rows["graph"]["identical"] == "3/3" and rows["graph"]["same_as_generate"] == "5/5"
     assert rows["generate_batch"]["identical"] == "3/3"
+    # the graph decoder with the model's own step (the lean step's baseline) gives the same tokens
+    assert rows["graph_model_step"]["same_as_generate"] == "5/5"
     # bucket cost 0: no padding is worth a bucket, so prompts of different lengths part; a huge one: one bucket
     assert rows["graph"]["buckets"] > 1 and rows["graph1000000"]["buckets"] == 1
     assert rows["graph1000000"]["same_as_generate"] == "5/5"
