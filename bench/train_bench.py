@@ -27,13 +27,25 @@ from table2text.io.readers import read_processed
 from table2text.training.loop import train
 
 
+# train settings of the LoRA levers' runs (NF4, CUDA graphs as by default)
+LORA_LEVERS = {
+    "project_nf4_bf16lora": {"lora_compute_dtype": "auto"},
+    "project_nf4_fused": {"fuse_lora": True},
+    "project_nf4_fused_bf16lora": {"fuse_lora": True, "lora_compute_dtype": "auto"},
+    "project_nf4_fused_compiled": {"fuse_lora": True, "lora_compute_dtype": "auto", "compile_layers": True},
+}
+
+
 def check_graphs(params, records, model_dir, steps=4, variants=None) -> dict:
-    """Each variant (by default: CUDA graphs; CUDA graphs over compiled layers) against eager on the same
-    steps without dropout: per-step losses and the trained adapters."""
+    """Each variant (by default: CUDA graphs; CUDA graphs over compiled layers; and those two with the LoRA
+    levers) against eager PEFT on the same steps without dropout: per-step losses and the trained adapters."""
     from safetensors.torch import load_file
 
+    levers = {"fuse_lora": True, "lora_compute_dtype": "auto"}
     variants = variants or {"graphs": {"cuda_graphs": True},
-                            "compiled_graphs": {"cuda_graphs": True, "compile_layers": True}}
+                            "compiled_graphs": {"cuda_graphs": True, "compile_layers": True},
+                            "fused_bf16lora_graphs": {"cuda_graphs": True, **levers},
+                            "fused_bf16lora_compiled_graphs": {"cuda_graphs": True, "compile_layers": True, **levers}}
     runs = {}
     for name, extra in {"eager": {"cuda_graphs": False}, **variants}.items():
         p = copy.deepcopy(params)
@@ -95,6 +107,11 @@ def main(argv=None):
         "project_nf4_compiled": lambda: run_project("project_nf4_compiled", params, records, model_dir,
                                                     quant="nf4", steps=args.steps * 3, warmup=3,
                                                     extra={"compile_layers": True}),
+        # the LoRA levers (table2text.training.fused_lora): adapters in bf16, q/k/v and gate/up fused, both,
+        # and both under compiled layers
+        **{name: (lambda name=name, extra=extra: run_project(name, params, records, model_dir, quant="nf4",
+                                                            steps=args.steps * 3, warmup=3, extra=extra))
+           for name, extra in LORA_LEVERS.items()},
         "project_bf16": lambda: run_project("project_bf16", params, records, model_dir, quant="none",
                                             steps=args.steps * 3, warmup=3),
         "project_bf16_compiled": lambda: run_project("project_bf16_compiled", params, records, model_dir,
@@ -124,8 +141,11 @@ def main(argv=None):
     if args.profile:
         args.out.mkdir(parents=True, exist_ok=True)
         profiles = []
+        levers = {"fuse_lora": True, "lora_compute_dtype": "auto"}
         for name, extra in (("nf4_graphs", {}), ("nf4_eager", {"cuda_graphs": False}),
-                            ("nf4_compiled_graphs", {"compile_layers": True})):
+                            ("nf4_compiled_graphs", {"compile_layers": True}),
+                            ("nf4_fused_bf16lora_graphs", levers),
+                            ("nf4_fused_bf16lora_compiled_graphs", {"compile_layers": True, **levers})):
             try:
                 profiles.append(profile(params, records, model_dir, args.out, name, extra))
             except Exception as err:  # recorded; the throughput runs still run

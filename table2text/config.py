@@ -46,6 +46,7 @@ EVAL_CACHES = ("static", "dynamic")
 EVAL_DECODERS = ("generate", "graph")  # table2text.generation.DECODERS
 EVAL_DTYPES = ("float32", "bfloat16", "auto")
 FP32_MATMULS = ("tf32", "ieee")
+LORA_COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # table2text.training.fused_lora
 DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+")
 
 
@@ -227,9 +228,19 @@ class TrainConfig(Group):
     # math: compiled kernels are tested equal to eager on CPU only, so a resume across it is not assumed safe
     compile_layers: bool = setting(False, "torch.compile each decoder layer", math=True)
     peak_flops: float = setting(0, "device peak FLOP/s for MFU (0 = known GPUs by name)")
+    lora_compute_dtype: str = setting("float32", "dtype of the adapter matmuls: float32 (PEFT's: the input cast "
+                                      "up) | bfloat16 | auto (the base's compute dtype); weights and optimiser "
+                                      "stay fp32", math=True)
+    # math: the function is PEFT's, but the dropout masks are drawn in another order (fused_lora)
+    fuse_lora: bool = setting(False, "compute q/k/v and gate/up (base and LoRA) as one matmul each",
+                              math=True)
 
     def check(self) -> None:
         self._one_of("quantization", QUANTIZATIONS)
+        if self.lora_compute_dtype == "float16":
+            raise ConfigError("train.lora_compute_dtype must be auto, float32 or bfloat16, got 'float16' "
+                              "(Gemma 3 overflows fp16)")
+        self._one_of("lora_compute_dtype", LORA_COMPUTE_DTYPES)
         self._one_of("lr_scheduler", LR_SCHEDULERS)
         for name in ("effective_batch", "micro_batch_tokens", "learning_rate", "max_grad_norm", "epochs",
                      "logging_steps", "save_steps", "num_gpus"):

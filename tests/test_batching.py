@@ -158,6 +158,24 @@ def test_the_in_place_head_loss_computes_exactly_the_formulas(softcap):
     assert torch.equal(hidden.grad, want_grad)
 
 
+def test_completion_positions_from_the_host_give_the_mask_s_loss_and_gradients():
+    # what the train loop passes (table2text.training.loop.stage_micro_batches): the flat indices of the
+    # set targets, so the loss does not read a boolean mask back from the device
+    torch.manual_seed(0)
+    weight = torch.randn(1000, 16)
+    targets = torch.full((2, 30), IGNORE)
+    targets[0, 3:11], targets[1, 20:29] = torch.randint(0, 1000, (8,)), torch.randint(0, 1000, (9,))
+    positions = (targets.reshape(-1) != IGNORE).nonzero().squeeze(1)
+    results = []
+    for given in (None, positions):
+        hidden = torch.randn(2, 30, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        loss, n = completion_loss(hidden, targets, weight, chunk_size=7, positions=given)
+        loss.backward()
+        results.append((loss.detach(), n, hidden.grad))
+    (mask_loss, mask_n, mask_grad), (loss, n, grad) = results
+    assert n == mask_n == 17 and torch.equal(loss, mask_loss) and torch.equal(grad, mask_grad)
+
+
 def test_label_smoothing_changes_the_loss_and_is_range_checked():
     torch.manual_seed(0)
     weight = torch.randn(1000, 16)

@@ -186,6 +186,9 @@ KIND_CASES = [
     ({"train": {"quantization": "nf8"}}, "train.quantization must be one of ['nf4', 'none'], got 'nf8'"),
     ({"train": {"lr_scheduler": "cosine_with_restarts"}}, "train.lr_scheduler must be one of"),
     ({"train": {"device": "gpu"}}, "train.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ({"train": {"lora_compute_dtype": "float16"}}, "train.lora_compute_dtype must be auto, float32 or bfloat16, got 'float16' (Gemma 3 overflows"),
+    ({"train": {"lora_compute_dtype": "fp8"}}, "train.lora_compute_dtype must be one of ['auto', 'bfloat16', 'float32'], got 'fp8'"),
+    ({"train": {"fuse_lora": "yes"}}, "train.fuse_lora must be true or false, got 'yes' (a str)"),
     ({"eval": {"device": "cuda:x"}}, "eval.device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
     ({"merge": {"base": "nf4"}}, "merge.base must be one of ['original', 'trained'], got 'nf4'"),
     ({"merge": {"dtype": "int8"}}, "merge.dtype must be one of"),
@@ -293,7 +296,8 @@ def test_the_run_key_follows_the_math_fields_and_nothing_else():
         assert run_key(changed, "base", "data") == key, name
     math_changes = {"quantization": "none", "effective_batch": 8, "learning_rate": 1e-4, "warmup_ratio": 0.1,
                     "lr_scheduler": "linear", "weight_decay": 0.1, "max_grad_norm": 0.5, "epochs": 2, "max_steps": 5,
-                    "seed": 1, "nf4_fp32_upcast": True, "compile_layers": True, "label_smoothing": 0.1}
+                    "seed": 1, "nf4_fp32_upcast": True, "compile_layers": True, "label_smoothing": 0.1,
+                    "lora_compute_dtype": "bfloat16", "fuse_lora": True}
     assert set(math_changes) == set(math_keys("train"))
     for name, value in math_changes.items():
         changed = load_params(REPO / "params.yaml")

@@ -35,7 +35,20 @@ def build_model(params: dict, model_dir: Path, device: torch.device, dtype: torc
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)  # adapter weights in fp32 (peft's autocast_adapter_dtype)
+    model = get_peft_model(model, config)  # adapter weights in fp32 (peft's autocast_adapter_dtype)
+    compute = lora_compute_dtype(cfg["lora_compute_dtype"], dtype)
+    if cfg["fuse_lora"] or compute != torch.float32:  # else PEFT's own forwards, untouched
+        from table2text.training import fused_lora
+
+        counts = fused_lora.apply(model, compute, bool(cfg["fuse_lora"]))
+        print(f"train: LoRA computed in {str(compute).removeprefix('torch.')} on {counts['linears']} linears; "
+              f"{counts['fused_groups']} q/k/v and gate/up groups fused, {counts['unfused_groups']} left apart")
+    return model
+
+
+def lora_compute_dtype(setting: str, base_dtype: torch.dtype) -> torch.dtype:
+    """train.lora_compute_dtype as a dtype: auto = the base's compute dtype."""
+    return base_dtype if setting == "auto" else getattr(torch, setting)
 
 
 def save_adapter(model, tokenizer, adapter_dir: Path, info: dict, stage: StagedOutputs | None = None) -> None:

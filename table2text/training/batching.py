@@ -218,6 +218,7 @@ def completion_loss(
     softcap: float | None = None,
     chunk_size: int | None = None,
     label_smoothing: float = 0.0,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy over completion positions, number of those positions).
 
@@ -225,12 +226,19 @@ def completion_loss(
     chunk_size: positions per head chunk, by default head_chunk_positions(vocabulary), which the train
     stage's memory model (head_chunk_bytes) assumes.
     label_smoothing: 0 <= e < 1, as F.cross_entropy's (train.label_smoothing); 0 is plain cross-entropy.
+    positions: the flat indices (into batch x time) of the positions whose target is set, if the caller
+    has them (the train loop computes them on the host): a boolean mask on the device would make the
+    host wait for the forward to finish, to learn how many positions it selects.
     The caller divides by the completion-token count of the whole effective batch."""
     if head_weight.requires_grad:
         raise ValueError("completion_loss assumes a frozen vocabulary head (LoRA does not train it)")
-    mask = targets != IGNORE
-    picked = hidden[mask]  # [n, dim]: only the positions that carry loss reach the head
-    wanted = targets[mask]
+    if positions is None:
+        mask = targets != IGNORE
+        picked = hidden[mask]  # [n, dim]: only the positions that carry loss reach the head
+        wanted = targets[mask]
+    else:  # the same rows in the same (row-major) order as the mask's
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        wanted = targets.reshape(-1).index_select(0, positions)
     if picked.shape[0] == 0:
         return hidden.sum() * 0.0, 0
     chunk_size = chunk_size or head_chunk_positions(head_weight.shape[0])

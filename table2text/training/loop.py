@@ -32,6 +32,7 @@ from table2text.paths import ADAPTER_DIR, CHECKPOINT_DIR, METRICS_DIR
 from table2text.runtime import write_runtime
 from table2text.training import checkpoints, distributed
 from table2text.training.batching import (
+    IGNORE,
     activation_bytes_per_token,
     budget_for_memory,
     collate_packed,
@@ -274,37 +275,52 @@ class LoRARecipe:
         self.model.train()
         bar = tqdm(range(self.start_step, self.n_steps), initial=self.start_step, total=self.n_steps, desc="train",
                    disable=not self.progress)
+        batches = self._stage(self.start_step) if self.start_step < self.n_steps else None
         for step in bar:
             t0 = time.perf_counter()
-            # 1. this step's examples: the whole effective batch, and this process's share of it
-            chosen, share = step_examples(self.examples, step, self.effective_batch, int(cfg["seed"]),
-                                          self.rank, self.world)
-            label_tokens = sum(len(ids) - p for ids, p in chosen)
+            # 1. this step's examples (the whole effective batch), its share's micro-batches already on the device
+            chosen, share, label_tokens, micro_batches = batches
             # 2. forward and backward in micro-batches; each share's loss is divided by the label tokens of
-            #    the whole batch, so the ranks' gradients SUM to the one-GPU one
-            loss = accumulate_gradients(self.forward, self.head, share, self.row_tokens, self.rows_per_micro_batch,
-                                        self.pad_id, device, self.softcap, label_tokens,
-                                        float(cfg["label_smoothing"]))
+            #    the whole batch, so the ranks' gradients SUM to the one-GPU one. The loss and the gradient
+            #    norm stay on the device until the step has run: reading them earlier would stall the host
+            #    mid-step, with the GPU idle until it queues the next kernels.
+            total = accumulate_micro_batches(self.forward, self.head, micro_batches, self.softcap, label_tokens,
+                                             float(cfg["label_smoothing"]))
+            loss = None
             if self.world > 1:
-                loss = distributed.sum_gradients(self.trainable, loss)
+                loss = distributed.sum_gradients(self.trainable, total.item() / label_tokens)
             # 3. clip, step, schedule
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, float(cfg["max_grad_norm"])).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, float(cfg["max_grad_norm"]))
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=not self.cuda_graphs)
+            # the next step's micro-batches, collated and sent while the GPU runs this step
+            batches = self._stage(step + 1) if step + 1 < self.n_steps else None
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            # read after the step has run (no wait left): the values as before, the summed loss / the label
+            # tokens as a Python float, the norm only for a log row
+            loss = total.item() / label_tokens if loss is None else loss
             # 4. count, log (loss, lr, throughput, MFU), checkpoint
             self._count(chosen, label_tokens, loss, time.perf_counter() - t0)
             if (step + 1) % logging_steps == 0 or step + 1 == self.n_steps:
-                self._log(step + 1, lr, grad_norm, bar)
+                self._log(step + 1, lr, grad_norm.item(), bar)
             # also at the last step: a rerun after a later crash (or a deleted output) skips the training
             if self.checkpoint_dir is not None and ((step + 1) % save_steps == 0 or step + 1 == self.n_steps):
                 self._checkpoint(step + 1)
             if self.on_step is not None:
                 self.on_step(step + 1)
         bar.close()
+
+    def _stage(self, step: int):
+        """Step `step`'s examples, this process's share of them, the batch's label tokens, and the share's
+        packed micro-batches on the device (stage_micro_batches)."""
+        chosen, share = step_examples(self.examples, step, self.effective_batch, int(self.cfg["seed"]),
+                                      self.rank, self.world)
+        label_tokens = sum(len(ids) - p for ids, p in chosen)
+        return chosen, share, label_tokens, stage_micro_batches(share, self.row_tokens, self.rows_per_micro_batch,
+                                                                self.pad_id, self.device)
 
     def _count(self, chosen, label_tokens: int, loss: float, seconds: float) -> None:
         lengths = [len(ids) for ids, _ in chosen]
@@ -424,20 +440,43 @@ def accumulate_gradients(
     Each micro-batch's summed loss is divided by the completion tokens of the WHOLE effective batch
     (label_tokens; by default those of `examples`), so the accumulated gradient equals that of one big
     batch (a per-micro-batch mean would weight the tokens of short micro-batches more). A process of a
-    multi-GPU run passes its share of the batch and the whole batch's label_tokens."""
+    multi-GPU run passes its share of the batch and the whole batch's label_tokens. The loop itself calls
+    the two halves (stage_micro_batches, accumulate_micro_batches) a step apart."""
     if label_tokens is None:
         label_tokens = sum(len(ids) - p for ids, p in examples)
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    lengths = [len(ids) for ids, _ in examples]
-    for rows in plan_packed_micro_batches(lengths, row_tokens, rows_per_micro_batch):
-        batch = {k: v.to(device, non_blocking=True)
-                 for k, v in collate_packed(examples, rows, row_tokens, pad_id).items()}
+    batches = stage_micro_batches(examples, row_tokens, rows_per_micro_batch, pad_id, device)
+    total = accumulate_micro_batches(forward, head_weight, batches, softcap, label_tokens, label_smoothing)
+    return total.item() / label_tokens  # one device sync per step, not one per micro-batch
+
+
+def stage_micro_batches(examples: list[tuple[list[int], int]], row_tokens: int, rows_per_micro_batch: int,
+                        pad_id: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """The packed micro-batches of `examples` (collate_packed) on `device`, each with "positions": the flat
+    indices of its completion positions, found on the host, so that the loss need not read a mask back
+    from the device. On CUDA the host tensors are pinned and copied without blocking: the copies queue
+    behind the work already sent, and the host goes on."""
+    batches = []
+    for rows in plan_packed_micro_batches([len(ids) for ids, _ in examples], row_tokens, rows_per_micro_batch):
+        host = collate_packed(examples, rows, row_tokens, pad_id)
+        host["positions"] = (host["targets"].reshape(-1) != IGNORE).nonzero().squeeze(1)
+        if device.type == "cuda":
+            host = {k: v.pin_memory() for k, v in host.items()}
+        batches.append({k: v.to(device, non_blocking=True) for k, v in host.items()})
+    return batches
+
+
+def accumulate_micro_batches(forward, head_weight, batches: list[dict[str, torch.Tensor]], softcap: float | None,
+                             label_tokens: int, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Forward and backward staged micro-batches (stage_micro_batches); returns their summed loss as a
+    device tensor (not divided: the caller reads it, once, when the step has run)."""
+    total = None
+    for batch in batches:
         hidden = forward(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
         loss_sum, _ = completion_loss(hidden, batch["targets"], head_weight, softcap=softcap,
-                                      label_smoothing=label_smoothing)
+                                      label_smoothing=label_smoothing, positions=batch["positions"])
         (loss_sum / label_tokens).backward()
-        total += loss_sum.detach()
-    return total.item() / label_tokens  # one device sync per step, not one per micro-batch
+        total = loss_sum.detach() if total is None else total + loss_sum.detach()
+    return total if total is not None else torch.zeros((), dtype=torch.float32, device=head_weight.device)
 
 
 def records_sha256(records: list[dict]) -> str:
