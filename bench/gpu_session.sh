@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The measurements of issues #20 and #23 in one GPU call, after bench/gpu_setup.sh (BENCHMARKS.md "How the
+# GPU runs were made"): the four stages as dvc runs them, decoding, training throughput beside its peers,
+# and the full fine-tuning and ToTTo dev55 rows. Results go to $1 (default bench/results/session), one
+# folder per bench; a bench that fails is reported and the next one still runs.
+#
+#     bash bench/gpu_session.sh OUT [SECTION ...]     # sections: phases decode train fullft (default: all)
+set -u
+out=${1:-bench/results/session}
+shift || true
+sections=${*:-phases decode train fullft}
+data=.gpu/data
+mkdir -p "$out"
+run() {  # run NAME CMD...: time one bench, keep going if it fails
+  local name=$1; shift
+  local start=$SECONDS
+  echo "== $name: $*"
+  "$@" || echo "== $name FAILED (exit $?)"
+  echo "== $name took $((SECONDS - start)) s"
+}
+for section in $sections; do
+  case $section in
+    phases)  # the issue's recipe (NF4 r=8, lr 2e-4, 1 epoch), base comparison on, eval batch 500
+      run phases python -m bench.run_recipe --name fetaqa-phases-session --set data.source=fetaqa \
+        --set data.path=$data/fetaqa --set train.learning_rate=2e-4 --set eval.batch_size=500 \
+        --set merge.device=cuda --out "$out/phases" ;;
+    decode)  # needs data/processed/validation.jsonl (the phases section writes it)
+      run decode python -m bench.decode_bench --data data/processed/validation.jsonl \
+        --decoders generate graph graph_model_step --sequential 40 --out "$out/decode"
+      run decode-profile python -m bench.decode_profile --data data/processed/validation.jsonl --out "$out/decode" ;;
+    train)
+      run train python -m bench.train_bench --data data/processed/train.jsonl --steps 10 \
+        --only project_nf4 project_nf4_fused_bf16lora project_nf4_compiled project_nf4_fused_compiled \
+        trl_liger_b16 --out "$out/train" ;;
+    fullft)
+      run fullft python -m bench.full_finetune --fetaqa $data/fetaqa --totto $data/totto --out "$out/fullft" ;;
+    *) echo "unknown section $section"; exit 2 ;;
+  esac
+done
