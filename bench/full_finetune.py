@@ -21,8 +21,8 @@ learning rate, schedule, warm-up, weight decay, clipping, label smoothing, epoch
 
 Precision: fp32 master weights, bf16 autocast on GPUs (Trainer's bf16=True), never fp16 (Gemma 3
 overflows it). Pure bf16 weights would lose the update: AdamW moves a weight by about lr per step, and at
-lr 5e-5 that is below bf16's resolution (2^-8 of the weight, for any weight above ~0.013 in magnitude), so
-most steps would round back to the old value. fp32 master weights + AdamW state cost 16 bytes a weight,
+lr 5e-5 that is less than half of bf16's spacing (8 significant bits) for any weight of magnitude 1/64
+(0.016) or more, so such a weight would round back to its old value at every step. fp32 master weights + AdamW state cost 16 bytes a weight,
 4.3 GB for 270M. CPUs compute in fp32.
 
 Tied embedding: Gemma 3's input embedding is its output head (one 262,144 x 640 tensor, 168M of the 268M
