@@ -126,7 +126,8 @@ def split_training(train_file: Path, dest: Path, holdout: int, seed: int) -> dic
     held = set(random.Random(seed).sample(range(len(lines)), holdout))
     dest.mkdir(parents=True, exist_ok=True)
     for name, keep in (("train.jsonl.gz", lambda i: i not in held), ("validation.jsonl.gz", lambda i: i in held)):
-        with gzip.open(dest / name, "wb") as fh:
+        # mtime 0: the same draw gives the same bytes (a DVC dependency's hash, its run cache)
+        with gzip.GzipFile(dest / name, "wb", mtime=0) as fh:
             fh.writelines(line + b"\n" for i, line in enumerate(lines) if keep(i))
     return {"train": len(lines) - holdout, "held_out": holdout, "seed": seed, "of": len(lines),
             "held_out_lines": sorted(i + 1 for i in held)}
