@@ -10,6 +10,7 @@ out=${1:-bench/results/session}
 shift || true
 sections=${*:-phases decode train fullft}
 data=.gpu/data
+logs=$(mktemp -d)  # the side-by-side rows' logs, outside $out: a GPU call brings back few files
 mkdir -p "$out"
 run() {  # run NAME CMD...: time one bench, keep going if it fails
   local name=$1; shift
@@ -32,8 +33,15 @@ for section in $sections; do
       run train python -m bench.train_bench --data data/processed/train.jsonl --steps 10 \
         --only project_nf4 project_nf4_fused_bf16lora project_nf4_compiled project_nf4_fused_compiled \
         trl_liger_b16 --out "$out/train" ;;
-    fullft)
-      run fullft python -m bench.full_finetune --fetaqa $data/fetaqa --totto $data/totto --out "$out/fullft" ;;
+    fullft)  # quality rows, side by side on one GPU (their times are not measurements)
+      run fullft-nq python -m bench.full_finetune --fetaqa $data/fetaqa --totto $data/totto --out "$out/fullft" \
+        > "$logs/fullft-nq.log" 2>&1 &
+      run fullft-q python -m bench.full_finetune --fetaqa $data/fetaqa --set data.include_question=true \
+        --out "$out/fullft" > "$logs/fullft-q.log" 2>&1 &
+      run row-totto python -m bench.run_rows --only recipe-nq-r8-2ep-beam4 --fetaqa $data/fetaqa \
+        --totto $data/totto --out "$out/rows" --gpus 0 > "$logs/rows.log" 2>&1 &
+      wait
+      tail -n 12 "$logs"/*.log ;;
     *) echo "unknown section $section"; exit 2 ;;
   esac
 done
