@@ -1,5 +1,6 @@
 """Where the graph decoder's time goes: per bucket, its prefill and its graphed steps timed apart (CUDA
-events), then torch.profiler's top kernels of one eager prefill and one eager step of the largest bucket.
+events), with the lean Gemma 3 step and with the model's own step; then torch.profiler's top kernels of one
+eager prefill and of one eager step of each kind, in the largest bucket.
 
     python -m bench.decode_profile --data PROCESSED_VALIDATION.jsonl [--dtype float32] [--batch-size 500]
         [--max-new-tokens 64] [--out bench/results]
@@ -18,17 +19,17 @@ from pathlib import Path
 import torch
 
 from bench import common
-from table2text import graph_decode
+from table2text import gemma3_step, graph_decode
 from table2text.generation import end_token_ids, fp32_matmul_precision, pad_token_id
 from table2text.model import sources as model_sources
 
 
-def timed_buckets(model, encoded, args, stop, pad, device) -> list[dict]:
+def timed_buckets(model, encoded, args, stop, pad, device, lean=None) -> list[dict]:
     """Each bucket's prefill, graph capture and replayed steps, in seconds (events around each)."""
     rows = []
     for indices in graph_decode.plan_buckets([len(e) for e in encoded], args.batch_size, 0, args.max_new_tokens):
         bucket = graph_decode._BucketDecoder(model, [encoded[i] for i in indices], args.max_new_tokens, stop, pad,
-                                             device)
+                                             device, lean)
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         marks[0].record()
         bucket.prefill()
@@ -87,34 +88,39 @@ def main(argv=None):
     encoded = tok(prompts, add_special_tokens=True)["input_ids"]
     stop, pad = end_token_ids(tok), pad_token_id(tok)
     with fp32_matmul_precision("tf32" if args.dtype == "float32" else "ieee", device):
-        timed_buckets(model, encoded[:16], args, stop, pad, device)  # warm-up
-        buckets = timed_buckets(model, encoded, args, stop, pad, device)
+        lean = gemma3_step.Gemma3Step(model)
+        results = []
+        for name, step in (("lean_step", lean), ("model_step", None)):
+            timed_buckets(model, encoded[:16], args, stop, pad, device, step)  # warm-up
+            buckets = timed_buckets(model, encoded, args, stop, pad, device, step)
+            total = {k: sum(b[k] for b in buckets) for k in ("prefill_s", "capture_s", "steps_s")}
+            results.append({"name": f"{name}_buckets", "buckets": buckets, "total": total})
         largest = max(graph_decode.plan_buckets([len(e) for e in encoded], args.batch_size, 0,
                                                 args.max_new_tokens), key=len)
-        def fresh():  # a bucket's static cache takes one prefill: each profiled prefill gets a new bucket
-            return graph_decode._BucketDecoder(model, [encoded[i] for i in largest], args.max_new_tokens, stop,
-                                               pad, device)
 
-        prefill = kernel_table(lambda: fresh().prefill())
-        bucket = fresh()
-        bucket.prefill()
-        step = kernel_table(bucket.step)
-    total = {k: sum(b[k] for b in buckets) for k in ("prefill_s", "capture_s", "steps_s")}
+        def fresh(step=None):  # a bucket's static cache takes one prefill: each profiled prefill gets a new one
+            return graph_decode._BucketDecoder(model, [encoded[i] for i in largest], args.max_new_tokens, stop,
+                                               pad, device, step)
+
+        results.append({"name": "prefill_kernels", "kernels": kernel_table(lambda: fresh().prefill())})
+        for name, step in (("lean_step", lean), ("model_step", None)):
+            bucket = fresh(step)
+            bucket.prefill()
+            results.append({"name": f"{name}_kernels", "kernels": kernel_table(bucket.step)})
     meta = {"prompts": len(prompts), "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
             "command": "python -m bench.decode_profile " + " ".join(sys.argv[1:] if argv is None else argv)}
-    results = [{"name": "buckets", "buckets": buckets, "total": total},
-               {"name": "prefill_kernels", "kernels": prefill}, {"name": "step_kernels", "kernels": step}]
     env = common.environment()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{dt.date.today().isoformat()}-{env['gpu'].replace(' ', '-')}-decode-profile.json"
     path.write_text(json.dumps({"kind": "decode-profile", "env": env, **meta, "results": results}, indent=2) + "\n",
                     encoding="utf-8")
-    print(json.dumps(total))
-    for b in buckets:
-        print(json.dumps(b))
-    for title, table in (("prefill", prefill), ("step", step)):
-        print(f"== {title}")
-        for k in table:
+    for row in results:
+        print(f"== {row['name']}")
+        if "total" in row:
+            print(json.dumps(row["total"]))
+            for b in row["buckets"]:
+                print(json.dumps(b))
+        for k in row.get("kernels", []):
             print(f"{k['cuda_ms']:9.3f} ms {k['calls']:5d}  {k['name']}")
     print(f"results: {path}")
     return path
