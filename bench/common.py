@@ -93,3 +93,31 @@ def append_markdown(results_file: Path, md: Path = BENCHMARKS_MD) -> None:
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     with open(md, "a", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
+
+
+def run_queue(jobs: list, workers: list, work, too_late=None, skipped=None) -> list:
+    """work(job, worker) for every job, one thread per worker pulling the next job off a shared queue (the
+    runs that share GPUs side by side); a job taken once too_late() is true gets skipped(job) instead.
+    Returns the outcomes in the order they finished."""
+    import queue
+    import threading
+
+    todo: queue.Queue = queue.Queue()
+    for job in jobs:
+        todo.put(job)
+    outcomes: list = []
+
+    def worker(slot) -> None:
+        while True:
+            try:
+                job = todo.get_nowait()
+            except queue.Empty:
+                return
+            outcomes.append(skipped(job) if too_late is not None and too_late() else work(job, slot))
+
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes

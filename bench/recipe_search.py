@@ -33,18 +33,17 @@ import datetime as dt
 import gzip
 import json
 import os
-import queue
 import random
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import yaml
 
+from bench import common
 from bench.run_recipe import apply_override
 from bench.run_rows import COMMON, copy_project, recipe_cmd, write_history
 from bench.significance import bleu_statistics, paired_bootstrap
@@ -165,36 +164,21 @@ class Runner:
             return "stopped: hard deadline"
 
     def map(self, jobs: list, work, deadline: float = 0) -> list[dict]:
-        todo: queue.Queue = queue.Queue()
-        for job in jobs:
-            todo.put(job)
-        outcomes: list[dict] = []
+        def timed(job: dict, slot: str) -> dict:
+            print(f"[slot {slot}] {job['name']} ...", flush=True)
+            start = time.perf_counter()
+            try:
+                outcome = work(job, slot)
+            except Exception as err:  # one broken run must not lose the others' results
+                outcome = {"name": job["name"], "error": f"{type(err).__name__}: {err}"}
+            outcome["wall_seconds"] = time.perf_counter() - start
+            print(f"[slot {slot}] {job['name']}: "
+                  + (outcome["error"] if "error" in outcome else f"done in {outcome['wall_seconds']:.0f} s"), flush=True)
+            return outcome
 
-        def worker(slot: str) -> None:
-            while True:
-                try:
-                    job = todo.get_nowait()
-                except queue.Empty:
-                    return
-                if deadline and time.perf_counter() - self.t0 > deadline:
-                    outcomes.append({"name": job["name"], "error": "not started: deadline"})
-                    continue
-                print(f"[slot {slot}] {job['name']} ...", flush=True)
-                start = time.perf_counter()
-                try:
-                    outcome = work(job, slot)
-                except Exception as err:  # one broken run must not lose the others' results
-                    outcome = {"name": job["name"], "error": f"{type(err).__name__}: {err}"}
-                outcome["wall_seconds"] = time.perf_counter() - start
-                print(f"[slot {slot}] {job['name']}: "
-                      + (outcome["error"] if "error" in outcome else f"done in {outcome['wall_seconds']:.0f} s"), flush=True)
-                outcomes.append(outcome)
-
-        threads = [threading.Thread(target=worker, args=(slot,)) for slot in self.slots]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        outcomes = common.run_queue(jobs, self.slots, timed,
+                                    too_late=lambda: bool(deadline) and time.perf_counter() - self.t0 > deadline,
+                                    skipped=lambda job: {"name": job["name"], "error": "not started: deadline"})
         order = {job["name"]: i for i, job in enumerate(jobs)}
         return sorted(outcomes, key=lambda o: order[o["name"]])
 

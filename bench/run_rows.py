@@ -18,16 +18,16 @@ import csv
 import gzip
 import json
 import os
-import queue
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 import yaml
+
+from bench import common
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS_FILE = ROOT / "bench" / "rows.yaml"
@@ -140,30 +140,17 @@ def main(argv=None) -> int:
     if not gpus:
         raise SystemExit("no CUDA device: the rows are GPU runs")
 
-    todo: queue.Queue = queue.Queue()
-    for n in wanted:
-        todo.put(rows[n])
-    outcomes, t0 = [], time.perf_counter()
+    t0 = time.perf_counter()
 
-    def worker(gpu: int) -> None:
-        while True:
-            try:
-                row = todo.get_nowait()
-            except queue.Empty:
-                return
-            if args.deadline and time.perf_counter() - t0 > args.deadline:
-                outcomes.append({"name": row["name"], "not_started": True})
-                continue
-            print(f"[gpu {gpu}] {row['name']} ...", flush=True)
-            outcome = run_row(row, gpu, args)
-            print(f"[gpu {gpu}] {outcome}", flush=True)
-            outcomes.append(outcome)
+    def work(row: dict, gpu: int) -> dict:
+        print(f"[gpu {gpu}] {row['name']} ...", flush=True)
+        outcome = run_row(row, gpu, args)
+        print(f"[gpu {gpu}] {outcome}", flush=True)
+        return outcome
 
-    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = common.run_queue([rows[n] for n in wanted], gpus, work,
+                                too_late=lambda: bool(args.deadline) and time.perf_counter() - t0 > args.deadline,
+                                skipped=lambda row: {"name": row["name"], "not_started": True})
     (args.out / "rows").mkdir(parents=True, exist_ok=True)
     (args.out / "rows" / f"outcomes-{int(time.time())}.json").write_text(json.dumps(outcomes, indent=2), encoding="utf-8")
     print(json.dumps(outcomes, indent=2))
