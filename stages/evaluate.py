@@ -31,7 +31,7 @@ from table2text.evaluation import (EVAL_FILE, PLOTS_DIR, PREDICTIONS_FILE, base_
                                    prediction_rows, read_processed, runtime_record, timed_generate, training_info,
                                    write_plots)
 from table2text.io.atomic import check_writable, staged_outputs
-from table2text.metrics.totto import compute_metrics
+from table2text.metrics.totto import compute_metrics, prepare_examples
 from table2text.model import sources as model_sources
 from table2text.params import default_params_file, load_params
 from table2text.paths import RUNTIME_DIR, VALIDATION_FILE
@@ -62,11 +62,13 @@ def main(argv: list[str] | None = None) -> dict:
     phases.enter("work")  # generation and the metrics
     predictions, seconds = timed_generate(model, tokenizer, prompts, gen_args)
     del model
-    summary, per_example = compute_metrics(predictions, records, bleurt_checkpoint=bleurt)
+    scoring = prepare_examples(records)  # the tables' side of PARENT, once for both models
+    summary, per_example = compute_metrics(predictions, records, bleurt_checkpoint=bleurt, prepared=scoring)
     base_predictions = base_seconds = base_cache = base_summary = base_per_example = None
     if cfg["compare_base"]:  # the untuned base on the same prompts: every run shows its gain
         base_predictions, base_seconds, base_cache = base_answers(base_dir, tokenizer, prompts, gen_args, dtype, device)
-        base_summary, base_per_example = compute_metrics(base_predictions, records, bleurt_checkpoint=bleurt)
+        base_summary, base_per_example = compute_metrics(base_predictions, records, bleurt_checkpoint=bleurt,
+                                                         prepared=scoring)
 
     rows = prediction_rows(records, predictions, per_example, base_predictions, base_per_example)
     result = eval_result(summary, base_summary, predictions, base_predictions, len(records), bleurt)

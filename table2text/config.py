@@ -43,7 +43,7 @@ EXPORT_TYPES = ("f32", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # what t
 EXPORT_BOUND_KEYS = ("max_mean_kl", "min_top1_agreement")
 EVAL_MODELS = ("merged", "adapter")
 EVAL_CACHES = ("static", "dynamic")
-EVAL_DECODERS = ("generate", "graph")  # table2text.generation.DECODERS
+EVAL_DECODERS = ("auto", "generate", "graph")  # table2text.generation.DECODER_CHOICES
 EVAL_DTYPES = ("float32", "bfloat16", "auto")
 FP32_MATMULS = ("tf32", "ieee")
 LORA_COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # table2text.training.fused_lora
@@ -289,8 +289,9 @@ class EvalConfig(Group):
     cache: str = setting("static", "static (KV cache allocated once) | dynamic (grows as tokens come)")
     batch_tokens: int = setting(0, "cap on a batch's prompts x (longest prompt + max_new_tokens) (0 = none)")
     fp32_matmul: str = setting("tf32", "tf32 | ieee: how a float32 model multiplies on a GPU")
-    decoder: str = setting("generate", "generate (transformers' generate) | graph (own greedy loop, CUDA-graphed "
-                                       "step, length buckets; needs cache static)")
+    decoder: str = setting("auto", "auto (graph on CUDA when greedy over a static cache, else generate) | generate "
+                                   "(transformers' generate) | graph (own greedy loop, CUDA-graphed step, length "
+                                   "buckets; needs cache static)")
     dtype: str = setting("float32", "float32 | bfloat16 | auto (= bf16 on GPUs); never float16")
     max_new_tokens: int = setting(64, "generation length cap")
     num_beams: int = setting(1, "1 = greedy decoding; N > 1 = beam search with N beams, batched as greedy")

@@ -15,7 +15,7 @@ import torch
 
 from table2text import eval_cache, phases
 from table2text.errors import UserError
-from table2text.generation import generate
+from table2text.generation import generate, resolve_decoder
 from table2text.io import readers
 from table2text.io.atomic import StagedOutputs, write_atomic
 from table2text.metrics.totto import SUBSETS, plot_tables
@@ -70,10 +70,13 @@ def load_finetuned(kind: str, base_dir: Path, device: torch.device, dtype: torch
 
 
 def generation_settings(cfg: dict, device: torch.device) -> dict:
-    """generate()'s keyword arguments from the eval settings: the same for the fine-tuned and the base model."""
+    """generate()'s keyword arguments from the eval settings: the same for the fine-tuned and the base model.
+    eval.decoder auto is resolved for `device` here (generation.resolve_decoder), so the runtime record and
+    the base cache's key name the decoder that ran."""
+    decoder = resolve_decoder(cfg["decoder"], device, cfg["cache"], cfg["num_beams"])
     return dict(max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["batch_size"], device=device,
                 cache=cfg["cache"], batch_tokens=cfg["batch_tokens"], fp32_matmul=cfg["fp32_matmul"],
-                decoder=cfg["decoder"], num_beams=cfg["num_beams"], length_penalty=cfg["length_penalty"])
+                decoder=decoder, num_beams=cfg["num_beams"], length_penalty=cfg["length_penalty"])
 
 
 def timed_generate(model, tokenizer, prompts: list[str], gen_args: dict) -> tuple[list[str], float]:

@@ -202,7 +202,7 @@ KIND_CASES = [
     ({"eval": {"cache": "paged"}}, "eval.cache must be one of ['dynamic', 'static'], got 'paged'"),
     ({"eval": {"dtype": "float16"}}, "eval.dtype must be auto, float32 or bfloat16, got 'float16' (Gemma 3 overflows"),
     ({"eval": {"fp32_matmul": "fast"}}, "eval.fp32_matmul must be one of ['ieee', 'tf32'], got 'fast'"),
-    ({"eval": {"decoder": "vllm"}}, "eval.decoder must be one of ['generate', 'graph'], got 'vllm'"),
+    ({"eval": {"decoder": "vllm"}}, "eval.decoder must be one of ['auto', 'generate', 'graph'], got 'vllm'"),
     ({"eval": {"decoder": "graph", "cache": "dynamic"}}, "eval.decoder 'graph' needs eval.cache 'static', got 'dynamic'"),
     ({"eval": {"decoder": "graph", "num_beams": 4}}, "eval.decoder 'graph' decodes greedily: it needs eval.num_beams 1"),
     ({"model": {"name": " "}}, "model.name must not be empty"),

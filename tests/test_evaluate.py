@@ -244,3 +244,15 @@ def test_beam_search_settings_reach_the_generation_of_both_models(project, monke
     assert result["generation"]["num_beams"] == 2 and result["generation"]["length_penalty"] == 0.8
     rows = (folder / "metrics" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 2
+
+
+def test_auto_decoder_is_resolved_for_the_device_before_generating_and_hashing():
+    """eval.decoder auto names the decoder that runs in generate()'s settings, so the runtime record and the
+    base cache's key say graph on CUDA and generate on a CPU (a CPU key unchanged from an explicit generate)."""
+    cfg = {"max_new_tokens": 8, "batch_size": 4, "cache": "static", "batch_tokens": 0, "fp32_matmul": "tf32",
+           "decoder": "auto", "num_beams": 1, "length_penalty": 1.0}
+    assert evaluation.generation_settings(cfg, torch.device("cpu"))["decoder"] == "generate"
+    assert evaluation.generation_settings(cfg, torch.device("cuda"))["decoder"] == "graph"
+    assert evaluation.generation_settings({**cfg, "cache": "dynamic"}, torch.device("cuda"))["decoder"] == "generate"
+    assert (evaluation.generation_settings(cfg, torch.device("cpu"))
+            == evaluation.generation_settings({**cfg, "decoder": "generate"}, torch.device("cpu")))

@@ -201,8 +201,9 @@ def test_the_stage_writes_verified_files_and_metrics_without_timings(tmp_path, m
     import gguf
 
     parsed = []  # the gguf reader's parses: the costly walk over the vocabulary, once a file
-    real = gguf.GGUFReader
-    monkeypatch.setattr(gguf, "GGUFReader", lambda path, mode="r": parsed.append(Path(path).name) or real(path, mode))
+    real, real_init = gguf.GGUFReader, gguf.gguf_reader.GGUFReader.__init__
+    monkeypatch.setattr(gguf.gguf_reader.GGUFReader, "__init__",
+                        lambda self, path, mode="r": parsed.append(Path(path).name) or real_init(self, path, mode))
     prompts = [json.loads(line)["prompt"] for line in
                (write_processed(tmp_path / "data", 0, 3) / "validation.jsonl").read_text(encoding="utf-8").splitlines()]
     out = tmp_path / "models" / "gguf"
@@ -210,7 +211,7 @@ def test_the_stage_writes_verified_files_and_metrics_without_timings(tmp_path, m
                                   metrics_file=tmp_path / "export.json")
     # read back by the stage's metadata check, transformers' tokenizer and model loaders: one parse each file
     assert sorted(parsed) == ["tiny-bf16.gguf", "tiny-q8_0.gguf"]
-    assert gguf.GGUFReader is not real and gguf.GGUFReader.__name__ == "<lambda>"  # the stage's own is undone
+    assert gguf.GGUFReader is real  # the stage's own is undone
     assert sorted(p.name for p in out.iterdir()) == ["tiny-bf16.gguf", "tiny-q8_0.gguf"]
     from table2text.io.atomic import current_umask
 
@@ -235,6 +236,27 @@ def test_one_parse_serves_every_reader_of_an_unchanged_file_within_the_block(wri
         assert gguf.GGUFReader(str(path)) is first  # the same file by another spelling
         assert gguf.GGUFReader(written["q8_0"][0]) is not first
     assert gguf.GGUFReader(path) is not first  # outside the block: a fresh parse
+
+
+@pytest.mark.parametrize("out_type", ["bf16", "q8_0"])
+def test_the_plain_view_reader_reads_every_field_and_tensor_as_the_gguf_reader_does(written, out_type):
+    import gguf
+
+    path = written[out_type][0]
+    original, plain = gguf.GGUFReader(path), gguf_export.plain_view_reader(gguf.GGUFReader)(path)
+    assert isinstance(original.data, np.memmap) and not isinstance(plain.data, np.memmap)  # what makes it fast
+    assert list(plain.fields) == list(original.fields)
+    for key, field in original.fields.items():
+        other = plain.fields[key]
+        assert (other.types, other.data, len(other.parts)) == (field.types, field.data, len(field.parts)), key
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(field.parts, other.parts)), key
+        assert other.contents() == field.contents(), key
+    assert [t.name for t in plain.tensors] == [t.name for t in original.tensors]
+    for a, b in zip(original.tensors, plain.tensors):
+        assert a.tensor_type == b.tensor_type and np.array_equal(a.shape, b.shape)
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name
+    with gguf_export.parse_each_file_once():  # the readers the block hands out are these
+        assert not isinstance(gguf.GGUFReader(path).data, np.memmap)
 
 
 def test_the_stage_fails_in_one_line_beyond_the_bound_and_keeps_the_old_files(tmp_path, model_dir):

@@ -203,3 +203,34 @@ def test_rejects_zero_beams(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="num_beams"):
         generate(model, tokenizer, ["x"], 4, 1, "cpu", num_beams=0)
+
+
+# ---- eval.decoder auto: the graph decoder where it applies and measured faster (CUDA), generate elsewhere
+
+def test_auto_decoder_is_graph_on_cuda_for_greedy_static_decoding_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert generation.resolve_decoder("auto", cuda, "static", 1) == "graph"
+    assert generation.resolve_decoder("auto", "cuda:1", "static", 1) == "graph"
+    assert generation.resolve_decoder("auto", cpu, "static", 1) == "generate"  # its eager loop was slower
+    assert generation.resolve_decoder("auto", cuda, "dynamic", 1) == "generate"  # graph needs a static cache
+    assert generation.resolve_decoder("auto", cuda, "static", 4) == "generate"  # graph decodes greedily
+    assert generation.resolve_decoder("auto", cuda, "static", 1, compile_decoding=True) == "generate"
+    # an explicit choice is kept as given (and checked by generate)
+    assert generation.resolve_decoder("generate", cuda, "static", 1) == "generate"
+    assert generation.resolve_decoder("graph", cpu, "static", 1) == "graph"
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        generation.resolve_decoder("vllm", cpu)
+
+
+def test_auto_decoder_on_cpu_gives_generates_outputs(tiny, monkeypatch):
+    model, tokenizer = tiny
+    explicit = generate(model, tokenizer, PROMPTS[:3], 5, batch_size=3, device="cpu", progress=False,
+                        cache="static", decoder="generate")
+    import table2text.graph_decode as graph_decode
+
+    def no_graph(*args, **kwargs):
+        raise AssertionError("auto must not pick the graph decoder on a CPU")
+
+    monkeypatch.setattr(graph_decode, "greedy_tokens", no_graph)
+    assert generate(model, tokenizer, PROMPTS[:3], 5, batch_size=3, device="cpu", progress=False,
+                    cache="static", decoder="auto") == explicit

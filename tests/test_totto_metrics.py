@@ -15,6 +15,7 @@ from table2text.metrics.totto import (
     moses_detokenize,
     parent_example,
     plot_tables,
+    prepare_examples,
     prepare_prediction,
     prepare_references,
 )
@@ -200,3 +201,22 @@ def test_plot_tables_bucket_every_example(fixture_data):
         for row in rows:
             assert set(row) == {"bucket", "count", "bleu", "parent_f"}
             assert 0.0 <= row["parent_f"] <= 1.0
+
+
+def test_examples_prepared_once_score_two_models_as_scoring_each_alone(fixture_data, monkeypatch):
+    """evaluate scores the fine-tuned and the base model on one prepare_examples(): the same scores, and the
+    tables are built and tokenised once, not once per model."""
+    import table2text.metrics.totto as totto
+
+    _, examples = fixture_data
+    tuned, base = [ex["references"][0] for ex in examples], ["zebra quantum"] * len(examples)
+    alone = [compute_metrics(tuned, examples), compute_metrics(base, examples)]
+    built = []
+    real = totto.parent_tables
+    monkeypatch.setattr(totto, "parent_tables", lambda example: built.append(1) or real(example))
+    prepared = prepare_examples(examples)
+    shared = [compute_metrics(tuned, examples, prepared=prepared), compute_metrics(base, examples, prepared=prepared)]
+    assert shared == alone
+    assert len(built) == len(examples)
+    with pytest.raises(ValueError, match="4 prepared examples for 5 examples"):
+        compute_metrics(tuned, examples, prepared=prepared[:4])

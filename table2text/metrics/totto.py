@@ -338,8 +338,22 @@ def _check_example(index: int, example: dict) -> None:
             raise ValueError(f"example {where} (index {index}) has no field '{key}'")
 
 
+def prepare_examples(examples: list[dict]) -> list[tuple]:
+    """The prediction-independent half of the scoring, per example: (prepared references, their PARENT
+    tokens, precision table, recall table). compute_metrics(prepared=...) takes it, so scoring two models
+    on the same examples (evaluate: fine-tuned and base) builds and tokenises the tables once."""
+    for index, example in enumerate(examples):
+        _check_example(index, example)
+    out = []
+    for example in examples:
+        references = prepare_references(example["references"])
+        out.append((references, [_tokens(ref) for ref in references], *parent_tables(example)))
+    return out
+
+
 def compute_metrics(predictions: list[str], examples: list[dict],
-                    bleurt_checkpoint: str | Path | None = None) -> tuple[dict, list[dict]]:
+                    bleurt_checkpoint: str | Path | None = None,
+                    prepared: list[tuple] | None = None) -> tuple[dict, list[dict]]:
     """Score predictions against ToTTo examples (normalised or processed dicts).
 
     Returns ``(summary, per_example)``.  ``summary[subset]`` for subset in
@@ -351,18 +365,18 @@ def compute_metrics(predictions: list[str], examples: list[dict],
     """
     if len(predictions) != len(examples):
         raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
-    for index, example in enumerate(examples):
-        _check_example(index, example)
+    if prepared is None:
+        prepared = prepare_examples(examples)
+    elif len(prepared) != len(examples):
+        raise ValueError(f"{len(prepared)} prepared examples for {len(examples)} examples")
     bleurt_fn = load_bleurt_scorer(bleurt_checkpoint) if bleurt_checkpoint else None
 
     prepared_predictions = [prepare_prediction(p) for p in predictions]
-    prepared_references = [prepare_references(ex["references"]) for ex in examples]
+    prepared_references = [references for references, *_ in prepared]
 
     per_example = []
-    for prediction, references, example in zip(prepared_predictions, prepared_references, examples):
-        precision_table, recall_table = parent_tables(example)
-        p, r, f = parent_example(_tokens(prediction), [_tokens(ref) for ref in references],
-                                 precision_table, recall_table)
+    for prediction, (_, reference_tokens, precision_table, recall_table) in zip(prepared_predictions, prepared):
+        p, r, f = parent_example(_tokens(prediction), reference_tokens, precision_table, recall_table)
         per_example.append({"parent_precision": p, "parent_recall": r, "parent_f": f})
 
     members = {
