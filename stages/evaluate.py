@@ -19,7 +19,6 @@ Bad input or settings end with one clear line on stderr and exit status 2. The w
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -122,4 +121,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(phases.timed("evaluate", cli))
+    phases.exit_process(phases.timed("evaluate", cli))

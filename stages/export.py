@@ -17,7 +17,6 @@ Outputs: models/gguf/ (one .gguf a type), metrics/export.json (no timings: it is
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -52,4 +51,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # FileNotFoundError: models/merged or its files missing
-    sys.exit(phases.timed("export", lambda: run_cli(main, "export", user_errors=(FileNotFoundError,))))
+    phases.exit_process(phases.timed("export", lambda: run_cli(main, "export", user_errors=(FileNotFoundError,))))

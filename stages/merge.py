@@ -13,7 +13,6 @@ Outputs: models/merged/ (safetensors, tokenizer, generation_config.json, merge_i
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from table2text.io import readers
@@ -45,4 +44,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # FileNotFoundError: model.name's folder missing
-    sys.exit(phases.timed("merge", lambda: run_cli(main, "merge", user_errors=(FileNotFoundError,))))
+    phases.exit_process(phases.timed("merge", lambda: run_cli(main, "merge", user_errors=(FileNotFoundError,))))

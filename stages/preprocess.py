@@ -18,7 +18,6 @@ left with no records at all (an empty file, or every record skipped).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from table2text.io.atomic import check_writable, staged_outputs
@@ -148,4 +147,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(phases.timed("preprocess", cli))
+    phases.exit_process(phases.timed("preprocess", cli))

@@ -82,4 +82,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # FileNotFoundError: data/processed/train.jsonl or model.name's folder missing
-    sys.exit(phases.timed("train", lambda: run_cli(main, "train", user_errors=(FileNotFoundError,))))
+    phases.exit_process(phases.timed("train", lambda: run_cli(main, "train", user_errors=(FileNotFoundError,))))

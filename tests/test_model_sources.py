@@ -4,7 +4,9 @@ file (infer exits 2 with it) instead of a JSONDecodeError or peft's size-mismatc
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -110,3 +112,45 @@ def test_infer_names_a_model_folder_with_a_truncated_config(tiny_model_dir, tmp_
     code, err = run_infer(capsys, tmp_path, "--model", folder)
     assert code == 2 and err.startswith(f"infer: error: {(folder / 'config.json').as_posix()}:1: invalid JSON")
     assert err.count("\n") == 1
+
+
+def weights_folder(tmp_path: Path, data: bytes, age_s: float = 60.0) -> Path:
+    """A model folder holding one valid safetensors file of `data` (a uint8 tensor), its mtime age_s ago."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "model"
+    folder.mkdir(exist_ok=True)
+    file = folder / "model.safetensors"
+    save_file({"w": torch.frombuffer(bytearray(data), dtype=torch.uint8)}, str(file))
+    old = file.stat().st_mtime - age_s
+    os.utime(file, (old, old))
+    return folder
+
+
+def plain_sha256(folder: Path) -> str:
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_the_weights_hash_is_cached_by_stat_and_hashed_again_when_a_file_changes(tmp_path):
+    cache = tmp_path / "cache"
+    folder = weights_folder(tmp_path, b"a" * 64)
+    first = model_sources.weights_sha256(folder, cache)
+    assert first == plain_sha256(folder) == model_sources.weights_sha256(folder, None)
+    (entry,) = cache.iterdir()
+    # a hit reads the entry, not the file: a doctored digest comes back as it is
+    saved = json.loads(entry.read_text(encoding="utf-8"))
+    entry.write_text(json.dumps({**saved, "sha256": "f" * 64}), encoding="utf-8")
+    assert model_sources.weights_sha256(folder, cache) == "f" * 64
+    # the same size rewritten in place (same inode), with another (old) mtime: a miss, hashed afresh
+    weights_folder(tmp_path, b"b" * 64, age_s=120.0)
+    assert model_sources.weights_sha256(folder, cache) == plain_sha256(folder) != first
+    entry.write_text("{not json", encoding="utf-8")  # a damaged entry only costs the hash
+    assert model_sources.weights_sha256(folder, cache) == plain_sha256(folder)
+
+
+def test_a_weights_file_written_just_now_is_hashed_but_not_cached(tmp_path):
+    # file times are coarse: a same-size rewrite within the same tick could keep its stat (git's "racy" case)
+    cache = tmp_path / "cache"
+    folder = weights_folder(tmp_path, b"a" * 64, age_s=0.0)
+    assert model_sources.weights_sha256(folder, cache) == plain_sha256(folder)
+    assert not cache.exists() or not list(cache.iterdir())

@@ -1,7 +1,11 @@
 """Phase times of a stage (table2text.phases) and how bench.run_recipe splits a stage's wall time with them."""
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +56,31 @@ def test_run_recipe_splits_the_wall_time_and_names_a_stage_without_phases():
     assert "17.00" in table and "10.00" in table
     with pytest.raises(SystemExit, match="metrics/runtime/merge.json has no phase times"):
         run_recipe.stage_phases("merge", {}, 5.0)
+
+
+EXITING_STAGE = r"""
+import atexit, sys, threading, time
+from table2text import phases
+
+class Teardown:
+    def __del__(self):  # runs only in the interpreter's teardown, which exit_process skips
+        sys.stderr.write("torn down\n")
+
+kept = Teardown()
+atexit.register(lambda: open(sys.argv[1], "w", encoding="utf-8").write("atexit ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), open(sys.argv[2], "w", encoding="utf-8").write("joined"))).start()
+print("buffered stdout", end="")  # no newline, stdout a pipe: still in the buffer at exit
+phases.exit_process(phases.timed("merge", lambda: 3))
+"""
+
+
+def test_exit_process_keeps_the_status_flushes_runs_atexit_and_joins_threads_but_skips_teardown(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    done, joined = tmp_path / "atexit.txt", tmp_path / "thread.txt"
+    run = subprocess.run([sys.executable, "-c", EXITING_STAGE, str(done), str(joined)], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
+                         text=True, encoding="utf-8", timeout=120)
+    assert run.returncode == 3, run.stderr
+    assert run.stdout == "buffered stdout"
+    assert done.read_text(encoding="utf-8") == "atexit ran" and joined.read_text(encoding="utf-8") == "joined"
+    assert "torn down" not in run.stderr  # the interpreter's teardown (1.1-1.3 s with torch loaded) was skipped
