@@ -27,10 +27,10 @@ for section in $sections; do
         --set merge.device=cuda --out "$out/phases" ;;
     decode)  # needs data/processed/validation.jsonl (the phases section writes it)
       run decode python -m bench.decode_bench --data data/processed/validation.jsonl \
-        --decoders generate graph graph_model_step --sequential 40 --out "$out/decode"
+        --decoders generate graph graph_model_step --sequential 25 --out "$out/decode"
       run decode-profile python -m bench.decode_profile --data data/processed/validation.jsonl --out "$out/decode" ;;
     train)
-      run train python -m bench.train_bench --data data/processed/train.jsonl --steps 10 \
+      run train python -m bench.train_bench --data data/processed/train.jsonl --steps 8 \
         --only project_nf4 project_nf4_fused_bf16lora project_nf4_compiled project_nf4_fused_compiled \
         trl_liger_b16 --out "$out/train" ;;
     fullft)  # quality rows, side by side on one GPU (their times are not measurements)
