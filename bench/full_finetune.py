@@ -207,6 +207,11 @@ def decode_and_score(model, tokenizer, records: list[dict], eval_cfg: dict, devi
                      peer: dict | None) -> dict:
     """Per decoding (greedy, beam 4): the scores of compute_metrics, the time, and the paired bootstrap
     against T5-large where the examples are its (FeTaQA validation)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    # Trainer (accelerate, bf16=True) wraps model.forward in autocast; decoding runs the model as it is
+    # shipped, so the wrapper goes (with it, the prefill wrote bf16 keys that an fp32 step cannot join)
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
     model.to(eval_dtype(eval_cfg["dtype"], device)).eval()
     prompts = [r["prompt"] for r in records]
     out = {}

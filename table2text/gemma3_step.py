@@ -94,6 +94,10 @@ class Gemma3Step:
     def __call__(self, token, position, masks, slot, cache) -> torch.Tensor:
         rows = token.shape[0]
         hidden = self.embed(token).view(rows, -1)  # embedding times its scale, as the model's module does
+        held = {cache.layers[0].keys.dtype, cache.layers[0].values.dtype}
+        if held != {hidden.dtype}:  # e.g. a prefill under autocast: say so, rather than mix dtypes
+            raise ValueError(f"the cache holds {' and '.join(sorted(map(str, held)))} keys and values but the model "
+                             f"computes in {hidden.dtype} (was the prefill run under autocast?)")
         rope = {t: self.rotary(hidden, position, t) for t in {layer.type for layer in self.layers}}
         index = slot.view(1)
         for i, layer in enumerate(self.layers):

@@ -56,3 +56,15 @@ def test_a_peft_wrapped_model_is_refused_and_lean_step_true_says_why(tiny):
     finally:
         wrapped.unload()  # the session's tiny model stays a plain Gemma 3 for the other tests
     assert gemma3_step.unsupported(model) is None
+
+
+@torch.inference_mode()
+def test_a_cache_filled_under_autocast_is_refused_in_one_line(tiny):
+    model, tokenizer = tiny
+    encoded = tokenizer(PROMPTS[:2], add_special_tokens=True)["input_ids"]
+    b = graph_decode._BucketDecoder(model, encoded, 4, end_token_ids(tokenizer), pad_token_id(tokenizer),
+                                    torch.device("cpu"), gemma3_step.Gemma3Step(model))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as accelerate's wrapped forward runs the prefill
+        b.prefill()
+    with pytest.raises(ValueError, match="cache holds torch.bfloat16 .*but the model computes in torch.float32"):
+        b.step()
