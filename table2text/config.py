@@ -228,11 +228,11 @@ class TrainConfig(Group):
     # math: compiled kernels are tested equal to eager on CPU only, so a resume across it is not assumed safe
     compile_layers: bool = setting(False, "torch.compile each decoder layer", math=True)
     peak_flops: float = setting(0, "device peak FLOP/s for MFU (0 = known GPUs by name)")
-    lora_compute_dtype: str = setting("float32", "dtype of the adapter matmuls: float32 (PEFT's: the input cast "
+    lora_compute_dtype: str = setting("auto", "dtype of the adapter matmuls: float32 (PEFT's: the input cast "
                                       "up) | bfloat16 | auto (the base's compute dtype); weights and optimiser "
                                       "stay fp32", math=True)
     # math: the function is PEFT's, but the dropout masks are drawn in another order (fused_lora)
-    fuse_lora: bool = setting(False, "compute q/k/v and gate/up (base and LoRA) as one matmul each",
+    fuse_lora: bool = setting(True, "compute q/k/v and gate/up (base and LoRA) as one matmul each",
                               math=True)
 
     def check(self) -> None:

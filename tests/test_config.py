@@ -297,7 +297,7 @@ def test_the_run_key_follows_the_math_fields_and_nothing_else():
     math_changes = {"quantization": "none", "effective_batch": 8, "learning_rate": 1e-4, "warmup_ratio": 0.1,
                     "lr_scheduler": "linear", "weight_decay": 0.1, "max_grad_norm": 0.5, "epochs": 2, "max_steps": 5,
                     "seed": 1, "nf4_fp32_upcast": True, "compile_layers": True, "label_smoothing": 0.1,
-                    "lora_compute_dtype": "bfloat16", "fuse_lora": True}
+                    "lora_compute_dtype": "bfloat16", "fuse_lora": False}
     assert set(math_changes) == set(math_keys("train"))
     for name, value in math_changes.items():
         changed = load_params(REPO / "params.yaml")

@@ -27,7 +27,9 @@ def _two_threads():
 
 def params_with(dropout=0.0, target_modules=None, **train):
     params = copy.deepcopy(load_params(REPO / "params.yaml"))
-    params["train"].update(quantization="none", device="cpu", **train)
+    # without levers named here: PEFT's own path (the defaults fuse and compute in the base's dtype)
+    params["train"].update(quantization="none", device="cpu", **{"fuse_lora": False, "lora_compute_dtype": "float32",
+                                                                 **train})
     params["lora"]["dropout"] = dropout
     if target_modules:
         params["lora"]["target_modules"] = target_modules
