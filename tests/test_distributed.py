@@ -133,6 +133,9 @@ def stage_folder(tmp_path: Path, model_dir: Path, processed_dir: Path, **train_o
     params["train"].update(
         quantization="none", effective_batch=5, max_steps=5, save_steps=2, logging_steps=1, learning_rate=1e-3,
         warmup_ratio=0.0, device="cpu", micro_batch_tokens=128, cpu_micro_batch_tokens=128, num_gpus=2,
+        # fp32 adapter matmuls: with bf16 ones (the default on this bf16 model) two ranks' sums round apart
+        # from one process's by ~2e-3, which would blur the comparison this file makes
+        lora_compute_dtype="float32",
     )
     params["train"].update(train_overrides)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")

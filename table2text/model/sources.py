@@ -242,7 +242,8 @@ def weights_sha256(model_dir: Path, cache_dir: Path | None = HASH_CACHE_DIR) -> 
     with "racily clean" files, a digest is only kept when every file is older than RACY_SECONDS: file
     times are coarse (a few ms on Linux, 2 s on FAT), so a file rewritten in place at the same size just
     after it was hashed could keep its stat. cache_dir None always hashes. The digest is the same either
-    way; a missing or unreadable entry only costs the hash."""
+    way; a missing or unreadable entry only costs the hash. Under torch.distributed.run only rank 0 writes
+    the entry (the other ranks read it)."""
     files = check_safetensors(model_dir)  # a corrupt file is named, not reported as "other weights"
     stats = [_file_stat(file) for file in files]
     entry_file = None
@@ -262,7 +263,8 @@ def weights_sha256(model_dir: Path, cache_dir: Path | None = HASH_CACHE_DIR) -> 
                 digest.update(block)
     sha256 = digest.hexdigest()
     settled = all(time.time_ns() - st[2] > RACY_SECONDS * 1e9 for st in stats)
-    if entry_file is not None and settled and [_file_stat(file) for file in files] == stats:  # unchanged while hashed
+    writer = int(os.environ.get("RANK", "0")) == 0  # in a multi-process run only rank 0 writes files
+    if entry_file is not None and writer and settled and [_file_stat(file) for file in files] == stats:
         try:
             entry_file.parent.mkdir(parents=True, exist_ok=True)
             write_json(entry_file, {"folder": folder, "files": stats, "sha256": sha256})
