@@ -41,7 +41,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.recipe_search import (GRID, PEER, SCORES, choose, compare, environment, final_runs, load_grid, markdown,
+from bench.recipe_search import (GRID, PEER, SCORES, choose, environment, final_runs, load_grid, report_finals,
                                  selection_runs, split_training)
 from bench.significance import bleu_statistics
 
@@ -260,16 +260,7 @@ def main(argv=None) -> int:
             return 0
         found = experiments(json.loads(dvc("exp", "show", "--json").stdout))
     doc["finals"] = final_results(dvc, finals, found)
-    peer = json.loads(args.peer.read_text(encoding="utf-8")) if args.peer.is_file() else None
-    compare(doc["finals"], peer)
-    doc["compared_on_validation"] = sum("validation" in f for f in doc["finals"])
-    path = write(doc, args.out)
-    print("\n" + markdown(doc))
-    print(f"\nwrote {path}")
-    failed = [r["name"] for r in doc["selection"] + doc["finals"] if "error" in r]
-    if failed:
-        print(f"failed or not run: {', '.join(failed)} (dvc queue logs NAME)")
-    return 1 if failed else 0
+    return report_finals(doc, args.peer, args.out, "failed or not run: {} (dvc queue logs NAME)", writer=write)
 
 
 if __name__ == "__main__":

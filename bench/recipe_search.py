@@ -415,21 +415,28 @@ def main(argv=None) -> int:
     doc["compared_on_held_out"] = len(doc["candidates"])
     doc["chosen"] = choose(doc["candidates"], int(grid["finals_per_task"]))
     doc["selection_seconds"] = time.perf_counter() - t0
-    path = write(doc, args.out)
+    write(doc, args.out)
     print(markdown(doc), flush=True)
 
     finals = final_runs(grid, doc["chosen"], fetaqa, args.set)
     doc["finals"] = runner.map(finals, lambda job, slot: run_final(job, slot, runner), deadline=args.deadline)
-    peer = json.loads(args.peer.read_text(encoding="utf-8")) if args.peer.is_file() else None
+    doc["total_seconds"] = time.perf_counter() - t0
+    return report_finals(doc, args.peer, args.out, f"failed or not started: {{}} (logs under {workroot})")
+
+
+def report_finals(doc: dict, peer_file: Path, out: Path, failed_line: str, writer=None) -> int:
+    """The finals against T5-large (peer_file, when it exists), the record written (by writer(doc, out):
+    this module's write by default) and the table printed; 1 if a run failed or did not run (named by
+    failed_line, a format with one {} for the names), else 0."""
+    peer = json.loads(peer_file.read_text(encoding="utf-8")) if peer_file.is_file() else None
     compare(doc["finals"], peer)
     doc["compared_on_validation"] = sum("validation" in f for f in doc["finals"])
-    doc["total_seconds"] = time.perf_counter() - t0
-    path = write(doc, args.out)
+    path = (writer or write)(doc, out)
     print("\n" + markdown(doc))
     print(f"\nwrote {path}")
     failed = [r["name"] for r in doc["selection"] + doc["finals"] if "error" in r]
     if failed:
-        print(f"failed or not started: {', '.join(failed)} (logs under {workroot})")
+        print(failed_line.format(", ".join(failed)))
     return 1 if failed else 0
 
 
