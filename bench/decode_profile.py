@@ -28,20 +28,13 @@ def timed_buckets(model, encoded, args, stop, pad, device, lean=None) -> list[di
     """Each bucket's prefill, graph capture and replayed steps, in seconds (events around each)."""
     rows = []
     for indices in graph_decode.plan_buckets([len(e) for e in encoded], args.batch_size, 0, args.max_new_tokens):
-        bucket = graph_decode._BucketDecoder(model, [encoded[i] for i in indices], args.max_new_tokens, stop, pad,
+        bucket = graph_decode.BucketDecoder(model, [encoded[i] for i in indices], args.max_new_tokens, stop, pad,
                                              device, lean)
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         marks[0].record()
         bucket.prefill()
         marks[1].record()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            bucket.step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            bucket.step()
+        graph = bucket.capture_step()  # as the decoder's run() captures it
         marks[2].record()
         steps = args.max_new_tokens - 2
         for _ in range(steps):
@@ -99,7 +92,7 @@ def main(argv=None):
                                                 args.max_new_tokens), key=len)
 
         def fresh(step=None):  # a bucket's static cache takes one prefill: each profiled prefill gets a new one
-            return graph_decode._BucketDecoder(model, [encoded[i] for i in largest], args.max_new_tokens, stop,
+            return graph_decode.BucketDecoder(model, [encoded[i] for i in largest], args.max_new_tokens, stop,
                                                pad, device, step)
 
         results.append({"name": "prefill_kernels", "kernels": kernel_table(lambda: fresh().prefill())})

@@ -87,7 +87,7 @@ def _masks(key_valid: torch.Tensor, query_slots: torch.Tensor, layer_types: set[
     return masks
 
 
-class _BucketDecoder:
+class BucketDecoder:
     """The state of one bucket's greedy decoding: static buffers a step reads and advances in place."""
 
     def __init__(self, model, rows: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
@@ -156,23 +156,26 @@ class _BucketDecoder:
         self.slot.add_(1)
         self.step_index.add_(1)
 
+    def capture_step(self) -> torch.cuda.CUDAGraph:
+        """The step as a CUDA graph. The first step runs eagerly on a side stream (PyTorch's warm-up before
+        capture: kernels chosen, workspaces allocated); the capture records without running, so state
+        moves on only by that eager step and by the replays."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step()
+        return graph
+
     def run(self, use_graph: bool, check_every: int) -> torch.Tensor:
         self.prefill()
         steps = self.max_new - 1  # the prefill gave the first token
         done_at = 0
         if steps > 0 and use_graph:
-            # The first step runs eagerly on a side stream (PyTorch's warm-up before capture: kernels
-            # chosen, workspaces allocated); the capture records without running, so state moves on only
-            # by the eager step and by the replays.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.step()
-            run_step, done_at = graph.replay, 1
+            run_step, done_at = self.capture_step().replay, 1
         else:
             run_step = self.step
         for k in range(done_at, steps):
@@ -211,7 +214,7 @@ def greedy_tokens(model, encoded: list[list[int]], max_new_tokens: int, stop_ids
     buckets = plan_buckets([len(e) for e in encoded], batch_size, batch_tokens, max_new_tokens,
                            BUCKET_COST_SLOTS if bucket_cost is None else bucket_cost)
     for indices in buckets:
-        bucket = _BucketDecoder(model, [encoded[i] for i in indices], max_new_tokens, stop_ids, pad_id, device, lean)
+        bucket = BucketDecoder(model, [encoded[i] for i in indices], max_new_tokens, stop_ids, pad_id, device, lean)
         tokens = bucket.run(use_graph, check_every).tolist()
         del bucket  # frees the bucket's cache and graph pool before the next one
         for i, t in zip(indices, tokens):

@@ -11,7 +11,7 @@ from tests.test_generation import PROMPTS, short_window_model_dir, tiny  # noqa:
 
 def bucket(model, tokenizer, lean):
     encoded = tokenizer(PROMPTS, add_special_tokens=True)["input_ids"]
-    b = graph_decode._BucketDecoder(model, encoded, 6, end_token_ids(tokenizer), pad_token_id(tokenizer),
+    b = graph_decode.BucketDecoder(model, encoded, 6, end_token_ids(tokenizer), pad_token_id(tokenizer),
                                     torch.device("cpu"), lean)
     b.prefill()
     return b
@@ -62,7 +62,7 @@ def test_a_peft_wrapped_model_is_refused_and_lean_step_true_says_why(tiny):
 def test_a_cache_filled_under_autocast_is_refused_in_one_line(tiny):
     model, tokenizer = tiny
     encoded = tokenizer(PROMPTS[:2], add_special_tokens=True)["input_ids"]
-    b = graph_decode._BucketDecoder(model, encoded, 4, end_token_ids(tokenizer), pad_token_id(tokenizer),
+    b = graph_decode.BucketDecoder(model, encoded, 4, end_token_ids(tokenizer), pad_token_id(tokenizer),
                                     torch.device("cpu"), gemma3_step.Gemma3Step(model))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as accelerate's wrapped forward runs the prefill
         b.prefill()

@@ -59,8 +59,8 @@ def test_early_stop_pads_after_the_end_token_and_others_run_to_the_cap(tiny, mon
         pytest.skip("this random model emits no token usable as an artificial stop")
     stop = end_token_ids(tokenizer) + [first[at]]
     calls = []
-    monkeypatch.setattr(graph_decode._BucketDecoder, "step",
-                        lambda self, real=graph_decode._BucketDecoder.step: (calls.append(1), real(self)))
+    monkeypatch.setattr(graph_decode.BucketDecoder, "step",
+                        lambda self, real=graph_decode.BucketDecoder.step: (calls.append(1), real(self)))
     ours = greedy_tokens(model, encoded, 10, stop, pad, batch_size=2, check_every=1)
     assert ours[0] == first[:at + 1] + [pad] * (9 - at)  # the end token kept, pads after it
     assert ours[1] == other  # the other row reaches max_new_tokens
