@@ -1,6 +1,7 @@
 """Where the graph decoder's time goes: per bucket, its prefill and its graphed steps timed apart (CUDA
-events), with the lean Gemma 3 step and with the model's own step; then torch.profiler's top kernels of one
-eager prefill and of one eager step of each kind, in the largest bucket.
+events), with the lean Gemma 3 forward (one query's attention as matrix products, the default, or through
+SDPA) and with the model's own forward; then torch.profiler's top kernels of one eager prefill and of one
+eager step of each kind, in the largest bucket and in the bucket of the longest prompts.
 
     python -m bench.decode_profile --data PROCESSED_VALIDATION.jsonl [--dtype float32] [--batch-size 500]
         [--max-new-tokens 64] [--out bench/results]
@@ -81,25 +82,29 @@ def main(argv=None):
     encoded = tok(prompts, add_special_tokens=True)["input_ids"]
     stop, pad = end_token_ids(tok), pad_token_id(tok)
     with fp32_matmul_precision("tf32" if args.dtype == "float32" else "ieee", device):
-        lean = gemma3_step.Gemma3Step(model)
+        variants = (("lean_matmul", gemma3_step.Gemma3Step(model)),
+                    ("lean_sdpa", gemma3_step.Gemma3Step(model, attention="sdpa")), ("model", None))
         results = []
-        for name, step in (("lean_step", lean), ("model_step", None)):
+        for name, step in variants:
             timed_buckets(model, encoded[:16], args, stop, pad, device, step)  # warm-up
             buckets = timed_buckets(model, encoded, args, stop, pad, device, step)
             total = {k: sum(b[k] for b in buckets) for k in ("prefill_s", "capture_s", "steps_s")}
             results.append({"name": f"{name}_buckets", "buckets": buckets, "total": total})
-        largest = max(graph_decode.plan_buckets([len(e) for e in encoded], args.batch_size, 0,
-                                                args.max_new_tokens), key=len)
+        planned = graph_decode.plan_buckets([len(e) for e in encoded], args.batch_size, 0, args.max_new_tokens)
+        for which, indices in (("largest", max(planned, key=len)),
+                               ("longest", max(planned, key=lambda b: max(len(encoded[i]) for i in b)))):
+            def fresh(step=None):  # a static cache takes one prefill: each profiled prefill gets a new bucket
+                return graph_decode.BucketDecoder(model, [encoded[i] for i in indices], args.max_new_tokens, stop,
+                                                   pad, device, step)
 
-        def fresh(step=None):  # a bucket's static cache takes one prefill: each profiled prefill gets a new one
-            return graph_decode.BucketDecoder(model, [encoded[i] for i in largest], args.max_new_tokens, stop,
-                                               pad, device, step)
-
-        results.append({"name": "prefill_kernels", "kernels": kernel_table(lambda: fresh().prefill())})
-        for name, step in (("lean_step", lean), ("model_step", None)):
-            bucket = fresh(step)
-            bucket.prefill()
-            results.append({"name": f"{name}_kernels", "kernels": kernel_table(bucket.step)})
+            for name, step in variants:
+                if name != "lean_sdpa":  # its prefill is lean_matmul's
+                    results.append({"name": f"{which}_{name}_prefill_kernels", "rows": len(indices),
+                                    "kernels": kernel_table(lambda: fresh(step).prefill())})
+                bucket = fresh(step)
+                bucket.prefill()
+                results.append({"name": f"{which}_{name}_step_kernels", "rows": len(indices),
+                                "kernels": kernel_table(bucket.step)})
     meta = {"prompts": len(prompts), "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
             "command": "python -m bench.decode_profile " + " ".join(sys.argv[1:] if argv is None else argv)}
     env = common.environment()

@@ -4,11 +4,11 @@
 # and the full fine-tuning and ToTTo dev55 rows. Results go to $1 (default bench/results/session), one
 # folder per bench; a bench that fails is reported and the next one still runs.
 #
-#     bash bench/gpu_session.sh OUT [SECTION ...]     # sections: phases decode train fullft (default: all)
+#     bash bench/gpu_session.sh OUT [SECTION ...]     # sections: phases decode train compile fullft (default: all)
 set -u
 out=${1:-bench/results/session}
 shift || true
-sections=${*:-phases decode train fullft}
+sections=${*:-phases decode train compile fullft}
 data=.gpu/data
 logs=$(mktemp -d)  # the side-by-side rows' logs, outside $out: a GPU call brings back few files
 mkdir -p "$out"
@@ -33,6 +33,9 @@ for section in $sections; do
       run train python -m bench.train_bench --data data/processed/train.jsonl --steps 8 \
         --only project_nf4 project_nf4_fused_bf16lora project_nf4_compiled project_nf4_fused_compiled \
         trl_liger_b16 --out "$out/train" ;;
+    compile)  # compiled layers twice, each a new process: into an empty compile cache, then from it
+      run compile-cache python -m bench.compile_cache_bench --data data/processed/train.jsonl --steps 12 \
+        --out "$out/train" ;;
     fullft)  # quality rows, side by side on one GPU (their times are not measurements)
       run fullft-nq python -m bench.full_finetune --fetaqa $data/fetaqa --totto $data/totto --out "$out/fullft" \
         > "$logs/fullft-nq.log" 2>&1 &

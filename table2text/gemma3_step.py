@@ -18,6 +18,8 @@ The prompt's prefill still runs the model's forward (one call per bucket; its ke
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -72,17 +74,41 @@ class _Layer:
         self.intermediate = mlp.gate_proj.out_features
 
 
+ATTENTIONS = ("matmul", "sdpa")
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmuls():
+    """fp32 matmuls in IEEE fp32 while inside (TF32 otherwise rounds their inputs to 10 bits): the
+    attention products stay as exact as the memory-efficient kernel that transformers' step runs."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 class Gemma3Step:
     """step(token [rows, 1], position [rows, 1], masks {layer type: bool [rows, 1, 1, slots]}, slot, cache)
     -> logits [rows, vocabulary] of the next token; writes the token's keys and values to cache slot `slot`
-    (a 0-d device tensor) of transformers' static cache layers, which the prefill filled."""
+    (a 0-d device tensor) of transformers' static cache layers, which prefill() (or the model) filled.
 
-    def __init__(self, model):
+    attention: "matmul" (default) computes one query token's attention as two batched matrix products and
+    a softmax; "sdpa" calls scaled_dot_product_attention as transformers does. Why matmul: in fp32 SDPA
+    takes its memory-efficient kernel, which for one query token runs one thread block per row and key/value
+    head over the whole cache, so a bucket of few rows and long prompts leaves most of the GPU idle
+    (bench/decode_profile.py measures both)."""
+
+    def __init__(self, model, attention: str = "matmul"):
         reason = unsupported(model)
         if reason:
             raise ValueError(f"the lean Gemma 3 step cannot run this model: {reason}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         text = model.model
         self.model = model
+        self.attention = attention
         self.rotary = text.rotary_emb
         self.embed = text.embed_tokens
         self.layers = [_Layer(layer) for layer in text.layers[: model.config.num_hidden_layers]]
@@ -92,39 +118,87 @@ class Gemma3Step:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def __call__(self, token, position, masks, slot, cache) -> torch.Tensor:
-        rows = token.shape[0]
-        hidden = self.embed(token).view(rows, -1)  # embedding times its scale, as the model's module does
-        held = {cache.layers[0].keys.dtype, cache.layers[0].values.dtype}
-        if held != {hidden.dtype}:  # e.g. a prefill under autocast: say so, rather than mix dtypes
-            raise ValueError(f"the cache holds {' and '.join(sorted(map(str, held)))} keys and values but the model "
-                             f"computes in {hidden.dtype} (was the prefill run under autocast?)")
-        rope = {t: self.rotary(hidden, position, t) for t in {layer.type for layer in self.layers}}
+        hidden = self._embed(token, cache, prefill=False)
+        rope = self._rope(hidden, position)
         index = slot.view(1)
         for i, layer in enumerate(self.layers):
             hidden = self._layer(layer, hidden, rope[layer.type], masks[layer.type], index, cache.layers[i])
-        hidden = _norm(hidden, self.final_norm, self.final_eps)
-        logits = F.linear(hidden, self.head)
+        return self._logits(hidden[:, -1])
+
+    def prefill(self, ids, positions, masks, cache) -> torch.Tensor:
+        """The prompts' forward: ids and positions [rows, width] (left-padded), masks {layer type: bool
+        [rows, 1, width, slots]}; writes the prompts' keys and values to cache slots 0..width-1 and returns
+        the logits [rows, vocabulary] of the token after the last position. The head runs on the last
+        position's hidden state only, as one matrix product (the model's forward with logits_to_keep=1
+        multiplies a [rows, 1, hidden] view, which runs as a batched matrix-vector product)."""
+        width = ids.shape[1]
+        hidden = self._embed(ids, cache, prefill=True)
+        rope = self._rope(hidden, positions)
+        index = torch.arange(width, device=ids.device)
+        for i, layer in enumerate(self.layers):
+            hidden = self._layer(layer, hidden, rope[layer.type], masks[layer.type][..., :width], index,
+                                 cache.layers[i])
+        return self._logits(hidden[:, -1])
+
+    def _embed(self, ids, cache, prefill: bool) -> torch.Tensor:
+        hidden = self.embed(ids)  # [rows, tokens, hidden]: the embedding times its scale, as the model's module
+        if not prefill:
+            held = {cache.layers[0].keys.dtype, cache.layers[0].values.dtype}
+            if held != {hidden.dtype}:  # e.g. a prefill under autocast: say so, rather than mix dtypes
+                raise ValueError(f"the cache holds {' and '.join(sorted(map(str, held)))} keys and values but the "
+                                 f"model computes in {hidden.dtype} (was the prefill run under autocast?)")
+        return hidden
+
+    def _rope(self, hidden, positions) -> dict:
+        return {t: self.rotary(hidden, positions, t) for t in {layer.type for layer in self.layers}}
+
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        """The head on [rows, hidden] (contiguous: one matrix product)."""
+        logits = F.linear(_norm(last.contiguous(), self.final_norm, self.final_eps), self.head)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    @staticmethod
-    def _layer(layer: _Layer, hidden, rope, mask, index, cache_layer) -> torch.Tensor:
-        rows, h, g, d = hidden.shape[0], layer.heads, layer.kv_heads, layer.head_dim
+    def _layer(self, layer: _Layer, hidden, rope, mask, index, cache_layer) -> torch.Tensor:
+        """One decoder layer over hidden [rows, tokens, hidden]; `index` the cache slots of those tokens."""
+        rows, n, h, g, d = hidden.shape[0], hidden.shape[1], layer.heads, layer.kv_heads, layer.head_dim
         norm_in, norm_attn, norm_pre_ff, norm_post_ff, norm_q, norm_k = layer.norms
         qkv = F.linear(_norm(hidden, norm_in, layer.eps), layer.qkv)
-        q = _norm(qkv[:, : h * d].view(rows, h, d), norm_q, layer.eps)
-        k = _norm(qkv[:, h * d : (h + g) * d].view(rows, g, d), norm_k, layer.eps)
-        cos, sin = (t.view(rows, 1, d) for t in rope)
-        qk = _rotate(torch.cat([q, k], dim=1), cos, sin)
-        q, k = qk[:, :h], qk[:, h:]
-        v = qkv[:, (h + g) * d :].view(rows, g, 1, d)
-        cache_layer.keys.index_copy_(2, index, k.view(rows, g, 1, d))
-        cache_layer.values.index_copy_(2, index, v)
-        # one query token: the h/g query heads of each key/value head are that head's queries (pack_gqa)
-        out = F.scaled_dot_product_attention(q.reshape(rows, g, h // g, d), cache_layer.keys, cache_layer.values,
-                                             attn_mask=mask, scale=layer.scaling)
-        hidden = hidden + _norm(F.linear(out.reshape(rows, h * d), layer.o), norm_attn, layer.eps)
+        q = _norm(qkv[..., : h * d].view(rows, n, h, d), norm_q, layer.eps)
+        k = _norm(qkv[..., h * d : (h + g) * d].view(rows, n, g, d), norm_k, layer.eps)
+        cos, sin = (t.view(rows, n, 1, d) for t in rope)
+        qk = _rotate(torch.cat([q, k], dim=2), cos, sin)
+        q, k = qk[:, :, :h], qk[:, :, h:]
+        v = qkv[..., (h + g) * d :].view(rows, n, g, d)
+        if n == 1:
+            cache_layer.keys.index_copy_(2, index, k.view(rows, g, 1, d))
+            cache_layer.values.index_copy_(2, index, v.view(rows, g, 1, d))
+            out = self._one_query(layer, q.view(rows, g, h // g, d), cache_layer.keys, cache_layer.values, mask)
+        else:  # the prompt: transformers' cache update (it allocates the static layer), attention over its slots
+            keys, values = cache_layer.update(k.transpose(1, 2), v.transpose(1, 2))
+            keys, values = (_repeat_kv(t[:, :, :n], h // g) for t in (keys, values))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                 scale=layer.scaling).transpose(1, 2)
+        hidden = hidden + _norm(F.linear(out.reshape(rows, n, h * d), layer.o), norm_attn, layer.eps)
         gate, up = F.linear(_norm(hidden, norm_pre_ff, layer.eps), layer.gate_up).split(layer.intermediate, dim=-1)
         mlp = F.linear(F.gelu(gate, approximate="tanh") * up, layer.down)
         return hidden + _norm(mlp, norm_post_ff, layer.eps)
+
+    def _one_query(self, layer: _Layer, q, keys, values, mask) -> torch.Tensor:
+        """One query token's attention; q [rows, kv heads, its query heads, d] (pack_gqa: the query heads of
+        a key/value head are that head's queries), mask bool [rows, 1, 1, slots]."""
+        if self.attention == "sdpa":
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=layer.scaling)
+        with _ieee_fp32_matmuls():
+            scores = torch.matmul(q * layer.scaling, keys.transpose(-1, -2))  # [rows, g, h/g, slots]
+            weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+            return torch.matmul(weights, values)
+
+
+def _repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """[rows, g, slots, d] -> [rows, g * groups, slots, d], each key/value head repeated for its query heads
+    (transformers' repeat_kv, which its SDPA path uses under a mask)."""
+    if groups == 1:
+        return t
+    rows, g, slots, d = t.shape
+    return t[:, :, None].expand(rows, g, groups, slots, d).reshape(rows, g * groups, slots, d)

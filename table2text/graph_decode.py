@@ -13,8 +13,9 @@ once per bucket as a torch.cuda.CUDAGraph and replayed; on CPU the very same ste
   from their mask, because StaticSlidingWindowLayer picks its code path by a Python counter that a
   captured graph could not follow. The masks are built on the device from tensors the step advances
   itself (slot index, positions), so replaying the graph needs no host work.
-- Step: table2text.gemma3_step's lean Gemma 3 forward (~25 kernels a layer instead of ~95) where the
-  model is a plain Gemma 3; other models take their own forward (lean_step=False forces that).
+- Prefill and step: table2text.gemma3_step's lean Gemma 3 forward (~25 kernels a layer instead of ~95,
+  the head on the last position only, one query's attention as matrix products) where the model is a
+  plain Gemma 3; other models take their own forward (lean_step=False forces that).
 - Stop: a done mask on the device (rows that emitted an end token get the pad token after it, as
   `generate` pads them); the host reads it only every `check_every` steps.
 """
@@ -126,10 +127,13 @@ class BucketDecoder:
 
     def prefill(self) -> None:
         slots = torch.arange(self.prompt_width, device=self.ids.device)
-        logits = self.model(input_ids=self.ids, attention_mask=_masks(self.key_valid, slots, self.layer_types, self.window),
-                            position_ids=self.prompt_positions, cache=self.cache, use_cache=True,
-                            logits_to_keep=1).logits
-        first = logits[:, -1].argmax(-1)
+        masks = _masks(self.key_valid, slots, self.layer_types, self.window)
+        if self.lean is not None:
+            logits = self.lean.prefill(self.ids, self.prompt_positions, masks, self.cache)
+        else:
+            logits = self.model(input_ids=self.ids, attention_mask=masks, position_ids=self.prompt_positions,
+                                cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        first = logits.argmax(-1)
         self.out[:, 0] = first
         self.token.copy_(first.view(-1, 1))
         self.done |= torch.isin(first, self.stop)

@@ -17,10 +17,46 @@ def bucket(model, tokenizer, lean):
     return b
 
 
+def decoders(model, tokenizer, lean):
+    """The lean decoder (its own prefill) and the model's, on the same prompts, before their prefills."""
+    encoded = tokenizer(PROMPTS, add_special_tokens=True)["input_ids"]
+    return [graph_decode.BucketDecoder(model, encoded, 6, end_token_ids(tokenizer), pad_token_id(tokenizer),
+                                       torch.device("cpu"), step) for step in (lean, None)]
+
+
 @torch.inference_mode()
-def test_next_token_logits_equal_the_models_step_over_several_steps(tiny):
+def test_the_lean_prefill_fills_the_cache_and_picks_the_first_token_as_the_model_does(tiny):
+    model, tokenizer = tiny
+    ours, theirs = decoders(model, tokenizer, gemma3_step.Gemma3Step(model))
+    ours.prefill()
+    theirs.prefill()
+    assert torch.equal(ours.out[:, 0], theirs.out[:, 0])
+    for a, b in zip(ours.cache.layers, theirs.cache.layers):  # prompt slots filled, generated slots empty
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
+    width = ours.prompt_width
+    assert not ours.cache.layers[0].keys[:, :, width:].any()
+
+
+@torch.inference_mode()
+def test_the_lean_prefill_logits_equal_the_models_last_position(tiny):
     model, tokenizer = tiny
     lean = gemma3_step.Gemma3Step(model)
+    ours, theirs = decoders(model, tokenizer, lean)
+    slots = torch.arange(ours.prompt_width)
+    masks = graph_decode._masks(ours.key_valid, slots, ours.layer_types, ours.window)
+    got = lean.prefill(ours.ids, ours.prompt_positions, masks, ours.cache)
+    want = model(input_ids=theirs.ids, attention_mask=masks, position_ids=theirs.prompt_positions,
+                 cache=theirs.cache, use_cache=True).logits[:, -1]
+    assert got.shape == (len(PROMPTS), model.config.vocab_size) and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", gemma3_step.ATTENTIONS)
+@torch.inference_mode()
+def test_next_token_logits_equal_the_models_step_over_several_steps(tiny, attention):
+    model, tokenizer = tiny
+    lean = gemma3_step.Gemma3Step(model, attention=attention)
     ours, theirs = bucket(model, tokenizer, lean), bucket(model, tokenizer, None)
     for _ in range(4):  # each step reads the keys and values the earlier steps wrote
         a, b = ours.next_logits(), theirs.next_logits()
@@ -30,6 +66,12 @@ def test_next_token_logits_equal_the_models_step_over_several_steps(tiny):
         theirs.advance(b)
         assert torch.equal(ours.out, theirs.out)
     assert torch.equal(ours.cache.layers[0].keys, theirs.cache.layers[0].keys)
+
+
+def test_an_unknown_attention_is_refused(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="attention must be one of"):
+        gemma3_step.Gemma3Step(model, attention="flash")
 
 
 def test_greedy_tokens_are_the_same_with_and_without_the_lean_step(tiny):
