@@ -65,6 +65,9 @@ def phase_table(stages: dict) -> str:
         lines.append(f"{stage:<11}{entry['wall_seconds']:>7.2f}{cells}")
     total = sum(e["wall_seconds"] for e in stages.values())
     lines.append(f"{'total':<11}{total:>7.2f}")
+    for stage, entry in stages.items():  # what the stages named inside their phases (table2text.phases)
+        details = entry.get("metrics", {}).get("details") or {}
+        lines.extend(f"  {stage} {key}: {seconds:.2f}" for key, seconds in details.items())
     return "\n".join(lines)
 
 

@@ -52,20 +52,23 @@ def main(argv: list[str] | None = None) -> dict:
     device = model_sources.pick_device(cfg["device"])
     dtype = eval_dtype(cfg["dtype"], device)
     base_dir = model_sources.resolve_model(params["model"]["name"])
-    phases.enter("load")
+    phases.enter("load", "fine-tuned model")
     model = load_finetuned(cfg["model"], base_dir, device, dtype)
+    phases.detail("tokenizer")
     tokenizer = model_sources.load_tokenizer(base_dir)  # the one preprocess built the prompts with
     bleurt = cfg["bleurt_checkpoint"] or None
     gen_args = generation_settings(cfg, device)
 
-    phases.enter("work")  # generation and the metrics
+    phases.enter("work", "generation")
     predictions, seconds = timed_generate(model, tokenizer, prompts, gen_args)
     del model
+    phases.detail("metrics")
     scoring = prepare_examples(records)  # the tables' side of PARENT, once for both models
     summary, per_example = compute_metrics(predictions, records, bleurt_checkpoint=bleurt, prepared=scoring)
     base_predictions = base_seconds = base_cache = base_summary = base_per_example = None
     if cfg["compare_base"]:  # the untuned base on the same prompts: every run shows its gain
         base_predictions, base_seconds, base_cache = base_answers(base_dir, tokenizer, prompts, gen_args, dtype, device)
+        phases.detail("metrics")
         base_summary, base_per_example = compute_metrics(base_predictions, records, bleurt_checkpoint=bleurt,
                                                          prepared=scoring)
 

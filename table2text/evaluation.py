@@ -96,9 +96,9 @@ def base_answers(base_dir: Path, tokenizer, prompts: list[str], gen_args: dict, 
     predictions = eval_cache.load(cache_key, len(prompts))
     if predictions is not None:
         return predictions, None, "hit"
-    phases.enter("load")
+    phases.enter("load", "base model")
     base = model_sources.load_model(base_dir, quantization="none", dtype=dtype, device=device)
-    phases.enter("work")
+    phases.enter("work", "base generation")
     predictions, seconds = timed_generate(base, tokenizer, prompts, gen_args)
     del base
     eval_cache.store(cache_key, cache_inputs, predictions)

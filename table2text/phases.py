@@ -4,9 +4,11 @@
 A stage's `if __name__ == "__main__"` is `phases.exit_process(phases.timed(stage, cli))`.
 A stage calls begin(stage) first thing in main(), enter(phase) at each change of phase (the time until
 the next enter() counts to that phase; a phase entered twice adds up) and finish() at the end, which adds
-{"phases": {...}, "process_seconds": ...} to metrics/runtime/<stage>.json (table2text.runtime: git-ignored,
+{"phases": {...}, "details": {...}, "process_seconds": ...} to metrics/runtime/<stage>.json (table2text.runtime: git-ignored,
 never a DVC-tracked output). bench/run_recipe.py reads it from there. Outside begin()/finish() (tests
-and benches calling a stage's functions directly) enter() only moves the clock of a timer nobody writes.
+and benches calling a stage's functions directly) enter() only moves the clock of a timer nobody writes. enter(phase, detail) and detail(label) also
+name what a phase is doing, so a phase's time splits further ("details", keyed "phase/label": the time
+with no label set is in the phase's total only).
 """
 
 from __future__ import annotations
@@ -39,19 +41,29 @@ class PhaseTimer:
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.seconds["startup"] = process_age() if stage else 0.0
         self.current = "prepare"  # reading the settings and inputs, until the stage says otherwise
+        self.label: str | None = None
+        self.details: dict[str, float] = {}
         self.since = time.perf_counter()
 
-    def enter(self, phase: str) -> None:
+    def enter(self, phase: str, detail: str | None = None) -> None:
         if phase not in PHASES[1:]:
             raise ValueError(f"unknown phase {phase!r} (one of {', '.join(PHASES[1:])})")
         now = time.perf_counter()
         self.seconds[self.current] += now - self.since
-        self.current, self.since = phase, now
+        if self.label is not None:
+            key = f"{self.current}/{self.label}"
+            self.details[key] = self.details.get(key, 0.0) + now - self.since
+        self.current, self.label, self.since = phase, detail, now
+
+    def detail(self, label: str | None) -> None:
+        """Name what the running phase does from now on (None: nothing named)."""
+        self.enter(self.current, label)
 
     def record(self) -> dict:
-        self.enter(self.current)  # the running phase up to now
+        self.enter(self.current, self.label)  # the running phase up to now
         total = sum(v for v in self.seconds.values() if v is not None)
-        return {"phases": dict(self.seconds), "process_seconds": total if self.seconds["startup"] is not None else None}
+        return {"phases": dict(self.seconds), "details": dict(self.details),
+                "process_seconds": total if self.seconds["startup"] is not None else None}
 
 
 _timer = PhaseTimer()
@@ -64,8 +76,12 @@ def begin(stage: str) -> PhaseTimer:
     return _timer
 
 
-def enter(phase: str) -> None:
-    _timer.enter(phase)
+def enter(phase: str, detail: str | None = None) -> None:
+    _timer.enter(phase, detail)
+
+
+def detail(label: str | None) -> None:
+    _timer.detail(label)
 
 
 def finish(folder: Path | None = None) -> dict:

@@ -33,6 +33,29 @@ def test_each_phase_gets_the_time_until_the_next_and_repeats_add_up(tmp_path):
     assert saved["process_seconds"] == pytest.approx(sum(saved["phases"].values()))
 
 
+def test_details_split_a_phase_and_unnamed_time_counts_only_to_the_phase(tmp_path):
+    phases.begin("train")
+    phases.enter("load", "weights hash")
+    time.sleep(0.03)
+    phases.detail("tokenizer")
+    time.sleep(0.05)
+    phases.enter("prepare")  # nothing named
+    time.sleep(0.02)
+    phases.detail("graph capture")
+    time.sleep(0.04)
+    phases.enter("load", "weights hash")  # a label used twice adds up
+    time.sleep(0.03)
+    record = phases.finish(tmp_path)
+    details = record["details"]
+    assert set(details) == {"load/weights hash", "load/tokenizer", "prepare/graph capture"}
+    assert 0.06 <= details["load/weights hash"] < 0.3 and 0.05 <= details["load/tokenizer"] < 0.3
+    assert record["phases"]["prepare"] > details["prepare/graph capture"] >= 0.04
+    assert sum(v for k, v in details.items() if k.startswith("load/")) == pytest.approx(record["phases"]["load"])
+    table = run_recipe.phase_table({"train": {"wall_seconds": 1.0, "phases": {**record["phases"], "exit": 0.0},
+                                              "metrics": record}})
+    assert "train prepare/graph capture:" in table
+
+
 def test_an_unknown_phase_is_refused():
     with pytest.raises(ValueError, match="unknown phase 'loading'"):
         phases.enter("loading")

@@ -144,7 +144,7 @@ def merge(
         check_writable(Path(metrics_file).parent, "metrics folder")
     device = model_sources.pick_device(cfg["device"])
     model_dir = Path(model_dir) if model_dir else model_sources.resolve_model(params["model"]["name"])
-    phases.enter("load")  # the base's identity (its weights hashed), the tokenizer, the stated model
+    phases.enter("load", "base identity, tokenizer")  # its weights hashed
     info = finetuned.read_training_info(adapter_dir)
     base_sha256 = finetuned.check_base_identity(adapter_dir, info, model_dir)
     tokenizer = model_sources.load_tokenizer(model_dir)
@@ -153,6 +153,7 @@ def merge(
         raise MergeError("no validation prompts to verify the merged model on")
 
     # The stated model in fp32, unmerged: what the merged checkpoint must reproduce.
+    phases.detail("stated model")
     stated = finetuned.load_adapter_model(adapter_dir, model_dir, device, torch.float32, base=cfg["base"], info=info)
     phases.enter("work")  # merging and the fidelity check of each saved candidate
     name = f"{params['model']['name']} + LoRA {Path(adapter_dir).as_posix()} (on the {cfg['base']} base)"

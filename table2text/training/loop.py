@@ -107,11 +107,15 @@ class LoRARecipe:
         self._setup_device()
         self._setup_data()
         self._setup_model()
+        phases.detail("batching, compilation set-up")
         self._setup_batching()
+        phases.detail("optimizer, resume, logging")
         self._setup_optimizer()
         self._setup_resume()
         self._setup_logging()
+        phases.detail("graph capture")
         self._capture_graphs()
+        phases.detail(None)
 
     def _setup_device(self) -> None:
         cfg, params = self.cfg, self.params
@@ -137,12 +141,13 @@ class LoRARecipe:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def _setup_data(self) -> None:
-        phases.enter("load")  # hashing the weights, the tokenizer
+        phases.enter("load", "weights hash")
         self.base_sha256 = model_sources.weights_sha256(self.model_dir)
         self.data_sha256 = self.data_sha256 or records_sha256(self.records)
         self.key = checkpoints.run_key(self.params, self.base_sha256, self.data_sha256)
+        phases.detail("tokenizer")
         self.tokenizer = self.tokenizer or model_sources.load_tokenizer(self.model_dir)
-        phases.enter("prepare")  # tokenising
+        phases.enter("prepare", "tokenising")
         self.examples = [encode_record(self.tokenizer, r) for r in self.records]
         self.n_steps = total_steps(self.cfg, len(self.examples))
         self.effective_batch = int(self.cfg["effective_batch"])
@@ -151,9 +156,9 @@ class LoRARecipe:
     def _setup_model(self) -> None:
         seed = int(self.cfg["seed"])
         torch.manual_seed(seed)  # LoRA init and dropout
-        phases.enter("load")
+        phases.enter("load", "model (quantised, LoRA)")
         self.model = build_model(self.params, self.model_dir, self.device, self.dtype)
-        phases.enter("prepare")  # budgets, compilation, graph capture
+        phases.enter("prepare", "model set-up")  # then budgets, compilation, graph capture
         self.base = self.model.get_base_model()
         self.decoder, self.head = self.base.get_decoder(), self.base.get_output_embeddings().weight
         self.softcap = getattr(self.base.config, "final_logit_softcapping", None)
