@@ -19,7 +19,6 @@ decoder that fails is recorded with its error and the others still run. Writes
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import tempfile
@@ -88,16 +87,11 @@ def run_decoder(name, model, tok, prompts, args, matmul, device):
     if name == "generate_batch":
         with fp32_matmul_precision(matmul, device):
             return generate_batch(model, tok, prompts, args.max_new_tokens, small=device.type == "cpu")
-    if name == "graph_model_step":  # the graph decoder with the model's own forward as its step (the lean
-        # step's baseline): generate imports greedy_tokens at call time, so it gets this partial
-        original = graph_decode.greedy_tokens
-        graph_decode.greedy_tokens = functools.partial(original, lean_step=False)
-        try:
-            return run_decoder("graph", model, tok, prompts, args, matmul, device)
-        finally:
-            graph_decode.greedy_tokens = original
+    # graph_model_step: the graph decoder with the model's own forward as its step (the lean step's baseline)
+    decoder, lean_step = ("graph", False) if name == "graph_model_step" else (name, None)
     return generate(model, tok, prompts, args.max_new_tokens, args.batch_size, device=device, progress=False,
-                    cache="static", batch_tokens=args.batch_tokens, fp32_matmul=matmul, decoder=name)
+                    cache="static", batch_tokens=args.batch_tokens, fp32_matmul=matmul, decoder=decoder,
+                    lean_step=lean_step)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -14,10 +14,10 @@ value, as --set does). Names: P-sel-CONFIG-DECODING and P-fin-CONFIG-DECODING.
 
 1. selection: DIR's train.jsonl.gz split by the grid's seeded draw into WORKROOT/split (train less the
    held-out examples, and the held-out ones as its validation file: data.path of every selection run). Every
-   candidate is queued and the queue run with `dvc exp run --run-all --jobs N`. Each candidate trains its
-   own model, the decodings of one config too: DVC 3.67 keeps no run-cache entry for a stage with an
-   uncached output that is not a metric or plot, and train has one (its dvclive folder,
-   metrics/train/plots/metrics); preprocess and merge are found in the run cache where they repeat.
+   candidate is queued and the queue run with `dvc exp run --run-all --jobs N`. Preprocess, train and merge
+   are found in DVC's run cache where they repeat (the decodings of one config share one training once it
+   has run; train's dvclive folder metrics/train is a cached out, since DVC 3.67 saves no run-cache entry
+   for a stage with an uncached out that is not a metric or plot); evaluate always runs.
 2. finals: the selection's scores from `dvc exp show --json` (metrics/eval.json), the best
    `finals_per_task` per task by held-out PARENT F, BLEU as tie-break (recipe_search.choose), queued on all
    of DIR and run the same way.

@@ -51,9 +51,10 @@ def main(argv: list[str] | None = None) -> list[str]:
 
     decoding(args, params["eval"])  # checked before anything loads
     examples = read_inputs(args)  # all input is checked before the model is loaded
+    info = check_folder(args)  # and the model folder, before the device line: a bad one is the only line
     device = model_sources.pick_device(args.device)
     dtype = model_sources.pick_dtype(device)
-    model, tokenizer = load(args, device, dtype)
+    model, tokenizer = load(args, device, dtype, info)
 
     on_bad = params["data"].get("on_bad_record", "error")
     prompts = [make_prompt(tokenizer, example, where, mode, include_question, budget, on_bad)
@@ -148,26 +149,38 @@ def read_inputs(args) -> list[tuple[str, dict]]:
 # Model
 
 
-def load(args, device, dtype):
-    """(model, tokenizer) for --model or --adapter."""
+def check_folder(args) -> dict | None:
+    """The --model or --adapter folder, checked without loading it (one line naming the file): its files there,
+    its configs readable and agreeing with the weights' shapes, an adapter's base named. Returns the
+    adapter's training_info.json (None for --model, or an adapter without one)."""
     if args.model is not None:
         folder = args.model
         if not (folder / "config.json").is_file():
             raise InputError(f"--model {folder.as_posix()}: no config.json (not a model folder; run the merge stage?)")
         if not (folder / "tokenizer_config.json").is_file():
             raise InputError(f"--model {folder.as_posix()}: no tokenizer files")
-        model = model_sources.load_model(folder, quantization="none", dtype=dtype, device=device)
-        return model, model_sources.load_tokenizer(folder)
+        model_sources.check_model_files(folder)
+        return None
 
     folder = args.adapter
     if not (folder / "adapter_config.json").is_file():
         raise InputError(f"--adapter {folder.as_posix()}: no adapter_config.json (not an adapter folder)")
+    model_sources.check_adapter_files(folder)
     info = finetuned.read_training_info(folder, required=False)
-    base_name = args.base or finetuned.base_name(info)
-    if not base_name:
+    if not (args.base or finetuned.base_name(info)):
         raise InputError(f"--adapter {folder.as_posix()}: training_info.json names no base model "
                          "(field 'base_model.name'); give it with --base")
-    base_dir = model_sources.resolve_model(base_name)
+    return info
+
+
+def load(args, device, dtype, info: dict | None):
+    """(model, tokenizer) for --model or --adapter (checked by check_folder; info: its training_info.json)."""
+    if args.model is not None:
+        model = model_sources.load_model(args.model, quantization="none", dtype=dtype, device=device)
+        return model, model_sources.load_tokenizer(args.model)
+
+    folder = args.adapter
+    base_dir = model_sources.resolve_model(args.base or finetuned.base_name(info))
     # The model that was trained: the adapter on the base as training saw it (table2text.model.finetuned). An adapter
     # whose training_info.json does not say how training held its base goes on the base as saved.
     base = "trained" if finetuned.records_training_base(info) else "original"

@@ -119,7 +119,7 @@ def decode_new_tokens(tokenizer, new_tokens: list[int], stop_ids: set[int]) -> s
 
 
 def _graph_generate(model, tokenizer, encoded, max_new_tokens, batch_size, batch_tokens, device, progress,
-                    fp32_matmul, stop_ids, pad_id) -> list[str]:
+                    fp32_matmul, stop_ids, pad_id, lean_step) -> list[str]:
     from table2text.graph_decode import greedy_tokens  # imported here: generate's own path does not need it
 
     was_training = model.training
@@ -128,7 +128,7 @@ def _graph_generate(model, tokenizer, encoded, max_new_tokens, batch_size, batch
         with fp32_matmul_precision(fp32_matmul, device), \
                 tqdm(total=len(encoded), desc="generate", unit="ex", disable=not progress) as bar:
             tokens = greedy_tokens(model, encoded, max_new_tokens, stop_ids, pad_id, batch_size, batch_tokens,
-                                   device, on_bucket=bar.update)
+                                   device, lean_step=lean_step, on_bucket=bar.update)
     finally:
         model.train(was_training)
     return [decode_new_tokens(tokenizer, t, set(stop_ids)) for t in tokens]
@@ -150,6 +150,7 @@ def generate(
     decoder: str = "generate",
     num_beams: int = 1,
     length_penalty: float = 1.0,
+    lean_step: bool | None = None,
 ) -> list[str]:
     """Greedy (num_beams=1) or beam-search completions of `prompts` (text without BOS; BOS is added once
     by the tokenizer).
@@ -174,11 +175,15 @@ def generate(
     is its exponent on the length that divides a finished beam's log-probability (> 1 favours longer
     sentences, < 1 shorter). batch_tokens then counts every beam's slots (prompts x num_beams x width).
     Greedy decoding never reads length_penalty.
+    lean_step (graph decoder only; None for the others): the graph decoder's step, passed to
+    graph_decode.greedy_tokens: None takes table2text.gemma3_step's lean step where the model supports it,
+    True requires it, False takes the model's own forward (the lean step's baseline in bench/decode_bench.py).
     Returns one stripped string per prompt, in the order given, without end tokens.
     """
     device = torch.device(device) if device is not None else model.device
     decoder = resolve_decoder(decoder, device, cache, num_beams, compile_decoding)
-    check_generate_settings(model, max_new_tokens, batch_size, device, cache, compile_decoding, decoder, num_beams)
+    check_generate_settings(model, max_new_tokens, batch_size, device, cache, compile_decoding, decoder, num_beams,
+                            lean_step)
     if not prompts:
         return []
     stop_ids = end_token_ids(tokenizer)
@@ -187,17 +192,20 @@ def generate(
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     if decoder == "graph":
         return _graph_generate(model, tokenizer, encoded, max_new_tokens, batch_size, batch_tokens, device,
-                               progress, fp32_matmul, stop_ids, pad_id)
+                               progress, fp32_matmul, stop_ids, pad_id, lean_step)
     return _generate_batches(model, tokenizer, encoded, max_new_tokens, batch_size, batch_tokens, device,
                              progress, cache, compile_decoding, fp32_matmul, num_beams, length_penalty,
                              stop_ids, pad_id)
 
 
 def check_generate_settings(model, max_new_tokens: int, batch_size: int, device, cache: str, compile_decoding: bool,
-                            decoder: str, num_beams: int) -> None:
+                            decoder: str, num_beams: int, lean_step: bool | None = None) -> None:
     """generate()'s settings, each one checked: raises ValueError naming the first that is wrong."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if lean_step is not None and decoder != "graph":  # decoder as resolved: "auto" may have picked generate
+        raise ValueError(f"lean_step={lean_step!r} chooses the graph decoder's step: it needs decoder='graph', "
+                         f"got decoder={decoder!r}")
     if decoder == "graph" and (cache != "static" or compile_decoding):
         raise ValueError("decoder='graph' needs cache='static' and no compile_decoding (it captures its own step)")
     if decoder == "graph" and num_beams > 1:

@@ -7,7 +7,11 @@ from bench import decode_bench
 from tests.test_generation import PROMPTS
 
 
-def test_tiny_dry_run_measures_every_decoder_against_one_at_a_time(tmp_path, real_tokenizer):
+def test_tiny_dry_run_measures_every_decoder_against_one_at_a_time(tmp_path, real_tokenizer, monkeypatch):
+    steps = []  # the lean_step each graph-decoded run asked for: graph_model_step passes False through generate
+    real = decode_bench.graph_decode.greedy_tokens
+    monkeypatch.setattr(decode_bench.graph_decode, "greedy_tokens",
+                        lambda *a, **kw: steps.append(kw["lean_step"]) or real(*a, **kw))
     data = tmp_path / "validation.jsonl"  # processed records as the bench reads them: a prompt each
     data.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)), encoding="utf-8")
     before = decode_bench.common.BENCHMARKS_MD.read_text(encoding="utf-8")
@@ -27,6 +31,7 @@ def test_tiny_dry_run_measures_every_decoder_against_one_at_a_time(tmp_path, rea
     assert rows["generate_batch"]["identical"] == "3/3"
     # the graph decoder with the model's own step (the lean step's baseline) gives the same tokens
     assert rows["graph_model_step"]["same_as_generate"] == "5/5"
+    assert set(steps) == {None, False}, steps
     # bucket cost 0: no padding is worth a bucket, so prompts of different lengths part; a huge one: one bucket
     assert rows["graph"]["buckets"] > 1 and rows["graph1000000"]["buckets"] == 1
     assert rows["graph1000000"]["same_as_generate"] == "5/5"

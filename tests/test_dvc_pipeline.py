@@ -78,3 +78,26 @@ def test_checkpoints_are_no_dvc_output_and_runtime_files_are_git_ignored():
     assert "checkpoints" not in declared and not [p for p in declared if p.startswith("metrics/runtime")]
     ignored = (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
     assert {"/checkpoints/", "/metrics/runtime/", "/dvc_plots/"} <= set(ignored)
+
+
+def uncached_plain_outs(stage: dict) -> list[str]:
+    """The outs that keep DVC 3.67 from saving the stage in its run cache: Stage.run saves a run-cache entry
+    only when no out under `outs:` has cache: false (uncached metrics and plots are fine: the run cache
+    copies them in)."""
+    return [next(iter(o)) for o in stage.get("outs", []) if isinstance(o, dict)
+            and next(iter(o.values())).get("cache", True) is False]
+
+
+def test_train_merge_and_export_are_found_in_the_run_cache():
+    """A `dvc exp run` of params seen before restores these stages ("Stage 'train' is cached - skipping
+    run") instead of training again. Evaluate is not among them: its predictions and bucket CSVs are
+    git-tracked outs (cache: false), so it runs again."""
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
+    for name in ("preprocess", "train", "merge", "export"):
+        assert not uncached_plain_outs(pipeline["stages"][name]), name
+    # dvclive's whole folder is the out: its summary (metrics/train/metrics.json) is removed before a run and
+    # restored with the curves, never left over from another run; DVC's cache holds it, so git ignores it
+    assert "metrics/train" in pipeline["stages"]["train"]["outs"]
+    assert "/metrics/train/" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+    curves = {f for spec in plot_definitions(ROOT / "dvc.yaml").values() for f in spec["y"] if f.endswith(".tsv")}
+    assert curves and all(f.startswith("metrics/train/") for f in curves)  # the plots read the out's files

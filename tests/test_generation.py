@@ -234,3 +234,32 @@ def test_auto_decoder_on_cpu_gives_generates_outputs(tiny, monkeypatch):
     monkeypatch.setattr(graph_decode, "greedy_tokens", no_graph)
     assert generate(model, tokenizer, PROMPTS[:3], 5, batch_size=3, device="cpu", progress=False,
                     cache="static", decoder="auto") == explicit
+
+
+# ---- lean_step: which step the graph decoder takes (bench/decode_bench.py's graph_model_step)
+
+def test_graph_decoder_with_the_models_own_step_gives_the_default_tokens(tiny, monkeypatch):
+    model, tokenizer = tiny
+    from table2text import gemma3_step, graph_decode
+
+    assert gemma3_step.unsupported(model) is None  # so the default really takes the lean step, False does not
+    asked = []
+    real = graph_decode.greedy_tokens
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["lean_step"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(graph_decode, "greedy_tokens", spy)
+    settings = dict(device="cpu", progress=False, cache="static", decoder="graph")
+    default = generate(model, tokenizer, PROMPTS, 6, batch_size=5, **settings)
+    own_step = generate(model, tokenizer, PROMPTS, 6, batch_size=5, lean_step=False, **settings)
+    assert asked == [None, False]  # the argument reaches the graph decoder as given
+    assert own_step == default and any(default)
+
+
+@pytest.mark.parametrize("decoder", ["generate", "auto"])  # auto on a CPU is generate
+def test_lean_step_is_refused_without_the_graph_decoder(tiny, decoder):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=r"lean_step=False .*needs decoder='graph', got decoder='generate'"):
+        generate(model, tokenizer, ["x"], 4, 1, "cpu", cache="static", decoder=decoder, lean_step=False)

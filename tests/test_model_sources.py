@@ -85,6 +85,13 @@ def test_an_adapter_config_whose_rank_disagrees_with_the_weights_is_named(adapte
         check_adapter_files(folder)
 
 
+@pytest.fixture(autouse=True)
+def fresh_process_device_line(monkeypatch):
+    """pick_device says the device once a process (model_sources._SAID_DEVICE): each test starts as a fresh
+    `python -m stages.infer` would, whatever earlier tests in this process picked."""
+    monkeypatch.setattr(model_sources, "_SAID_DEVICE", set())
+
+
 def run_infer(capsys, tmp_path, *argv) -> tuple[int, str]:
     table = tmp_path / "table.json"
     table.write_text(json.dumps({"rows": [["France", 3]], "highlight": [[0, 0]]}), encoding="utf-8")
