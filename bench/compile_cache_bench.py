@@ -31,13 +31,13 @@ def child(args) -> None:
     from table2text.training.compile_cache import cache_counters
     from table2text.phases import process_age
     from table2text.params import load_params
-    from table2text.io.readers import read_jsonl
+    from table2text.io.readers import read_processed
     from table2text.training.loop import train
 
     params = load_params()
     params["train"].update({"quantization": args.quant, "compile_layers": True, "max_steps": args.steps,
                             "device": "cuda", "logging_steps": 1})
-    records = read_jsonl(args.data)
+    records = read_processed(args.data)
     stamps = []
     stats = train(params, records, None, checkpoint_dir=None, metrics_dir=None, dvclive=False,
                   on_step=lambda step: stamps.append((process_age(), time.perf_counter())), progress=False)
