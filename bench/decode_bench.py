@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bench import common
-from table2text import graph_decode
+from table2text import gemma3_step, graph_decode
 from table2text.model import sources as model_sources
 from table2text.generation import FP32_MATMUL, decode_new_tokens, end_token_ids, fp32_matmul_precision, generate, pad_token_id
 
@@ -109,14 +109,15 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    planned_cost = graph_decode.BUCKET_COST_SLOTS
+    planned = graph_decode.BUCKET_COST_SLOTS, graph_decode.STEP_ATTENTION
     try:
         return _main(argv)
-    finally:  # the bench sets it per variant; put back for whatever runs next in this process
-        graph_decode.BUCKET_COST_SLOTS = planned_cost
+    finally:  # the bench sets them per variant; put back for whatever runs next in this process
+        graph_decode.BUCKET_COST_SLOTS, graph_decode.STEP_ATTENTION = planned
 
 
 def _main(argv):
+    planned_attention = graph_decode.STEP_ATTENTION
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="processed validation jsonl (a 'prompt' a line)")
     parser.add_argument("--model", default="packaged", help="model folder or model.name")
@@ -129,6 +130,8 @@ def _main(argv):
     parser.add_argument("--decoders", nargs="+", default=list(DECODERS), choices=DECODERS)
     parser.add_argument("--bucket-costs", type=int, nargs="+", default=[graph_decode.BUCKET_COST_SLOTS],
                         help="graph decoder: its cost of a length bucket in cache slots (one run each)")
+    parser.add_argument("--attentions", nargs="+", default=[graph_decode.STEP_ATTENTION],
+                        choices=gemma3_step.ATTENTIONS, help="graph decoder: its lean step's attention (one run each)")
     parser.add_argument("--sequential", type=int, default=50, help="reference prompts decoded one at a time")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each decoder")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -169,14 +172,17 @@ def _main(argv):
                         "error": None})
         print(json.dumps(results[-1]), flush=True)
         baseline = None
-        variants = [(name, cost) for name in args.decoders
-                    for cost in (args.bucket_costs if name.startswith("graph") else [None])]
-        for name, cost in variants:
+        variants = [(name, cost, attention) for name in args.decoders
+                    for cost in (args.bucket_costs if name.startswith("graph") else [None])
+                    for attention in (args.attentions if name == "graph" else [None])]
+        for name, cost, attention in variants:
             batching = "" if name == "generate_batch" else f"_batch_{args.batch_size}"  # it sizes its own batches
             row = {"name": f"{label}_{name}{batching}" + (f"_bucket_cost_{cost}" if len(args.bucket_costs) > 1
-                                                          and cost is not None else ""),
+                                                          and cost is not None else "")
+                   + (f"_{attention}" if len(args.attentions) > 1 and attention is not None else ""),
                    "dtype": dtype, "fp32_matmul": matmul, "decoder": name, "buckets": None, "bucket_cost": None,
-                   "examples": len(prompts)}
+                   "attention": attention, "examples": len(prompts)}
+            graph_decode.STEP_ATTENTION = attention or planned_attention  # what generate(decoder="graph") steps with
             if cost is not None:
                 graph_decode.BUCKET_COST_SLOTS = cost  # what generate(decoder="graph") plans its buckets with
                 encoded = tok(prompts, add_special_tokens=True)["input_ids"]

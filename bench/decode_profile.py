@@ -82,8 +82,8 @@ def main(argv=None):
     encoded = tok(prompts, add_special_tokens=True)["input_ids"]
     stop, pad = end_token_ids(tok), pad_token_id(tok)
     with fp32_matmul_precision("tf32" if args.dtype == "float32" else "ieee", device):
-        variants = (("lean_matmul", gemma3_step.Gemma3Step(model)),
-                    ("lean_sdpa", gemma3_step.Gemma3Step(model, attention="sdpa")), ("model", None))
+        variants = (*((f"lean_{a}", gemma3_step.Gemma3Step(model, attention=a)) for a in gemma3_step.ATTENTIONS),
+                    ("model", None))
         results = []
         for name, step in variants:
             timed_buckets(model, encoded[:16], args, stop, pad, device, step)  # warm-up

@@ -27,7 +27,8 @@ for section in $sections; do
         --set merge.device=cuda --out "$out/phases" ;;
     decode)  # needs data/processed/validation.jsonl (the phases section writes it)
       run decode python -m bench.decode_bench --data data/processed/validation.jsonl \
-        --decoders generate graph graph_model_step --sequential 25 --out "$out/decode"
+        --decoders generate graph graph_model_step --sequential 40 \
+        --attentions matmul matmul_tf32 sdpa --bucket-costs 16384 32768 65536 --out "$out/decode"
       run decode-profile python -m bench.decode_profile --data data/processed/validation.jsonl --out "$out/decode" ;;
     train)
       run train python -m bench.train_bench --data data/processed/train.jsonl --steps 8 \

@@ -74,7 +74,7 @@ class _Layer:
         self.intermediate = mlp.gate_proj.out_features
 
 
-ATTENTIONS = ("matmul", "sdpa")
+ATTENTIONS = ("matmul", "matmul_tf32", "sdpa")
 
 
 @contextlib.contextmanager
@@ -94,8 +94,10 @@ class Gemma3Step:
     -> logits [rows, vocabulary] of the next token; writes the token's keys and values to cache slot `slot`
     (a 0-d device tensor) of transformers' static cache layers, which prefill() (or the model) filled.
 
-    attention: "matmul" (default) computes one query token's attention as two batched matrix products and
-    a softmax; "sdpa" calls scaled_dot_product_attention as transformers does. Why matmul: in fp32 SDPA
+    attention: "matmul" (default) computes one query token's attention as two batched matrix products (in
+    IEEE fp32) and a softmax; "matmul_tf32" does so at the session's fp32 matmul precision (TF32 under
+    eval.fp32_matmul: tf32), the prompt's attention too; "sdpa" calls scaled_dot_product_attention as
+    transformers does. Why matmul: in fp32 SDPA
     takes its memory-efficient kernel, which for one query token runs one thread block per row and key/value
     head over the whole cache, so a bucket of few rows and long prompts leaves most of the GPU idle
     (bench/decode_profile.py measures both)."""
@@ -177,8 +179,11 @@ class Gemma3Step:
         else:  # the prompt: transformers' cache update (it allocates the static layer), attention over its slots
             keys, values = cache_layer.update(k.transpose(1, 2), v.transpose(1, 2))
             keys, values = (_repeat_kv(t[:, :, :n], h // g) for t in (keys, values))
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                                 scale=layer.scaling).transpose(1, 2)
+            if self.attention == "matmul_tf32":
+                out = _attend(q.transpose(1, 2) * layer.scaling, keys, values, mask).transpose(1, 2)
+            else:
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                     scale=layer.scaling).transpose(1, 2)
         hidden = hidden + _norm(F.linear(out.reshape(rows, n, h * d), layer.o), norm_attn, layer.eps)
         gate, up = F.linear(_norm(hidden, norm_pre_ff, layer.eps), layer.gate_up).split(layer.intermediate, dim=-1)
         mlp = F.linear(F.gelu(gate, approximate="tanh") * up, layer.down)
@@ -189,10 +194,16 @@ class Gemma3Step:
         a key/value head are that head's queries), mask bool [rows, 1, 1, slots]."""
         if self.attention == "sdpa":
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=layer.scaling)
+        if self.attention == "matmul_tf32":
+            return _attend(q * layer.scaling, keys, values, mask)
         with _ieee_fp32_matmuls():
-            scores = torch.matmul(q * layer.scaling, keys.transpose(-1, -2))  # [rows, g, h/g, slots]
-            weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-            return torch.matmul(weights, values)
+            return _attend(q * layer.scaling, keys, values, mask)
+
+
+def _attend(q, keys, values, mask) -> torch.Tensor:
+    """softmax(q k^T, where mask) v for q already scaled; [.., queries, d] x [.., slots, d]."""
+    scores = torch.matmul(q, keys.transpose(-1, -2))
+    return torch.matmul(torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1), values)
 
 
 def _repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:

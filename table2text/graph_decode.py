@@ -34,6 +34,8 @@ from table2text import gemma3_step
 # where the padded slots it saves exceed this; a guess pending the GPU measurement (bench/decode_bench.py).
 BUCKET_COST_SLOTS = 32768
 CHECK_EVERY = 8
+# The lean step's attention (gemma3_step.ATTENTIONS), read at call time; bench/decode_bench.py compares them.
+STEP_ATTENTION = "matmul"
 
 
 def plan_buckets(lengths: list[int], batch_size: int, batch_tokens: int = 0, new_tokens: int = 0,
@@ -213,7 +215,7 @@ def greedy_tokens(model, encoded: list[list[int]], max_new_tokens: int, stop_ids
     reason = gemma3_step.unsupported(model) if lean_step is not False else "not asked for"
     if lean_step and reason:
         raise ValueError(f"lean_step: {reason}")
-    lean = gemma3_step.Gemma3Step(model) if reason is None else None
+    lean = gemma3_step.Gemma3Step(model, attention=STEP_ATTENTION) if reason is None else None
     outputs: list[list[int] | None] = [None] * len(encoded)
     buckets = plan_buckets([len(e) for e in encoded], batch_size, batch_tokens, max_new_tokens,
                            BUCKET_COST_SLOTS if bucket_cost is None else bucket_cost)

@@ -39,6 +39,23 @@ def test_tiny_dry_run_measures_every_decoder_against_one_at_a_time(tmp_path, rea
     assert decode_bench.common.BENCHMARKS_MD.read_text(encoding="utf-8") == before  # a dry run adds no table
 
 
+def test_each_attention_of_the_lean_step_gets_its_own_graph_run(tmp_path, real_tokenizer, monkeypatch):
+    asked = []  # the attention each lean step was built with
+    real = decode_bench.gemma3_step.Gemma3Step.__init__
+    monkeypatch.setattr(decode_bench.gemma3_step.Gemma3Step, "__init__",
+                        lambda self, model, attention="matmul": asked.append(attention) or real(self, model, attention))
+    data = tmp_path / "validation.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)), encoding="utf-8")
+    path = decode_bench.main(["--tiny", "--data", str(data), "--out", str(tmp_path / "out"), "--max-new-tokens", "4",
+                              "--sequential", "2", "--batch-size", "5", "--repeats", "1", "--decoders", "graph",
+                              "--attentions", "matmul", "matmul_tf32", "sdpa"])
+    rows = {r.get("attention"): r for r in json.loads(path.read_text(encoding="utf-8"))["results"]}
+    assert set(rows) == {None, "matmul", "matmul_tf32", "sdpa"}  # None: the one-at-a-time reference
+    assert all(r["identical"] == "2/2" for r in rows.values()), rows
+    assert {"matmul", "matmul_tf32", "sdpa"} <= set(asked)
+    assert decode_bench.graph_decode.STEP_ATTENTION == "matmul"  # put back
+
+
 def test_reference_prompts_spread_over_the_data():
     assert decode_bench.sample_indices(500, 50)[:3] == [0, 10, 20] and decode_bench.sample_indices(500, 50)[-1] == 499
     assert len(decode_bench.sample_indices(500, 50)) == 50

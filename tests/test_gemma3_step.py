@@ -38,10 +38,11 @@ def test_the_lean_prefill_fills_the_cache_and_picks_the_first_token_as_the_model
     assert not ours.cache.layers[0].keys[:, :, width:].any()
 
 
+@pytest.mark.parametrize("attention", gemma3_step.ATTENTIONS)
 @torch.inference_mode()
-def test_the_lean_prefill_logits_equal_the_models_last_position(tiny):
+def test_the_lean_prefill_logits_equal_the_models_last_position(tiny, attention):
     model, tokenizer = tiny
-    lean = gemma3_step.Gemma3Step(model)
+    lean = gemma3_step.Gemma3Step(model, attention=attention)
     ours, theirs = decoders(model, tokenizer, lean)
     slots = torch.arange(ours.prompt_width)
     masks = graph_decode._masks(ours.key_valid, slots, ours.layer_types, ours.window)
