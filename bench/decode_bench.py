@@ -109,15 +109,15 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    planned = graph_decode.BUCKET_COST_SLOTS, graph_decode.STEP_ATTENTION
+    planned = graph_decode.BUCKET_COST_SLOTS, graph_decode.STEP_ATTENTION, graph_decode.PREFILL_CHUNK_SLOTS
     try:
         return _main(argv)
     finally:  # the bench sets them per variant; put back for whatever runs next in this process
-        graph_decode.BUCKET_COST_SLOTS, graph_decode.STEP_ATTENTION = planned
+        graph_decode.BUCKET_COST_SLOTS, graph_decode.STEP_ATTENTION, graph_decode.PREFILL_CHUNK_SLOTS = planned
 
 
 def _main(argv):
-    planned_attention = graph_decode.STEP_ATTENTION
+    planned_attention, planned_chunk = graph_decode.STEP_ATTENTION, graph_decode.PREFILL_CHUNK_SLOTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="processed validation jsonl (a 'prompt' a line)")
     parser.add_argument("--model", default="packaged", help="model folder or model.name")
@@ -132,6 +132,9 @@ def _main(argv):
                         help="graph decoder: its cost of a length bucket in cache slots (one run each)")
     parser.add_argument("--attentions", nargs="+", default=[graph_decode.STEP_ATTENTION],
                         choices=gemma3_step.ATTENTIONS, help="graph decoder: its lean step's attention (one run each)")
+    parser.add_argument("--prefill-chunks", type=int, nargs="+", default=[graph_decode.PREFILL_CHUNK_SLOTS],
+                        help="graph decoder: its cost of a prefill chunk in slots, 0 = one prefill a bucket "
+                             "(one run each)")
     parser.add_argument("--sequential", type=int, default=50, help="reference prompts decoded one at a time")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each decoder")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -172,17 +175,20 @@ def _main(argv):
                         "error": None})
         print(json.dumps(results[-1]), flush=True)
         baseline = None
-        variants = [(name, cost, attention) for name in args.decoders
+        variants = [(name, cost, attention, chunk) for name in args.decoders
                     for cost in (args.bucket_costs if name.startswith("graph") else [None])
-                    for attention in (args.attentions if name == "graph" else [None])]
-        for name, cost, attention in variants:
+                    for attention in (args.attentions if name == "graph" else [None])
+                    for chunk in (args.prefill_chunks if name == "graph" else [None])]
+        for name, cost, attention, chunk in variants:
             batching = "" if name == "generate_batch" else f"_batch_{args.batch_size}"  # it sizes its own batches
             row = {"name": f"{label}_{name}{batching}" + (f"_bucket_cost_{cost}" if len(args.bucket_costs) > 1
                                                           and cost is not None else "")
-                   + (f"_{attention}" if len(args.attentions) > 1 and attention is not None else ""),
+                   + (f"_{attention}" if len(args.attentions) > 1 and attention is not None else "")
+                   + (f"_prefill_chunk_{chunk}" if len(args.prefill_chunks) > 1 and chunk is not None else ""),
                    "dtype": dtype, "fp32_matmul": matmul, "decoder": name, "buckets": None, "bucket_cost": None,
-                   "attention": attention, "examples": len(prompts)}
+                   "attention": attention, "prefill_chunk": chunk, "examples": len(prompts)}
             graph_decode.STEP_ATTENTION = attention or planned_attention  # what generate(decoder="graph") steps with
+            graph_decode.PREFILL_CHUNK_SLOTS = planned_chunk if chunk is None else chunk
             if cost is not None:
                 graph_decode.BUCKET_COST_SLOTS = cost  # what generate(decoder="graph") plans its buckets with
                 encoded = tok(prompts, add_special_tokens=True)["input_ids"]

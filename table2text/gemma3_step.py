@@ -13,7 +13,9 @@ key/value head as that head's queries, pack_gqa).
 The values are transformers' formulas (Gemma3RMSNorm's x * rsqrt(mean(x^2) + eps) * (1 + w) in fp32,
 rotate_half, gelu_pytorch_tanh, the embedding scale, the tied head), so logits agree to rounding:
 tests/test_gemma3_step.py compares them with the model's own step and greedy tokens with `generate`.
-The prompt's prefill still runs the model's forward (one call per bucket; its kernels are large).
+The prompts' prefill is the same layer over all their tokens (attention through SDPA, as the model's
+forward), writing any subset of a bucket's rows at any slot offset, so a bucket can be prefilled in chunks
+of similar length (graph_decode) instead of at its longest prompt's width.
 """
 
 from __future__ import annotations
@@ -94,10 +96,10 @@ class Gemma3Step:
     -> logits [rows, vocabulary] of the next token; writes the token's keys and values to cache slot `slot`
     (a 0-d device tensor) of transformers' static cache layers, which prefill() (or the model) filled.
 
-    attention: "matmul" (default) computes one query token's attention as two batched matrix products (in
-    IEEE fp32) and a softmax; "matmul_tf32" does so at the session's fp32 matmul precision (TF32 under
-    eval.fp32_matmul: tf32), the prompt's attention too; "sdpa" calls scaled_dot_product_attention as
-    transformers does. Why matmul: in fp32 SDPA
+    attention (the decoding step's; the prompts' is always SDPA): "matmul" (default) computes one query
+    token's attention as two batched matrix products (in IEEE fp32) and a softmax; "matmul_tf32" does so
+    at the session's fp32 matmul precision (TF32 under eval.fp32_matmul: tf32); "sdpa" calls
+    scaled_dot_product_attention as transformers does. Why matmul: in fp32 SDPA
     takes its memory-efficient kernel, which for one query token runs one thread block per row and key/value
     head over the whole cache, so a bucket of few rows and long prompts leaves most of the GPU idle
     (bench/decode_profile.py measures both)."""
@@ -127,19 +129,22 @@ class Gemma3Step:
             hidden = self._layer(layer, hidden, rope[layer.type], masks[layer.type], index, cache.layers[i])
         return self._logits(hidden[:, -1])
 
-    def prefill(self, ids, positions, masks, cache) -> torch.Tensor:
-        """The prompts' forward: ids and positions [rows, width] (left-padded), masks {layer type: bool
-        [rows, 1, width, slots]}; writes the prompts' keys and values to cache slots 0..width-1 and returns
-        the logits [rows, vocabulary] of the token after the last position. The head runs on the last
-        position's hidden state only, as one matrix product (the model's forward with logits_to_keep=1
-        multiplies a [rows, 1, hidden] view, which runs as a batched matrix-vector product)."""
+    def prefill(self, ids, positions, masks, cache, rows: torch.Tensor | None = None, start: int = 0,
+                cache_rows: int | None = None) -> torch.Tensor:
+        """The prompts' forward: ids and positions [n, width] (left-padded), masks {layer type: bool
+        [n, 1, width, >= width slots]}; writes the prompts' keys and values to cache slots
+        start..start+width-1 of cache rows `rows` (None: rows 0..n-1) and returns the logits [n, vocabulary]
+        of the token after the last position. A cache layer not yet allocated is allocated here for
+        `cache_rows` rows (None: n) in the dtype the keys are computed in, as transformers' update does;
+        its slots that no prompt writes stay zero, masked. The head runs on the last position's hidden state
+        only, as one matrix product (the model's forward with logits_to_keep=1 multiplies a [n, 1, hidden]
+        view, which runs as a batched matrix-vector product)."""
         width = ids.shape[1]
         hidden = self._embed(ids, cache, prefill=True)
         rope = self._rope(hidden, positions)
-        index = torch.arange(width, device=ids.device)
         for i, layer in enumerate(self.layers):
-            hidden = self._layer(layer, hidden, rope[layer.type], masks[layer.type][..., :width], index,
-                                 cache.layers[i])
+            hidden = self._layer(layer, hidden, rope[layer.type], masks[layer.type][..., :width],
+                                 (rows, start, cache_rows), cache.layers[i])
         return self._logits(hidden[:, -1])
 
     def _embed(self, ids, cache, prefill: bool) -> torch.Tensor:
@@ -176,14 +181,12 @@ class Gemma3Step:
             cache_layer.keys.index_copy_(2, index, k.view(rows, g, 1, d))
             cache_layer.values.index_copy_(2, index, v.view(rows, g, 1, d))
             out = self._one_query(layer, q.view(rows, g, h // g, d), cache_layer.keys, cache_layer.values, mask)
-        else:  # the prompt: transformers' cache update (it allocates the static layer), attention over its slots
-            keys, values = cache_layer.update(k.transpose(1, 2), v.transpose(1, 2))
-            keys, values = (_repeat_kv(t[:, :, :n], h // g) for t in (keys, values))
-            if self.attention == "matmul_tf32":
-                out = _attend(q.transpose(1, 2) * layer.scaling, keys, values, mask).transpose(1, 2)
-            else:
-                out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                                     scale=layer.scaling).transpose(1, 2)
+        else:  # the prompt: its keys and values into the cache, attention over them as the model's SDPA path
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)
+            _store(cache_layer, keys, values, *index)
+            keys, values = (_repeat_kv(t, h // g) for t in (keys, values))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                 scale=layer.scaling).transpose(1, 2)
         hidden = hidden + _norm(F.linear(out.reshape(rows, n, h * d), layer.o), norm_attn, layer.eps)
         gate, up = F.linear(_norm(hidden, norm_pre_ff, layer.eps), layer.gate_up).split(layer.intermediate, dim=-1)
         mlp = F.linear(F.gelu(gate, approximate="tanh") * up, layer.down)
@@ -198,6 +201,17 @@ class Gemma3Step:
             return _attend(q * layer.scaling, keys, values, mask)
         with _ieee_fp32_matmuls():
             return _attend(q * layer.scaling, keys, values, mask)
+
+
+def _store(cache_layer, keys, values, rows: torch.Tensor | None, start: int, cache_rows: int | None) -> None:
+    """Write keys/values [n, kv heads, width, d] to slots start.. of cache rows `rows` (None: the first n)."""
+    if not cache_layer.is_initialized:
+        shape = (cache_rows or keys.shape[0], keys.shape[1], 0, keys.shape[3])
+        cache_layer.lazy_initialization(keys.new_empty(shape), values.new_empty(shape))
+    end = start + keys.shape[2]
+    target = slice(0, keys.shape[0]) if rows is None else rows
+    cache_layer.keys[target, :, start:end] = keys
+    cache_layer.values[target, :, start:end] = values
 
 
 def _attend(q, keys, values, mask) -> torch.Tensor:

@@ -15,7 +15,8 @@ once per bucket as a torch.cuda.CUDAGraph and replayed; on CPU the very same ste
   itself (slot index, positions), so replaying the graph needs no host work.
 - Prefill and step: table2text.gemma3_step's lean Gemma 3 forward (~25 kernels a layer instead of ~95,
   the head on the last position only, one query's attention as matrix products) where the model is a
-  plain Gemma 3; other models take their own forward (lean_step=False forces that).
+  plain Gemma 3, the prefill in chunks of similar length (PREFILL_CHUNK_SLOTS); other models take their
+  own forward, one prefill per bucket (lean_step=False forces that).
 - Stop: a done mask on the device (rows that emitted an end token get the pad token after it, as
   `generate` pads them); the host reads it only every `check_every` steps.
 """
@@ -34,8 +35,13 @@ from table2text import gemma3_step
 # where the padded slots it saves exceed this; a guess pending the GPU measurement (bench/decode_bench.py).
 BUCKET_COST_SLOTS = 32768
 CHECK_EVERY = 8
-# The lean step's attention (gemma3_step.ATTENTIONS), read at call time; bench/decode_bench.py compares them.
-STEP_ATTENTION = "matmul"
+# The lean step's attention (gemma3_step.ATTENTIONS), read at call time; bench/decode_bench.py compares them:
+# matmul_tf32 was the fastest on the H200 with every reference output identical (BENCHMARKS.md).
+STEP_ATTENTION = "matmul_tf32"
+# The lean prefill runs a bucket in chunks of similar length (plan_buckets over its prompts, this the cost
+# of a chunk in prompt slots: one more eager forward's host work), so a few long prompts do not pad the
+# whole bucket's prefill to their width; 0: one prefill per bucket. Read at call time.
+PREFILL_CHUNK_SLOTS = 4096
 
 
 def plan_buckets(lengths: list[int], batch_size: int, batch_tokens: int = 0, new_tokens: int = 0,
@@ -113,6 +119,7 @@ class BucketDecoder:
             prompt_mask[i, width - len(r):] = True
         self.ids, prompt_mask = ids.to(device), prompt_mask.to(device)
         self.prompt_width = width
+        self.lengths = [len(r) for r in rows]
         self.cache = _full_static_cache(model, width + max_new_tokens)
         # slots past the prompt hold generated tokens: valid once written, and never seen before (causal)
         self.key_valid = torch.cat([prompt_mask, torch.ones((n, max_new_tokens), dtype=torch.bool, device=device)], 1)
@@ -128,17 +135,39 @@ class BucketDecoder:
         self.done = torch.zeros(n, dtype=torch.bool, device=device)
 
     def prefill(self) -> None:
-        slots = torch.arange(self.prompt_width, device=self.ids.device)
-        masks = _masks(self.key_valid, slots, self.layer_types, self.window)
         if self.lean is not None:
-            logits = self.lean.prefill(self.ids, self.prompt_positions, masks, self.cache)
+            first = self._lean_prefill()
         else:
+            slots = torch.arange(self.prompt_width, device=self.ids.device)
+            masks = _masks(self.key_valid, slots, self.layer_types, self.window)
             logits = self.model(input_ids=self.ids, attention_mask=masks, position_ids=self.prompt_positions,
                                 cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        first = logits.argmax(-1)
+            first = logits.argmax(-1)
         self.out[:, 0] = first
         self.token.copy_(first.view(-1, 1))
         self.done |= torch.isin(first, self.stop)
+
+    def prefill_chunks(self) -> list[list[int]]:
+        """The bucket's rows in prefill chunks of similar length (all in one where PREFILL_CHUNK_SLOTS is 0)."""
+        if not PREFILL_CHUNK_SLOTS:
+            return [list(range(len(self.lengths)))]
+        return plan_buckets(self.lengths, len(self.lengths), bucket_cost=PREFILL_CHUNK_SLOTS)
+
+    def _lean_prefill(self) -> torch.Tensor:
+        """The first tokens, each chunk prefilled at its own longest prompt's width: left padding puts a
+        chunk's prompts in the bucket's last `width` slots, so its keys and values go there, and the slots
+        before stay masked (key_valid) for its rows."""
+        device = self.ids.device
+        first = torch.empty(len(self.lengths), dtype=torch.long, device=device)
+        for chunk in self.prefill_chunks():
+            rows = torch.tensor(chunk, dtype=torch.long, device=device)
+            start = self.prompt_width - max(self.lengths[i] for i in chunk)
+            valid = self.key_valid[rows, start:self.prompt_width]
+            masks = _masks(valid, torch.arange(valid.shape[1], device=device), self.layer_types, self.window)
+            logits = self.lean.prefill(self.ids[rows, start:], self.prompt_positions[rows, start:], masks,
+                                       self.cache, rows=rows, start=start, cache_rows=len(self.lengths))
+            first[rows] = logits.argmax(-1)
+        return first
 
     def step(self) -> None:
         """One decoding step over the whole bucket; only tensor operations on fixed buffers (graph-safe)."""

@@ -53,7 +53,23 @@ def test_each_attention_of_the_lean_step_gets_its_own_graph_run(tmp_path, real_t
     assert set(rows) == {None, "matmul", "matmul_tf32", "sdpa"}  # None: the one-at-a-time reference
     assert all(r["identical"] == "2/2" for r in rows.values()), rows
     assert {"matmul", "matmul_tf32", "sdpa"} <= set(asked)
-    assert decode_bench.graph_decode.STEP_ATTENTION == "matmul"  # put back
+    assert decode_bench.graph_decode.STEP_ATTENTION == "matmul_tf32"  # put back
+
+
+def test_each_prefill_chunk_cost_gets_its_own_graph_run(tmp_path, real_tokenizer, monkeypatch):
+    seen = []  # the chunk cost each bucket's prefill planned with
+    real = decode_bench.graph_decode.BucketDecoder.prefill_chunks
+    monkeypatch.setattr(decode_bench.graph_decode.BucketDecoder, "prefill_chunks",
+                        lambda self: seen.append(decode_bench.graph_decode.PREFILL_CHUNK_SLOTS) or real(self))
+    data = tmp_path / "validation.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)), encoding="utf-8")
+    path = decode_bench.main(["--tiny", "--data", str(data), "--out", str(tmp_path / "out"), "--max-new-tokens", "4",
+                              "--sequential", "2", "--batch-size", "5", "--repeats", "1", "--decoders", "graph",
+                              "--prefill-chunks", "0", "1"])
+    rows = {r.get("prefill_chunk"): r for r in json.loads(path.read_text(encoding="utf-8"))["results"]}
+    assert set(rows) == {None, 0, 1} and all(r["identical"] == "2/2" for r in rows.values()), rows
+    assert {0, 1} <= set(seen)
+    assert decode_bench.graph_decode.PREFILL_CHUNK_SLOTS == 4096  # put back
 
 
 def test_reference_prompts_spread_over_the_data():

@@ -38,6 +38,29 @@ def test_the_lean_prefill_fills_the_cache_and_picks_the_first_token_as_the_model
     assert not ours.cache.layers[0].keys[:, :, width:].any()
 
 
+@torch.inference_mode()
+def test_a_bucket_prefilled_in_chunks_holds_the_cache_and_first_tokens_of_one_prefill(tiny, monkeypatch):
+    model, tokenizer = tiny
+    lean = gemma3_step.Gemma3Step(model)
+    monkeypatch.setattr(graph_decode, "PREFILL_CHUNK_SLOTS", 0)
+    whole = bucket(model, tokenizer, lean)
+    monkeypatch.setattr(graph_decode, "PREFILL_CHUNK_SLOTS", 1)  # a chunk costs next to nothing: many chunks
+    chunked = bucket(model, tokenizer, lean)
+    chunks = chunked.prefill_chunks()
+    assert len(chunks) > 1 and sorted(i for c in chunks for i in c) == list(range(len(PROMPTS)))
+    assert torch.equal(chunked.out[:, 0], whole.out[:, 0])
+    for a, b in zip(chunked.cache.layers, whole.cache.layers):  # each row's prompt slots; pads' stay zero
+        valid = chunked.key_valid[:, None, :, None]
+        torch.testing.assert_close(a.keys * valid, b.keys * valid, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.values * valid, b.values * valid, rtol=1e-5, atol=1e-5)
+        assert not (a.keys * ~valid).any()
+    for _ in range(3):  # and the steps read them alike
+        x, y = chunked.next_logits(), whole.next_logits()
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+        chunked.advance(x)
+        whole.advance(y)
+
+
 @pytest.mark.parametrize("attention", gemma3_step.ATTENTIONS)
 @torch.inference_mode()
 def test_the_lean_prefill_logits_equal_the_models_last_position(tiny, attention):
@@ -75,13 +98,16 @@ def test_an_unknown_attention_is_refused(tiny):
         gemma3_step.Gemma3Step(model, attention="flash")
 
 
-def test_greedy_tokens_are_the_same_with_and_without_the_lean_step(tiny):
+def test_greedy_tokens_are_the_same_with_and_without_the_lean_step(tiny, monkeypatch):
     model, tokenizer = tiny
     encoded = tokenizer(PROMPTS, add_special_tokens=True)["input_ids"]
     stop, pad = end_token_ids(tokenizer), pad_token_id(tokenizer)
     lean = graph_decode.greedy_tokens(model, encoded, 10, stop, pad, batch_size=2, lean_step=True)
     plain = graph_decode.greedy_tokens(model, encoded, 10, stop, pad, batch_size=2, lean_step=False)
     assert lean == plain
+    monkeypatch.setattr(graph_decode, "PREFILL_CHUNK_SLOTS", 1)
+    chunked = graph_decode.greedy_tokens(model, encoded, 10, stop, pad, batch_size=8, lean_step=True)
+    assert chunked == plain  # one bucket, prefilled in chunks; the plain decoder prefills a bucket at once
 
 
 def test_a_peft_wrapped_model_is_refused_and_lean_step_true_says_why(tiny):
