@@ -27,8 +27,7 @@ for section in $sections; do
         --set merge.device=cuda --out "$out/phases" ;;
     decode)  # needs data/processed/validation.jsonl (the phases section writes it)
       run decode python -m bench.decode_bench --data data/processed/validation.jsonl \
-        --decoders generate graph --sequential 40 --attentions matmul_tf32 \
-        --bucket-costs 32768 65536 --prefill-chunks 0 2048 4096 8192 --out "$out/decode"
+        --decoders generate graph --sequential 80 --prefill-chunks 2048 4096 --out "$out/decode"
       run decode-profile python -m bench.decode_profile --data data/processed/validation.jsonl --out "$out/decode" ;;
     train)
       run train python -m bench.train_bench --data data/processed/train.jsonl --steps 8 \

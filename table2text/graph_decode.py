@@ -30,17 +30,19 @@ import torch
 
 from table2text import gemma3_step
 
-# A bucket's fixed cost in cache slots of prefill/decoding work: its decoding steps (max_new_tokens graph
-# replays, each a few hundred microseconds however few rows) and its graph capture. A new bucket is cut
-# where the padded slots it saves exceed this; a guess pending the GPU measurement (bench/decode_bench.py).
-BUCKET_COST_SLOTS = 32768
+# A bucket's fixed cost in cache slots of decoding work: its decoding steps (max_new_tokens graph replays,
+# each a few milliseconds however few rows: ~450 kernels) and its graph capture. A new bucket is cut where
+# the padded slots it saves exceed this. With the prefill in chunks (below) 65536 (2 buckets for FeTaQA
+# validation) was the fastest on the H200, every reference output identical (BENCHMARKS.md).
+BUCKET_COST_SLOTS = 65536
 CHECK_EVERY = 8
 # The lean step's attention (gemma3_step.ATTENTIONS), read at call time; bench/decode_bench.py compares them:
 # matmul_tf32 was the fastest on the H200 with every reference output identical (BENCHMARKS.md).
 STEP_ATTENTION = "matmul_tf32"
 # The lean prefill runs a bucket in chunks of similar length (plan_buckets over its prompts, this the cost
 # of a chunk in prompt slots: one more eager forward's host work), so a few long prompts do not pad the
-# whole bucket's prefill to their width; 0: one prefill per bucket. Read at call time.
+# whole bucket's prefill to their width; 0: one prefill per bucket. Read at call time. On the H200 2048
+# was faster still but left 1 of 40 reference outputs different; 4096 kept all 40 (BENCHMARKS.md).
 PREFILL_CHUNK_SLOTS = 4096
 
 
