@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="skip the per-step dvclive log (for GPU hosts without dvc); metrics/train.json is kept")
     args = parser.parse_args(argv)
 
+    phases.detail("settings, records")
     params = load_params(args.params)  # every setting checked here, before anything is loaded
     num_gpus, requested = params["train"]["num_gpus"], params["train"]["device"]
     if num_gpus > 1 and not distributed.launched():

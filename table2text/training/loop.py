@@ -104,6 +104,7 @@ class LoRARecipe:
 
     # ------------------------------------------------------------------------------------ setup phases
     def setup(self) -> None:
+        phases.detail("device, CUDA context")  # before: the stage's settings and records, unnamed
         self._setup_device()
         self._setup_data()
         self._setup_model()
