@@ -1,6 +1,11 @@
 """Full fine-tuning of the 270M model (every weight, the tied embedding/head included): one row beside the
 LoRA rows of the recipe search (issue 20), on the same records, loss, decoding and scorer.
 
+The pipeline now does the same itself: `train.method: full` in params.yaml (table2text.training.loop, with
+table2text.model.full; README "Full fine-tuning in the pipeline"), through the train stage's own loop
+(packed rows, its chunked loss giving the tied head its gradient) rather than Trainer. This script stays
+as the measured row's recipe.
+
     python -m bench.full_finetune --fetaqa DIR [--set KEY=VALUE ...] [--selection] [--totto DIR]
                                   [--micro-batch N] [--name NAME] [--out DIR] [--workroot DIR]
     python -m bench.full_finetune --tiny [--out DIR]      # CPU dry run on a tiny random Gemma 3 (seconds)

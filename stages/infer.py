@@ -164,6 +164,10 @@ def check_folder(args) -> dict | None:
 
     folder = args.adapter
     if not (folder / "adapter_config.json").is_file():
+        if (folder / finetuned.INFO_FILE).is_file() and finetuned.training_method(
+                finetuned.read_training_info(folder)) == "full":
+            raise InputError(f"--adapter {folder.as_posix()}: holds a fully fine-tuned model (train.method full), "
+                             f"not an adapter: give it as --model {folder.as_posix()}")
         raise InputError(f"--adapter {folder.as_posix()}: no adapter_config.json (not an adapter folder)")
     model_sources.check_adapter_files(folder)
     info = finetuned.read_training_info(folder, required=False)

@@ -5,7 +5,9 @@
 merge.base picks the model the merged checkpoint must reproduce: `trained` (the adapter on the base exactly
 as training held it) or `original` (PEFT's merge_and_unload on the unquantised base); merge.dtype `auto`
 saves bf16 when the fidelity check proves it faithful and fp32 otherwise. The merge and its check are
-table2text.model.merging.
+table2text.model.merging. After train.method full there is no adapter to fold: the merged model is the
+trained weights of models/adapter, stored in merge.dtype by the same rule and check (adapter_effect: the base
+against the trained model; merge_error: the stored model against it); merge.base must be trained.
 
 Outputs: models/merged/ (safetensors, tokenizer, generation_config.json, merge_info.json), metrics/merge.json.
 """

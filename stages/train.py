@@ -1,6 +1,14 @@
-"""Train stage: LoRA / QLoRA (NF4) fine-tuning of the base model on data/processed/train.jsonl.
+"""Train stage: LoRA / QLoRA (NF4) fine-tuning of the base model on data/processed/train.jsonl, or with
+train.method full, full fine-tuning of every weight.
 
     python -m stages.train [--params params.yaml]
+    dvc exp run -S train.method=full -S train.quantization=none -S train.learning_rate=5e-5 -S train.epochs=3
+
+train.method full trains every weight (the tied embedding/head as one) in fp32 master weights, the forward
+under bf16 autocast on CUDA and in fp32 on CPUs, in the same loop, batching, loss, checkpoints and logs as
+LoRA; it runs eager (no CUDA graphs; the log line and metrics/runtime/train.json say so) in one process,
+and needs train.quantization none. models/adapter/ then holds the trained model itself (model.safetensors
+in fp32, config, tokenizer, training_info.json with method: full), which the merge stage stores in merge.dtype.
 
 The loop is table2text.training.loop (a torchtune-style recipe: setup phases, then one optimiser step per
 iteration). Checkpoints every train.save_steps let an interrupted run resume with the same step count and
@@ -8,7 +16,7 @@ data order. With train.num_gpus = N > 1 this command re-executes itself under to
 GPU (table2text.training.distributed): every process draws the same effective batch, computes its share,
 and the gradients are summed, so the step is the one-GPU step; only rank 0 writes outputs.
 
-Outputs: models/adapter/ (+ training_info.json), metrics/train.json, metrics/train/ (dvclive: loss, learning
+Outputs: models/adapter/ (the adapter, or under method full the trained weights; + training_info.json), metrics/train.json, metrics/train/ (dvclive: loss, learning
 rate, gradient norm per step), all DVC-tracked and the same on every fresh run; how the run went (times,
 throughput, memory, resume point) goes to metrics/runtime/train.json (table2text.runtime). Resume points go
 to checkpoints/, which is not a DVC output: DVC neither deletes it before a run nor hashes it in `dvc status`.
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{resumed}; times and throughput -> {RUNTIME_FILE.as_posix()}")
         if stats["steps_with_nonzero_lr"] == 0:
             print(f"train: warning: every one of the {stats['steps']} optimiser steps ran at learning rate 0 (warm-up "
-                  "or schedule): the adapter is its initialisation and the model equals the base; train longer "
+                  "or schedule): the trained weights are their initialisation and the model equals the base; train longer "
                   "(train.epochs / train.max_steps) or lower train.warmup_ratio")
         total = process_seconds()
         if total is not None:

@@ -36,6 +36,7 @@ SOURCES = ("demo", "totto", "fetaqa")  # or hf:<dataset id>
 LINEARIZATIONS = ("subtable", "full_table")
 ON_BAD_RECORD = ("error", "skip")
 QUANTIZATIONS = ("nf4", "none")
+TRAIN_METHODS = ("lora", "full")  # table2text.training.loop: adapters on the frozen base | every weight
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 MERGE_BASES = ("trained", "original")
 MERGE_DTYPES = ("auto", "bfloat16", "float32", "float16")
@@ -202,6 +203,9 @@ class LoRAConfig(Group):
 @dataclass
 class TrainConfig(Group):
     GROUP = "train"
+    method: str = setting("lora", "lora (adapters on the frozen base) | full (every weight, fp32 master weights, "
+                          "bf16 autocast on CUDA; needs quantization none, one GPU; lora.*, fuse_lora, "
+                          "lora_compute_dtype and nf4_* apply to lora only)", math=True)
     quantization: str = setting("nf4", "nf4 (4-bit NF4 QLoRA, bf16 compute) | none (bf16 LoRA)", math=True)
     effective_batch: int = setting(16, "examples per optimiser step", math=True)
     micro_batch_tokens: int = setting(4096, "tokens per forward pass; accumulation covers the rest")
@@ -224,7 +228,8 @@ class TrainConfig(Group):
     num_threads: int = setting(0, "CPU threads for torch (0 = torch default)")
     nf4_fp32_upcast: bool = setting(False, "nf4: cast the non-quantised weights to fp32 (peft's recipe)", math=True)
     nf4_dequantize_once: bool = setting(True, "nf4: hold the frozen NF4 weights dequantised (same values)")
-    cuda_graphs: bool = setting(True, "CUDA: capture the packed forward/backward once per row count and replay it")
+    cuda_graphs: bool = setting(True, "CUDA: capture the packed forward/backward once per row count and replay it "
+                                "(lora only: method full runs eager, and says so)")
     # math: compiled kernels are tested equal to eager on CPU only, so a resume across it is not assumed safe
     compile_layers: bool = setting(False, "torch.compile each decoder layer", math=True)
     peak_flops: float = setting(0, "device peak FLOP/s for MFU (0 = known GPUs by name)")
@@ -236,7 +241,15 @@ class TrainConfig(Group):
                               math=True)
 
     def check(self) -> None:
+        self._one_of("method", TRAIN_METHODS)
         self._one_of("quantization", QUANTIZATIONS)
+        if self.method == "full" and self.quantization != "none":
+            raise ConfigError(f"train.quantization must be none with train.method full (every weight is trained, "
+                              f"in fp32 master weights: frozen NF4 weights cannot be), got {self.quantization!r}")
+        if self.method == "full" and self.num_gpus > 1:
+            # one process only: the data-parallel path is measured for LoRA's few gradients, not for 268M
+            raise ConfigError(f"train.num_gpus must be 1 with train.method full (full fine-tuning runs in one "
+                              f"process), got {self.num_gpus}")
         if self.lora_compute_dtype == "float16":
             raise ConfigError("train.lora_compute_dtype must be auto, float32 or bfloat16, got 'float16' "
                               "(Gemma 3 overflows fp16)")
@@ -283,7 +296,8 @@ class MergeConfig(Group):
 @dataclass
 class EvalConfig(Group):
     GROUP = "eval"
-    model: str = setting("merged", "merged | adapter (the model training optimised: trained base + adapter)")
+    model: str = setting("merged", "merged | adapter (the model training optimised: trained base + adapter; "
+                                   "after train.method full, the trained weights)")
     compare_base: bool = setting(True, "also score the untuned base model on the same examples")
     batch_size: int = setting(16, "generation batch size")
     cache: str = setting("static", "static (KV cache allocated once) | dynamic (grows as tokens come)")
@@ -385,6 +399,12 @@ class Config:
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        """Checks across groups (each group has checked its own keys)."""
+        if self.train.method == "full" and self.merge.base == "original":
+            raise ConfigError("merge.base must be trained with train.method full (original puts a LoRA adapter "
+                              "on the unquantised base; a full run's weights are the model), got 'original'")
 
     def to_dict(self) -> dict:
         """{group: {key: value}} with every key: what stages index as params[group][key]."""

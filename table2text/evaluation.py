@@ -47,7 +47,9 @@ def check_finetuned_files(kind: str) -> None:
     if kind == "merged" and not (MERGED_DIR / "config.json").is_file():
         raise EvalError(f"{MERGED_DIR.as_posix()}: no merged model (run the merge stage, or set eval.model: adapter)")
     if kind == "adapter" and not (ADAPTER_DIR / "adapter_config.json").is_file():
-        raise EvalError(f"{ADAPTER_DIR.as_posix()}: no adapter_config.json (run the train stage)")
+        info = finetuned.read_training_info(ADAPTER_DIR, required=False)
+        if finetuned.training_method(info) != "full" or not (ADAPTER_DIR / "config.json").is_file():
+            raise EvalError(f"{ADAPTER_DIR.as_posix()}: no adapter_config.json (run the train stage)")
 
 
 def eval_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -62,11 +64,12 @@ def eval_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_finetuned(kind: str, base_dir: Path, device: torch.device, dtype: torch.dtype):
     """models/merged as saved by the merge stage, or the model that was trained: models/adapter on the
-    base exactly as training saw it (table2text.model.finetuned: the NF4-dequantised base under QLoRA)."""
+    base exactly as training saw it (table2text.model.finetuned: the NF4-dequantised base under QLoRA), or
+    under train.method full the trained weights that models/adapter holds."""
     check_finetuned_files(kind)
     if kind == "merged":
         return model_sources.load_model(MERGED_DIR, quantization="none", dtype=dtype, device=device)
-    return finetuned.load_adapter_model(ADAPTER_DIR, base_dir, device, dtype, base="trained")
+    return finetuned.load_trained_model(ADAPTER_DIR, base_dir, device, dtype)
 
 
 def generation_settings(cfg: dict, device: torch.device) -> dict:

@@ -158,6 +158,27 @@ def test_the_in_place_head_loss_computes_exactly_the_formulas(softcap):
     assert torch.equal(hidden.grad, want_grad)
 
 
+@pytest.mark.parametrize("softcap, smoothing", [(None, 0.0), (30.0, 0.1)])
+def test_a_trainable_head_gets_the_gradient_of_plain_cross_entropy(softcap, smoothing):
+    # train.method full trains the head: its gradient, summed chunk by chunk, is autograd's through full logits
+    torch.manual_seed(0)
+    weight = torch.randn(1000, 16, requires_grad=True)
+    hidden = torch.randn(1, 40, 16, requires_grad=True)
+    targets = torch.randint(0, 1000, (1, 40))
+    targets[0, :5] = IGNORE  # prompt positions carry no loss and no gradient
+    loss, n = completion_loss(hidden, targets, weight, softcap=softcap, chunk_size=7, label_smoothing=smoothing)
+    loss.backward()
+    got = weight.grad.clone(), hidden.grad.clone()
+    weight.grad = hidden.grad = None
+    logits = hidden @ weight.T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    naive_loss(logits, targets, label_smoothing=smoothing).backward()
+    assert n == 35 and got[0].abs().sum() > 0
+    for mine, autograd in zip(got, (weight.grad, hidden.grad)):  # fp32 sums in another order
+        torch.testing.assert_close(mine, autograd, rtol=1e-4, atol=1e-5 * float(autograd.abs().max()))
+
+
 def test_completion_positions_from_the_host_give_the_mask_s_loss_and_gradients():
     # what the train loop passes (table2text.training.loop.stage_micro_batches): the flat indices of the
     # set targets, so the loss does not read a boolean mask back from the device

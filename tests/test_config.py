@@ -96,6 +96,17 @@ def test_a_tab_in_params_yaml_names_file_and_line(tmp_path):
     assert "a tab" in message
 
 
+def test_full_fine_tuning_refuses_nf4_in_one_line_naming_train_quantization(tmp_path):
+    # params.yaml's recipe is QLoRA (nf4): `dvc exp run -S train.method=full` alone must say what to change
+    message = rejected(tmp_path, set_line(PARAMS_TEXT, "method", "full"))
+    assert message.endswith("train.quantization must be none with train.method full (every weight is trained, "
+                            "in fp32 master weights: frozen NF4 weights cannot be), got 'nf4'")
+    full = set_line(set_line(PARAMS_TEXT, "method", "full"), "quantization", "none")
+    cfg = load_config(write(tmp_path, full))
+    assert cfg.train.method == "full" and cfg.train.quantization == "none"
+    assert load_config(REPO / "params.yaml").train.method == "lora"  # the committed recipe is unchanged
+
+
 def test_constant_with_warmup_is_offered_and_constant_without_warmup_is_fine(tmp_path):
     message = rejected(tmp_path, set_line(WARMUP_TEXT, "lr_scheduler", "constant"))
     assert "set train.warmup_ratio: 0, or train.lr_scheduler: constant_with_warmup" in message
@@ -184,6 +195,11 @@ KIND_CASES = [
     ({"data": {"source": "hf:"}}, "data.source='hf:'"),
     ({"data": {"on_bad_record": "ignore"}}, "data.on_bad_record must be one of ['error', 'skip'], got 'ignore'"),
     ({"train": {"quantization": "nf8"}}, "train.quantization must be one of ['nf4', 'none'], got 'nf8'"),
+    ({"train": {"method": "qlora"}}, "train.method must be one of ['full', 'lora'], got 'qlora'"),
+    ({"train": {"method": "full", "quantization": "none", "num_gpus": 2}},
+     "train.num_gpus must be 1 with train.method full (full fine-tuning runs in one process), got 2"),
+    ({"train": {"method": "full", "quantization": "none"}, "merge": {"base": "original"}},
+     "merge.base must be trained with train.method full"),
     ({"train": {"lr_scheduler": "cosine_with_restarts"}}, "train.lr_scheduler must be one of"),
     ({"train": {"device": "gpu"}}, "train.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     ({"train": {"lora_compute_dtype": "float16"}}, "train.lora_compute_dtype must be auto, float32 or bfloat16, got 'float16' (Gemma 3 overflows"),
@@ -294,7 +310,7 @@ def test_the_run_key_follows_the_math_fields_and_nothing_else():
         changed = load_params(REPO / "params.yaml")
         changed["train"][name] = value
         assert run_key(changed, "base", "data") == key, name
-    math_changes = {"quantization": "none", "effective_batch": 8, "learning_rate": 1e-4, "warmup_ratio": 0.1,
+    math_changes = {"method": "full", "quantization": "none", "effective_batch": 8, "learning_rate": 1e-4, "warmup_ratio": 0.1,
                     "lr_scheduler": "linear", "weight_decay": 0.1, "max_grad_norm": 0.5, "epochs": 2, "max_steps": 5,
                     "seed": 1, "nf4_fp32_upcast": True, "compile_layers": True, "label_smoothing": 0.1,
                     "lora_compute_dtype": "bfloat16", "fuse_lora": False}

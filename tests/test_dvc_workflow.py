@@ -164,6 +164,24 @@ def lora_change(eval_change, project):
     return {"output": output, "rev": commit(root, env, "lora alpha 32")}
 
 
+def test_repro_with_train_method_full_runs_every_stage_on_the_trained_weights(tmp_path, tiny_model_dir):
+    """`dvc repro` with train.method full end to end: full fine-tuning, its merge (nothing to fold: the
+    trained weights in merge.dtype) and an evaluation of the merged model, with no adapter anywhere."""
+    root, env = make_tiny_project(tmp_path, tiny_model_dir, {"train.method": "full", "train.learning_rate": 1e-3})
+    output = dvc(root, env, "repro").stdout
+    assert ran_stages(output) == STAGES
+    adapter_dir = root / "models" / "adapter"
+    info = json.loads((adapter_dir / "training_info.json").read_text(encoding="utf-8"))
+    assert info["method"] == "full" and info["dtype"] == "float32"
+    assert (adapter_dir / "model.safetensors").is_file() and not (adapter_dir / "adapter_config.json").exists()
+    merge = json.loads((root / "metrics" / "merge.json").read_text(encoding="utf-8"))
+    assert merge["passed"] and merge["adapter_effect"]["mean_kl"] > 0
+    scores = json.loads((root / "metrics" / "eval.json").read_text(encoding="utf-8"))
+    assert scores["examples"] == 4 and scores["finetuned"]["overall"]["bleu"] is not None
+    runtime = json.loads((root / "metrics" / "runtime" / "train.json").read_text(encoding="utf-8"))
+    assert runtime["method"] == "full" and runtime["cuda_graphs"] is False
+
+
 def test_a_repro_with_nothing_changed_runs_no_stage_within_5_seconds(project):
     root, env = project["root"], project["env"]
     assert ran_stages(project["first"]) == STAGES

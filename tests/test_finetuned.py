@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -90,3 +91,28 @@ def test_training_info_records_the_base_training_held(nf4_adapter):
     info = json.loads((nf4_adapter / "training_info.json").read_text(encoding="utf-8"))
     assert info["params"]["train"]["quantization"] == "nf4" and info["dtype"] in ("float32", "bfloat16")
     assert finetuned.records_training_base(info)
+
+
+def test_a_full_run_is_loaded_as_the_trained_model_and_not_as_an_adapter(tiny_model_dir, real_tokenizer, tmp_path):
+    from conftest import write_processed
+
+    processed = write_processed(tmp_path / "processed", n_train=4, n_validation=2)
+    out = tmp_path / "out"
+    train(small_params(method="full", max_steps=2, learning_rate=1e-3), read_processed(processed / "train.jsonl"),
+          out, checkpoint_dir=None, metrics_dir=None, model_dir=tiny_model_dir, tokenizer=real_tokenizer,
+          progress=False)
+    assert finetuned.training_method(finetuned.read_training_info(out)) == "full"
+    model = finetuned.load_trained_model(out, tiny_model_dir, CPU, torch.float32)  # what eval.model adapter loads
+    saved = load_model(out, dtype=torch.float32, device=CPU)
+    base = load_model(tiny_model_dir, dtype=torch.float32, device=CPU)
+    for (name, p), q, b in zip(model.named_parameters(), saved.parameters(), base.parameters()):
+        assert torch.equal(p, q) and not torch.equal(p, b), name
+    with pytest.raises(finetuned.AdapterError, match="holds a fully fine-tuned model"):
+        finetuned.load_adapter_model(out, tiny_model_dir, CPU, torch.float32)
+    other = tmp_path / "other-base"  # the base identity is checked as for an adapter
+    shutil.copytree(tiny_model_dir, other)
+    with torch.no_grad():
+        base.model.norm.weight.add_(1.0)
+    base.save_pretrained(other, safe_serialization=True)
+    with pytest.raises(finetuned.AdapterError, match="trained on base weights"):
+        finetuned.load_trained_model(out, other, CPU, torch.float32)

@@ -192,6 +192,9 @@ def test_missing_files_and_models_are_exit_2(tmp_path, capsys):
     assert status == 2 and "no config.json" in err
     status, _, err = run(capsys, table, "--adapter", tmp_path)
     assert status == 2 and "no adapter_config.json" in err
+    (tmp_path / "training_info.json").write_text(json.dumps({"method": "full"}), encoding="utf-8")
+    status, _, err = run(capsys, table, "--adapter", tmp_path)  # a full run's folder: named, --model offered
+    assert status == 2 and f"not an adapter: give it as --model {tmp_path.as_posix()}" in err
 
 
 def test_decoding_comes_from_params_unless_given(capsys):

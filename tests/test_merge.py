@@ -177,3 +177,75 @@ def test_float32_merge_is_exact(pipeline_dir, tmp_path):
     assert metrics["merge_error"]["max_logit_diff"] < 1e-3 < bf16["merge_error"]["max_logit_diff"]
     with safe_open(tmp_path / "merged" / "model.safetensors", framework="pt") as fh:
         assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"F32"}
+
+
+# ------------------------------------------------------------------------- train.method full
+@pytest.fixture(scope="module")
+def full_pipeline_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A project folder where the train stage ran with train.method full and the merge stage after it."""
+    folder = tmp_path_factory.mktemp("project-full")
+    write_processed(folder / "data" / "processed", n_train=8, n_validation=4)
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["model"]["name"] = str(tiny_model_dir)
+    params["train"].update(method="full", quantization="none", effective_batch=4, max_steps=3, save_steps=2,
+                           learning_rate=1e-3, warmup_ratio=0.0, device="cpu")
+    params["merge"].update(device="cpu", verify_prompts=4, dtype="float32")
+    (folder / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    torch.set_num_threads(2)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        train_stage.main(["--params", "params.yaml"])
+        merge_stage.main(["--params", "params.yaml"])
+    finally:
+        os.chdir(cwd)
+    return folder
+
+
+@torch.no_grad()
+def test_the_merge_of_a_full_run_stores_the_trained_model(full_pipeline_dir, tiny_model_dir):
+    from table2text.model.sources import load_model
+
+    cpu = torch.device("cpu")
+    trained = load_model(full_pipeline_dir / "models" / "adapter", dtype=torch.float32, device=cpu).eval()
+    merged = load_model(full_pipeline_dir / "models" / "merged", dtype=torch.float32, device=cpu).eval()
+    base = load_model(tiny_model_dir, dtype=torch.float32, device=cpu).eval()
+    for ids in check_prompts(full_pipeline_dir):
+        x = torch.tensor([ids])
+        assert torch.equal(merged(input_ids=x).logits, trained(input_ids=x).logits)
+        assert not torch.equal(base(input_ids=x).logits, trained(input_ids=x).logits)  # training moved it
+    metrics = json.loads((full_pipeline_dir / "metrics" / "merge.json").read_text(encoding="utf-8"))
+    assert metrics["passed"] and metrics["stored_dtype"] == "float32" and metrics["base"] == "trained"
+    # adapter_effect: the base against the trained model; merge_error: the stored weights against it (none)
+    assert metrics["adapter_effect"]["mean_kl"] > 0 and metrics["merge_error"]["mean_kl"] == 0
+    assert metrics["merge_error"]["top1_agreement"] == 1.0 and metrics["error_ratio"] == 0
+    assert json.loads((full_pipeline_dir / "models" / "merged" / "merge_info.json").read_text(
+        encoding="utf-8"))["stored_dtype"] == "float32"
+    assert merged.config.use_cache
+
+
+def test_the_merge_of_a_full_run_keeps_the_lora_metrics_keys(full_pipeline_dir, pipeline_dir):
+    full = json.loads((full_pipeline_dir / "metrics" / "merge.json").read_text(encoding="utf-8"))
+    lora = json.loads((pipeline_dir / "metrics" / "merge.json").read_text(encoding="utf-8"))
+    assert set(full) == set(lora)
+    assert set(full["adapter_effect"]) == set(lora["adapter_effect"]) and set(full["merge_error"]) == set(lora["merge_error"])
+
+
+def test_auto_stores_a_full_run_in_bf16_only_when_the_check_proves_it(full_pipeline_dir, tmp_path):
+    params = yaml.safe_load((full_pipeline_dir / "params.yaml").read_text(encoding="utf-8"))
+    params["merge"]["dtype"] = "auto"
+    metrics = merging.merge(params, full_pipeline_dir / "models" / "adapter", tmp_path / "merged",
+                            prompts_of(full_pipeline_dir), metrics_file=None)
+    first = metrics["attempts"][0]
+    assert first["dtype"] == "bfloat16" and metrics["passed"]
+    # bf16 kept when its merge error is within the bound, else float32 with bf16's refusal as the reason
+    assert (metrics["stored_dtype"] == "bfloat16") == (first["problem"] is None)
+    assert first["error_ratio"] > 0  # bf16 rounds fp32 weights: never exact
+
+
+def test_merge_base_original_is_refused_for_a_full_run(full_pipeline_dir, tmp_path):
+    params = yaml.safe_load((full_pipeline_dir / "params.yaml").read_text(encoding="utf-8"))
+    params["merge"]["base"] = "original"
+    with pytest.raises(merging.MergeError, match="holds a fully fine-tuned model .* set merge.base: trained"):
+        merging.merge(params, full_pipeline_dir / "models" / "adapter", tmp_path / "merged",
+                      prompts_of(full_pipeline_dir), metrics_file=None)

@@ -147,6 +147,88 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_model_di
     assert (tmp_path / "whole" / "adapter" / "tokenizer.json").is_file()
 
 
+# ------------------------------------------------------------------------- train.method full
+def full_params(**train_overrides) -> dict:
+    """small_params for full fine-tuning: every weight trained, at a rate that moves them in a few steps."""
+    return small_params(**{"method": "full", "learning_rate": 1e-3, **train_overrides})
+
+
+def test_full_fine_tuning_trains_every_weight_and_saves_what_it_trained(tiny_model_dir, real_tokenizer,
+                                                                       processed_dir, tmp_path):
+    from table2text.model.sources import load_model
+
+    records = read_processed(processed_dir / "train.jsonl")[:4]  # effective batch 4: every step sees all 4
+    recipe = loop.LoRARecipe(full_params(max_steps=6), records, adapter_dir=tmp_path / "out", checkpoint_dir=None,
+                             metrics_dir=tmp_path / "metrics", dvclive=False, model_dir=tiny_model_dir,
+                             data_sha256=None, on_step=None, progress=False, tokenizer=real_tokenizer)
+    recipe.setup()
+    recipe.run()
+    stats = recipe.finish()
+    losses = [row["loss"] for row in stats["history"]]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.1
+    base = dict(load_model(tiny_model_dir, dtype=torch.float32, device=torch.device("cpu")).named_parameters())
+    trained = dict(recipe.model.named_parameters())
+    assert set(trained) == set(base) and stats["trainable_params"] == sum(p.numel() for p in base.values())
+    # every kind of weight moved: the tied embedding/head, attention, MLP and every norm
+    kinds = {"embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+             "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+             "post_feedforward_layernorm", "q_norm", "k_norm", "model.norm"}
+    assert all(any(k in name for name in base) for k in kinds)
+    unchanged = [name for name in base if torch.equal(base[name], trained[name].detach())]
+    assert unchanged == []
+    assert recipe.base.lm_head.weight is recipe.base.model.embed_tokens.weight  # still one tensor
+    # what was saved is what was trained: fp32 safetensors, the tied head once, loading back equal
+    out = tmp_path / "out"
+    stored = load_file(out / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in stored.values()) and not (out / "adapter_config.json").exists()
+    loaded = load_model(out, dtype=torch.float32, device=torch.device("cpu"))
+    for name, p in loaded.named_parameters():
+        assert torch.equal(p, trained[name].detach()), name
+    assert loaded.config.use_cache and (out / "tokenizer.json").is_file()
+    info = json.loads((out / "training_info.json").read_text(encoding="utf-8"))
+    assert info["method"] == "full" and info["dtype"] == "float32" and info["steps"] == 6
+    assert stats["method"] == "full" and stats["cuda_graphs"] is False and stats["autocast"] is None
+    assert stats["precision"].startswith("method full: all ") and "fp32 compute" in stats["precision"]
+
+
+def test_an_interrupted_and_resumed_full_run_ends_with_the_same_weights(tiny_model_dir, real_tokenizer,
+                                                                          processed_dir, tmp_path):
+    records = read_processed(processed_dir / "train.jsonl")  # 12 records, effective batch 4: 3 steps an epoch
+    params = full_params(max_steps=5, save_steps=2)
+
+    def run(folder, on_step=None):
+        return train(params, records, folder / "out", checkpoint_dir=folder / "ckpt", metrics_dir=folder / "metrics",
+                     model_dir=tiny_model_dir, tokenizer=real_tokenizer, on_step=on_step, progress=False)
+
+    whole = run(tmp_path / "whole")
+
+    def crash(step):
+        if step == 3:  # after the checkpoint of step 2 and one more (lost) step
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", on_step=crash)
+    assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").iterdir()) == ["step-000002"]
+    assert (tmp_path / "resumed" / "ckpt" / "step-000002" / "weights.safetensors").is_file()
+    shutil.rmtree(tmp_path / "resumed" / "metrics")  # as `dvc repro` deletes outputs before a rerun
+    resumed = run(tmp_path / "resumed")
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == whole["steps"] == 5
+    assert [row["loss"] for row in resumed["history"]] == pytest.approx([row["loss"] for row in whole["history"]])
+    a = load_file(tmp_path / "whole" / "out" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "out" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_a_full_run_does_not_resume_a_lora_checkpoint(tiny_model_dir, real_tokenizer, processed_dir, tmp_path):
+    records = read_processed(processed_dir / "train.jsonl")[:4]
+    kwargs = dict(checkpoint_dir=tmp_path / "ckpt", metrics_dir=None, model_dir=tiny_model_dir,
+                  tokenizer=real_tokenizer, progress=False)
+    train(small_params(max_steps=2, save_steps=1), records, None, **kwargs)
+    assert train(full_params(max_steps=2, save_steps=1), records, None, **kwargs)["resumed_from_step"] == 0
+
+
 @pytest.mark.parametrize("scheduler, warmup_ratio, steps, expected", [
     ("cosine", 0.06, 2, 1),    # the earlier demo: ceil(0.06 x 2) = 1 warm-up step at lr 0, then one at 5e-5
     ("cosine", 0.5, 1, 0),     # a one-step run that is all warm-up: the weights never move

@@ -8,6 +8,9 @@ Two bases can carry an adapter (merge.base):
 - original: the base weights as saved, what PEFT's merge_and_unload puts the adapter on.
 The packaged Gemma 3 is itself a dequantised Q4_K_M model, so NF4 moves it far (BENCHMARKS.md, merge
 fidelity): the adapter on the original base is a different model from the one that was trained.
+
+Under train.method full (training_info.json's "method") the folder holds no adapter but the whole trained
+model (fp32 safetensors, table2text.model.full): that is the model that was trained, on no base at all.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from table2text.errors import UserError
 ADAPTER_DIR = Path("models/adapter")
 INFO_FILE = "training_info.json"
 BASES = ("trained", "original")
+METHODS = ("lora", "full")  # training_info.json "method"; folders from before it are lora
 
 
 class AdapterError(UserError, ValueError):
@@ -109,6 +113,37 @@ def load_base(base_dir: Path, info: dict | None, base: str, device: torch.device
     return model
 
 
+def training_method(info: dict | None) -> str:
+    """What a train folder holds, from its training_info.json: lora (an adapter) | full (the trained model).
+    A folder whose info predates the field, or an adapter made elsewhere, is lora."""
+    method = (info or {}).get("method", "lora")
+    if method not in METHODS:
+        raise AdapterError(f"{INFO_FILE}: field 'method': unknown training method {method!r} (known: {METHODS})")
+    return method
+
+
+def load_full_model(train_dir: Path, base_dir: Path, device: torch.device, dtype: torch.dtype,
+                    info: dict | None = None):
+    """The model a full run trained (train_dir's weights, cast to `dtype`), after checking that it was
+    trained from base_dir's weights (eval mode)."""
+    train_dir = Path(train_dir)
+    info = read_training_info(train_dir) if info is None else info
+    if training_method(info) != "full":
+        raise AdapterError(f"{(train_dir / INFO_FILE).as_posix()}: method {training_method(info)!r}: not a full "
+                           "fine-tuning run")
+    check_base_identity(train_dir, info, base_dir)
+    return model_sources.load_model(train_dir, quantization="none", dtype=dtype, device=device).eval()
+
+
+def load_trained_model(train_dir: Path, base_dir: Path, device: torch.device, dtype: torch.dtype):
+    """The model training optimised, whatever train.method was: the adapter on the base as training saw it,
+    or a full run's weights."""
+    info = read_training_info(train_dir, required=False)
+    if training_method(info) == "full":
+        return load_full_model(train_dir, base_dir, device, dtype, info)
+    return load_adapter_model(train_dir, base_dir, device, dtype, base="trained", info=info)
+
+
 def load_adapter_model(adapter_dir: Path, base_dir: Path, device: torch.device, dtype: torch.dtype,
                        base: str = "trained", info: dict | None = None):
     """The adapter of adapter_dir on the chosen base (PEFT, unmerged, eval mode). With base "trained" this
@@ -117,6 +152,9 @@ def load_adapter_model(adapter_dir: Path, base_dir: Path, device: torch.device, 
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
+        if training_method(info or read_training_info(adapter_dir, required=False)) == "full":
+            raise AdapterError(f"{adapter_dir.as_posix()}: holds a fully fine-tuned model (train.method full), "
+                               "not an adapter: load it as a model (its folder has config.json)")
         raise AdapterError(f"{adapter_dir.as_posix()}: no adapter_config.json (run the train stage)")
     if info is None:
         info = read_training_info(adapter_dir, required=(base == "trained"))

@@ -12,6 +12,11 @@ the saved merged model (`merge_error`). It passes only when the merge error's me
 merge.max_error_ratio (0.01) times the adapter effect's. KL grows about with the square of a lost fraction
 of the effect, so 0.01 asks that ~90% of it be kept: the plain base (ratio 1) and a half-applied adapter
 (0.25 for small effects, 0.09 measured for a large one) fail, whatever their raw logit differences.
+
+Under train.method full (training_info.json's method) there is nothing to fold: the stated model is the
+trained fp32 weights of the train folder, saved in merge.dtype by the same rule and checked the same way
+(adapter_effect: the base model against the trained one, the effect of fine-tuning; merge_error: the
+stored model against the trained one), so metrics/merge.json has the same keys. merge.base must be trained.
 """
 
 from __future__ import annotations
@@ -57,16 +62,20 @@ def estimated_bytes(model, model_dir: Path, dtype: torch.dtype) -> int:
 
 
 @torch.no_grad()
-def measure_fidelity(stated, candidate, prompts: list[list[int]], device: torch.device) -> dict:
-    """`adapter_effect` (the base alone against the stated model, a PeftModel with its adapter) and
-    `merge_error` (candidate against the stated model) on the same prompt positions, all in the models'
-    own dtype (fp32 here), and error_ratio = merge error's mean KL / adapter effect's."""
+def measure_fidelity(stated, candidate, prompts: list[list[int]], device: torch.device, base_model=None) -> dict:
+    """`adapter_effect` (the base alone against the stated model: a PeftModel with its adapter disabled,
+    or `base_model` when given, for a fully fine-tuned stated model) and `merge_error` (candidate against the
+    stated model) on the same prompt positions, all in the models' own dtype (fp32 here), and
+    error_ratio = merge error's mean KL / adapter effect's."""
     effect, error = LogitDistance(), LogitDistance()
     for ids in prompts:
         x = torch.tensor([ids], device=device)
         reference = stated(input_ids=x).logits[0].float()
-        with stated.disable_adapter():
-            base = stated(input_ids=x).logits[0].float()
+        if base_model is not None:
+            base = base_model(input_ids=x).logits[0].float()
+        else:
+            with stated.disable_adapter():
+                base = stated(input_ids=x).logits[0].float()
         effect.add(reference, base)
         error.add(reference, candidate(input_ids=x).logits[0].float())
     result = {"adapter_effect": effect.result(), "merge_error": error.result()}
@@ -98,20 +107,30 @@ class Unfaithful(Exception):
         self.check = check
 
 
+def plain_copy(stated):
+    """A plain model equal to the stated one, in its fp32 weights: the adapter folded in (PEFT's
+    merge_and_unload on a copy), or a copy of a fully fine-tuned model, which has nothing to fold."""
+    if hasattr(stated, "peft_config"):
+        return copy.deepcopy(stated).merge_and_unload()
+    return copy.deepcopy(stated)
+
+
 def save_checked(stated, tokenizer, merged_dir: Path, dtype: torch.dtype, name: str, verify) -> dict:
-    """Merge a copy of the stated model in its fp32 weights, round once to `dtype`, save it next to
-    merged_dir and check the saved files (`verify(folder) -> dict` with a "problem"); only a checkpoint that
-    passes replaces merged_dir (atomic_io.staged_dir: a refused or interrupted one is removed)."""
+    """Merge a copy of the stated model in its fp32 weights (plain_copy), round once to `dtype`, save it
+    next to merged_dir and check the saved files (`verify(folder) -> dict` with a "problem"); only a
+    checkpoint that passes replaces merged_dir (atomic_io.staged_dir: a refused or interrupted one is removed)."""
     from transformers import GenerationConfig
 
     with staged_dir(merged_dir) as tmp:
-        merged = copy.deepcopy(stated).merge_and_unload().to(dtype)
+        merged = plain_copy(stated).to(dtype)
         merged.config.name_or_path = name
+        merged.config.use_cache = True  # a full run's weights were saved from training, which had it off
         phases.enter("save")
         merged.save_pretrained(tmp, safe_serialization=True)
         del merged
         tokenizer.save_pretrained(tmp)
-        generation = GenerationConfig.from_model_config(stated.get_base_model().config)
+        config = stated.get_base_model().config if hasattr(stated, "peft_config") else stated.config
+        generation = GenerationConfig.from_model_config(config)
         generation.eos_token_id = end_token_ids(tokenizer)
         generation.pad_token_id = tokenizer.pad_token_id
         generation.bos_token_id = tokenizer.bos_token_id
@@ -154,16 +173,15 @@ def merge(
 
     # The stated model in fp32, unmerged: what the merged checkpoint must reproduce.
     phases.detail("stated model")
-    stated = finetuned.load_adapter_model(adapter_dir, model_dir, device, torch.float32, base=cfg["base"], info=info)
+    stated, base_model, name = stated_model(params, cfg["base"], adapter_dir, model_dir, device, info)
     phases.enter("work")  # merging and the fidelity check of each saved candidate
-    name = f"{params['model']['name']} + LoRA {Path(adapter_dir).as_posix()} (on the {cfg['base']} base)"
 
     def verify(dtype_name: str):
         def check_folder(folder: Path) -> dict:
             # The saved weights upcast and computed in fp32 on every device, so the check measures the
             # rounding of the saved weights alone (bf16 compute on a GPU adds noise of its own).
             saved = model_sources.load_model(folder, quantization="none", dtype=torch.float32, device=device).eval()
-            check = measure_fidelity(stated, saved, prompt_ids, device)
+            check = measure_fidelity(stated, saved, prompt_ids, device, base_model)
             del saved
             problem = fidelity_problem(check, float(cfg["max_error_ratio"]))
             if problem is None and dtype_name == "float16":
@@ -206,6 +224,20 @@ def merge(
         raise MergeError(f"merged model ({dtype_name}) is not base + adapter on {len(prompt_ids)} validation "
                          f"prompts: {check['problem']}")
     return metrics
+
+
+def stated_model(params: dict, base: str, train_dir: Path, model_dir: Path, device: torch.device, info: dict):
+    """(the stated model in fp32, the base to measure the effect against: None for a PeftModel, whose
+    adapter is switched off instead; the merged model's name) of the train folder's method."""
+    if finetuned.training_method(info) == "full":
+        if base != "trained":
+            raise MergeError(f"merge.base {base!r}: {Path(train_dir).as_posix()} holds a fully fine-tuned model "
+                             "(train.method full), which is on no base: set merge.base: trained")
+        stated = finetuned.load_full_model(train_dir, model_dir, device, torch.float32, info)
+        base_model = model_sources.load_model(model_dir, quantization="none", dtype=torch.float32, device=device)
+        return stated, base_model.eval(), f"{params['model']['name']} fully fine-tuned ({Path(train_dir).as_posix()})"
+    stated = finetuned.load_adapter_model(train_dir, model_dir, device, torch.float32, base=base, info=info)
+    return stated, None, f"{params['model']['name']} + LoRA {Path(train_dir).as_posix()} (on the {base} base)"
 
 
 def fp16_problem(folder: Path, prompt_ids, device) -> str | None:

@@ -159,8 +159,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
     """sum of cross-entropy of (hidden @ weight.T) against targets, chunked over positions.
 
     The gradient w.r.t. hidden is computed chunk by chunk during the forward pass (softmax - onehot) @ W,
-    so the vocabulary-wide logits never outlive their chunk. The head weight must be frozen (it is: the
-    head is tied to the embeddings and LoRA does not train it). The elementwise steps run in place, and a
+    so the vocabulary-wide logits never outlive their chunk. Under LoRA the head weight is frozen (tied to
+    the embeddings, not trained); when it takes a gradient (train.method full), the weight's is summed the
+    same way, chunk by chunk: (softmax - onehot).T @ hidden, into one [vocab, dim] buffer in the weight's
+    dtype (the size of the .grad autograd keeps anyway). The elementwise steps run in place, and a
     chunk's tensors are freed before the next chunk's matmul, so the peak is head_chunk_bytes (the values
     are those of the out-of-place formulas: the same operations on the same numbers).
 
@@ -172,6 +174,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk_size, softcap, smoothing=0.0):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             y = targets[start : start + chunk_size]
@@ -187,7 +190,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                           + smoothing * (log_z - logits.mean(dim=-1))).sum()
             else:
                 total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            if grad_hidden is not None:
+            if grad_hidden is not None or grad_weight is not None:
                 if softcap:  # d/dz [c * tanh(z / c)] = 1 - tanh^2, with tanh = logits / c as before
                     derivative = torch.div(logits, softcap, out=capped).square_().neg_().add_(1.0)
                 grad = logits.sub_(log_z[:, None]).exp_()  # softmax, in the logits' memory
@@ -198,16 +201,22 @@ class _HeadCrossEntropy(torch.autograd.Function):
                     grad[torch.arange(len(y), device=y.device), y] -= 1.0
                 if softcap:
                     grad.mul_(derivative)
-                grad_hidden[start : start + chunk_size] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad = grad.to(weight.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk_size] = (grad @ weight).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight.add_((grad.T @ h.to(weight.dtype)).to(weight.dtype))
             del logits, capped  # before the next chunk's matmul: two chunks are never alive at once
             grad = derivative = None
-        ctx.save_for_backward(grad_hidden)
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype),
+                None if grad_weight is None else grad_weight * grad_output.to(grad_weight.dtype),
+                None, None, None, None)
 
 
 def completion_loss(
@@ -229,9 +238,9 @@ def completion_loss(
     positions: the flat indices (into batch x time) of the positions whose target is set, if the caller
     has them (the train loop computes them on the host): a boolean mask on the device would make the
     host wait for the forward to finish, to learn how many positions it selects.
+    head_weight may be trainable (train.method full): it then gets its gradient from these positions, added
+    by autograd to what the same (tied) tensor gets as the input embedding.
     The caller divides by the completion-token count of the whole effective batch."""
-    if head_weight.requires_grad:
-        raise ValueError("completion_loss assumes a frozen vocabulary head (LoRA does not train it)")
     if positions is None:
         mask = targets != IGNORE
         picked = hidden[mask]  # [n, dim]: only the positions that carry loss reach the head

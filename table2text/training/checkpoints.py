@@ -1,5 +1,6 @@
-"""Resume points: checkpoints/step-NNNNNN/ (adapter, optimiser, scheduler, every rank's RNG state), written
-atomically, checked by file sizes and by the run key (the math of the run) before resuming."""
+"""Resume points: checkpoints/step-NNNNNN/ (the trained weights: the adapter under LoRA, every weight under
+train.method full; optimiser, scheduler, every rank's RNG state), written atomically, checked by file sizes
+and by the run key (the math of the run) before resuming."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import torch
 
 from table2text.config import math_keys
 from table2text.io.atomic import write_json
+from table2text.model import full
 
 KEEP_CHECKPOINTS = 2
+ADAPTER_FILE = "adapter.safetensors"  # LoRA: the adapter's weights (PEFT's state dict)
+WEIGHTS_FILE = "weights.safetensors"  # train.method full: every weight, the tied head once
 
 
 def run_key(params: dict, base_sha256: str, data_sha256: str) -> str:
@@ -57,13 +61,17 @@ def save_checkpoint(
 ) -> None:
     """checkpoints/step-NNNNNN/, written in a temp folder then renamed: a half-written one never exists.
     rng_states: one per process (rank order); the model and optimiser are the same on every rank."""
-    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=folder))
-    adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    save_file(adapter, tmp / "adapter.safetensors")
+    if is_peft(model):
+        from peft import get_peft_model_state_dict
+
+        adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        save_file(adapter, tmp / ADAPTER_FILE)
+    else:
+        save_file(full.trainable_state(model), tmp / WEIGHTS_FILE)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     for rank, state in enumerate(rng_states):
@@ -105,10 +113,14 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, device: torch.devic
     """Restore a checkpoint into this process (every rank reads the same folder); returns its state.json.
     The RNG state is this rank's; state["rng_restored"] is False if the checkpoint was written by fewer
     processes and has none for this rank."""
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors", device=str(device)))
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(ckpt / ADAPTER_FILE, device=str(device)))
+    else:
+        full.load_trainable_state(model, load_file(ckpt / WEIGHTS_FILE, device=str(device)))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
@@ -118,3 +130,6 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, device: torch.devic
     return state
 
 
+def is_peft(model) -> bool:
+    """A PeftModel (LoRA: the checkpoint holds the adapter), else a plain model trained whole."""
+    return hasattr(model, "peft_config")

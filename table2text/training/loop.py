@@ -2,6 +2,12 @@
 model, batching, optimiser, resume point, logging, graph capture), then `run()` is the loop, one optimiser
 step per iteration, and `finish()` writes the outputs.
 
+train.method picks what is trained, in the same loop: `lora`, adapters on the frozen (NF4 or bf16) base;
+`full`, every weight, as fp32 master weights (table2text.model.full), the forward under bf16 autocast on
+CUDA and in fp32 on CPUs, the tied embedding/head one parameter whose head gradient completion_loss
+computes. A full run is eager: CUDA graphs (captured and measured for LoRA's frozen base) are not used,
+and the log line and the runtime file (cuda_graphs, cuda_graphs_note) say so.
+
 A nanoGPT-style loop rather than HF Trainer, because the vocabulary head dominates: logits are computed
 only at completion positions (table2text.training.batching.completion_loss). One optimiser step sees a
 fixed number of examples (train.effective_batch), packed without padding into rows and split into
@@ -24,6 +30,7 @@ from tqdm import tqdm
 
 from table2text.config import check_target_modules
 from table2text.io.atomic import staged_outputs
+from table2text.model import full as full_model
 from table2text.model import sources as model_sources
 from table2text.model.lora import build_model, save_adapter
 from table2text.params import validate_params
@@ -73,7 +80,8 @@ def train(
     progress: bool = True,
     tokenizer=None,
 ) -> dict:
-    """Train LoRA adapters on `train_records` (processed records: prompt, completion) and return stats
+    """Train LoRA adapters (or, with train.method full, every weight) on `train_records` (processed
+    records: prompt, completion) and return stats
     (those of metrics/train.json and metrics/runtime/train.json, plus "history": the logged rows of every
     logging step, throughput included).
 
@@ -121,11 +129,15 @@ class LoRARecipe:
     def _setup_device(self) -> None:
         cfg, params = self.cfg, self.params
         self.model_dir = Path(self.model_dir) if self.model_dir else model_sources.resolve_model(params["model"]["name"])
-        # lora.target_modules against the model's module names (read from its config, no weights): a name
-        # that matches nothing would otherwise leave that layer silently unadapted
-        check_target_modules(params["lora"]["target_modules"], self.model_dir, params["model"]["name"])
+        self.full = cfg["method"] == full_model.METHOD
+        if not self.full:
+            # lora.target_modules against the model's module names (read from its config, no weights): a
+            # name that matches nothing would otherwise leave that layer silently unadapted
+            check_target_modules(params["lora"]["target_modules"], self.model_dir, params["model"]["name"])
         self.device = model_sources.pick_device(cfg["device"])
-        self.dtype = model_sources.pick_dtype(self.device)
+        # the weights' dtype; a full run keeps fp32 master weights and computes under autocast (on CUDA)
+        self.dtype = torch.float32 if self.full else model_sources.pick_dtype(self.device)
+        self.autocast = full_model.autocast_dtype(self.device) if self.full else None
         self.cap_gb, self.cap_why = memory_cap(cfg["max_memory_gb"], self.device)  # before the model takes memory
         self.compiled = bool(cfg["compile_layers"])
         problem = model_sources.compile_problem("train.compile_layers", self.device) if self.compiled else None
@@ -157,10 +169,14 @@ class LoRARecipe:
     def _setup_model(self) -> None:
         seed = int(self.cfg["seed"])
         torch.manual_seed(seed)  # LoRA init and dropout
-        phases.enter("load", "model (quantised, LoRA)")
-        self.model = build_model(self.params, self.model_dir, self.device, self.dtype)
+        if self.full:
+            phases.enter("load", "model (fp32, every weight trainable)")
+            self.model = self.base = full_model.build_full_model(self.model_dir, self.device)
+        else:
+            phases.enter("load", "model (quantised, LoRA)")
+            self.model = build_model(self.params, self.model_dir, self.device, self.dtype)
+            self.base = self.model.get_base_model()
         phases.enter("prepare", "model set-up")  # then budgets, compilation, graph capture
-        self.base = self.model.get_base_model()
         self.decoder, self.head = self.base.get_decoder(), self.base.get_output_embeddings().weight
         self.softcap = getattr(self.base.config, "final_logit_softcapping", None)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -181,8 +197,10 @@ class LoRARecipe:
         self.row_tokens = row_length([len(ids) for ids, _ in self.examples])
         if self.cap_gb:
             weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            # + LoRA's grads and Adam moments, and the head's loss chunk as completion_loss computes it
+            # + the trained weights' grads and Adam moments (fp32), and the head's loss chunk as completion_loss computes it
             fixed = weight_bytes + self.n_trainable * 4 * 3 + head_chunk_bytes(self.head.shape[0], self.softcap)
+            if self.full:  # the head's gradient, summed by completion_loss beside the .grad it then joins
+                fixed += self.head.numel() * 4
             act_bytes = 2 if self.dtype == torch.bfloat16 else 4
             per_token = activation_bytes_per_token(config, act_bytes)
             budget_before_cap = budget
@@ -204,10 +222,17 @@ class LoRARecipe:
         # (checkpointing's recomputation makes some), so they are used on CUDA without checkpointing, and
         # in one process only: under torchrun they have not yet been run on several GPUs (the measured
         # multi-GPU path is the eager one), so each rank runs eager until that is measured.
+        # A full run is eager too: its graphs would hold the backward of every weight (the tied embedding's
+        # included) and run under autocast, a path never captured nor measured.
         wanted_graphs = device.type == "cuda" and cfg["cuda_graphs"]
-        self.cuda_graphs = wanted_graphs and not self.checkpointing and self.world == 1
+        self.cuda_graphs = wanted_graphs and not self.checkpointing and self.world == 1 and not self.full
+        self.graphs_note = None
         if wanted_graphs and self.world > 1:
-            self._say("CUDA graphs off with several processes (not yet measured on several GPUs)")
+            self.graphs_note = "CUDA graphs off with several processes (not yet measured on several GPUs)"
+        elif wanted_graphs and self.full:
+            self.graphs_note = "CUDA graphs off with train.method full (captured and measured for LoRA only): eager"
+        if self.graphs_note:
+            self._say(self.graphs_note)
         if self.compiled:
             compile_layers(self.decoder)  # compiled at the first pass of each shape (for graphs: while capturing)
         self.forward = GraphedDecoder(self.decoder, device) if self.cuda_graphs else PackedDecoder(self.decoder)
@@ -217,8 +242,16 @@ class LoRARecipe:
             # never None) and every micro-batch adds into it.
             for p in self.trainable:
                 p.grad = torch.zeros_like(p)
-        self._say(f"packed rows of {self.row_tokens} tokens, up to {self.rows_per_micro_batch} per micro-batch, "
-                  f"CUDA graphs {'on' if self.cuda_graphs else 'off'}, compiled layers {'on' if self.compiled else 'off'}")
+        self._say(f"{self.method_line()}; packed rows of {self.row_tokens} tokens, up to "
+                  f"{self.rows_per_micro_batch} per micro-batch, CUDA graphs {'on' if self.cuda_graphs else 'off'}, "
+                  f"compiled layers {'on' if self.compiled else 'off'}")
+
+    def method_line(self) -> str:
+        """What is trained and in which precision (the log line and the runtime file)."""
+        if not self.full:
+            return f"method lora: {self.n_trainable:,} adapter weights on the frozen base"
+        compute = "bf16 autocast" if self.autocast is not None else "fp32 compute"
+        return f"method full: all {self.n_trainable:,} weights in fp32 master weights, {compute}"
 
     def _setup_optimizer(self) -> None:
         cfg = self.cfg
@@ -291,7 +324,7 @@ class LoRARecipe:
             #    norm stay on the device until the step has run: reading them earlier would stall the host
             #    mid-step, with the GPU idle until it queues the next kernels.
             total = accumulate_micro_batches(self.forward, self.head, micro_batches, self.softcap, label_tokens,
-                                             float(cfg["label_smoothing"]))
+                                             float(cfg["label_smoothing"]), autocast=self.autocast)
             loss = None
             if self.world > 1:
                 loss = distributed.sum_gradients(self.trainable, total.item() / label_tokens)
@@ -397,7 +430,11 @@ class LoRARecipe:
             "micro_batch_tokens": self.budget,  # per process (GPU)
             "row_tokens": self.row_tokens,
             "rows_per_micro_batch": self.rows_per_micro_batch,
+            "method": self.cfg["method"],
+            "precision": self.method_line(),
+            "autocast": str(self.autocast).removeprefix("torch.") if self.autocast else None,
             "cuda_graphs": self.cuda_graphs,
+            "cuda_graphs_note": self.graphs_note,
             "compile_layers": self.compiled,
             "gradient_checkpointing": self.checkpointing,
             "device": str(self.device),
@@ -405,25 +442,32 @@ class LoRARecipe:
         }
         if self.live is not None:
             self.live.end()
-        with staged_outputs() as stage:  # metrics/train.json and the adapter change together or not at all
-            if self.metrics_dir is not None:
-                stage.write_json(Path(self.metrics_dir) / "train.json", stats, sort_keys=True)
-            if self.adapter_dir is not None:
-                info = {
-                    "base_model": {"name": self.params["model"]["name"], "weights_sha256": self.base_sha256},
-                    "data_sha256": self.data_sha256,
-                    "params": {k: self.params[k] for k in ("train", "lora", "model")},
-                    # the compute dtype the base was held in (table2text.model.finetuned rebuilds it)
-                    "dtype": str(self.dtype).removeprefix("torch."),
-                    **stats,
-                }
-                save_adapter(self.model, self.tokenizer, Path(self.adapter_dir), info, stage)
+        self._save_outputs(stats)
         if self.metrics_dir is not None:  # how the run went (times, memory, device): not a DVC-tracked file
             write_runtime("train", {**stats, **runtime, "memory_cap_gb": self.cap_gb, "history": self.history},
                           Path(self.metrics_dir) / "runtime")
         if self.world > 1:
             distributed.barrier()  # every rank returns once rank 0's outputs exist
         return {**stats, **runtime, "history": self.history, "memory_cap_gb": self.cap_gb}
+
+    def _save_outputs(self, stats: dict) -> None:
+        """metrics/train.json and models/adapter/ (the adapter, or under train.method full the whole trained
+        model in fp32), renamed into place together or not at all."""
+        with staged_outputs() as stage:
+            if self.metrics_dir is not None:
+                stage.write_json(Path(self.metrics_dir) / "train.json", stats, sort_keys=True)
+            if self.adapter_dir is not None:
+                info = {
+                    "method": self.cfg["method"],  # what the folder holds: lora (an adapter) | full (the weights)
+                    "base_model": {"name": self.params["model"]["name"], "weights_sha256": self.base_sha256},
+                    "data_sha256": self.data_sha256,
+                    "params": {k: self.params[k] for k in ("train", "lora", "model")},
+                    # the dtype the base was held in (table2text.model.finetuned rebuilds it); full: the weights'
+                    "dtype": str(self.dtype).removeprefix("torch."),
+                    **stats,
+                }
+                save = full_model.save_full_model if self.full else save_adapter
+                save(self.model, self.tokenizer, Path(self.adapter_dir), info, stage)
 
     def _say(self, message: str) -> None:
         if self.is_main:
@@ -472,14 +516,19 @@ def stage_micro_batches(examples: list[tuple[list[int], int]], row_tokens: int, 
 
 
 def accumulate_micro_batches(forward, head_weight, batches: list[dict[str, torch.Tensor]], softcap: float | None,
-                             label_tokens: int, label_smoothing: float = 0.0) -> torch.Tensor:
+                             label_tokens: int, label_smoothing: float = 0.0,
+                             autocast: torch.dtype | None = None) -> torch.Tensor:
     """Forward and backward staged micro-batches (stage_micro_batches); returns their summed loss as a
-    device tensor (not divided: the caller reads it, once, when the step has run)."""
+    device tensor (not divided: the caller reads it, once, when the step has run). autocast: the dtype
+    the forward (and the head's loss) computes in over fp32 weights (train.method full on CUDA: bf16);
+    the backward runs outside the autocast region, as PyTorch recommends."""
     total = None
+    device_type = head_weight.device.type
     for batch in batches:
-        hidden = forward(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
-        loss_sum, _ = completion_loss(hidden, batch["targets"], head_weight, softcap=softcap,
-                                      label_smoothing=label_smoothing, positions=batch["positions"])
+        with torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            hidden = forward(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+            loss_sum, _ = completion_loss(hidden, batch["targets"], head_weight, softcap=softcap,
+                                          label_smoothing=label_smoothing, positions=batch["positions"])
         (loss_sum / label_tokens).backward()
         total = loss_sum.detach() if total is None else total + loss_sum.detach()
     return total if total is not None else torch.zeros((), dtype=torch.float32, device=head_weight.device)
