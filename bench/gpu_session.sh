@@ -4,7 +4,8 @@
 # and the full fine-tuning and ToTTo dev55 rows. Results go to $1 (default bench/results/session), one
 # folder per bench; a bench that fails is reported and the next one still runs.
 #
-#     bash bench/gpu_session.sh OUT [SECTION ...]     # sections: phases decode train compile fullft (default: all)
+#     bash bench/gpu_session.sh OUT [SECTION ...]     # sections: phases decode train compile fullft fullpipe
+#                                                   (default: all but fullpipe)
 set -u
 out=${1:-bench/results/session}
 shift || true
@@ -45,6 +46,9 @@ for section in $sections; do
         --totto $data/totto --out "$out/rows" --gpus 0 > "$logs/rows.log" 2>&1 &
       wait
       tail -n 12 "$logs"/*.log ;;
+    fullpipe)  # full fine-tuning through the pipeline's own stages (train.method full): the shipped models
+      run fullpipe python -m bench.run_rows --only full-nq-3ep-beam4 full-q-3ep-beam4 --fetaqa $data/fetaqa \
+        --totto $data/totto --out "$out" --gpus 0 0 ;;
     *) echo "unknown section $section"; exit 2 ;;
   esac
 done
