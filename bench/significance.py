@@ -5,9 +5,16 @@ BLEU is a corpus score: a resample's BLEU is computed from the summed sufficient
 totals per n-gram order, lengths) of the drawn examples, which is what sacrebleu's own paired bootstrap
 does. The statistics come from the same preparation as table2text.metrics.totto.corpus_bleu (lower-cased,
 Moses-detokenised text, 13a tokenisation, exp smoothing), so the full-set BLEU from them is the scorer's.
+
+    python -m bench.significance A B [--rounds 2000]   # A, B: predictions (.jsonl[.gz]) or a peer's JSON
 """
 
 from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from pathlib import Path
 
 import numpy as np
 from sacrebleu.metrics import BLEU
@@ -63,3 +70,36 @@ def per_example(predictions: list[str], examples: list[dict], scored: list[dict]
     stats = bleu_statistics(predictions, [ex["references"] for ex in examples])
     return {str(ex["id"]): {"parent_f": s["parent_f"], "bleu_stats": st}
             for ex, s, st in zip(examples, scored, stats)}
+
+
+def load_system(path: Path) -> dict:
+    """id -> {"parent_f", "bleu_stats"} of a system: an evaluate stage's predictions file
+    (metrics/predictions.jsonl, or gzipped: each line's prediction, references and PARENT scores), or a
+    peer's per-example record (bench/score_peers.py's JSON, which holds "per_example")."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            rows = [json.loads(line) for line in fh if line.strip()]
+        else:
+            return json.load(fh)["per_example"]
+    stats = bleu_statistics([r["prediction"] for r in rows], [r["references"] for r in rows])
+    return {str(r["id"]): {"parent_f": r["parent"]["parent_f"], "bleu_stats": s} for r, s in zip(rows, stats)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="paired bootstrap of PARENT F and BLEU: system A minus system B")
+    parser.add_argument("a", type=Path, help="predictions of A (metrics/predictions.jsonl[.gz]) or a peer's JSON")
+    parser.add_argument("b", type=Path, help="the same for B")
+    parser.add_argument("--rounds", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    result = paired_bootstrap(load_system(args.a), load_system(args.b), args.rounds, args.seed)
+    f, b = result["parent_f"], result["bleu"]
+    print(f"{args.a.name} - {args.b.name} on {result['examples']} examples, {result['rounds']} resamples: "
+          f"PARENT F {f['mean']:+.4f} [{f['low']:+.4f}, {f['high']:+.4f}], "
+          f"BLEU {b['mean']:+.2f} [{b['low']:+.2f}, {b['high']:+.2f}]")
+    return result
+
+
+if __name__ == "__main__":
+    main()

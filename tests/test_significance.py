@@ -50,3 +50,24 @@ def test_the_better_system_is_ahead_on_both_metrics():
 def test_no_shared_ids_is_an_error():
     with pytest.raises(ValueError, match="share no example ids"):
         paired_bootstrap({"1": {"parent_f": 1.0, "bleu_stats": [0] * 10}}, {"2": {"parent_f": 1.0, "bleu_stats": [0] * 10}})
+
+
+def test_the_command_reads_predictions_files_and_peer_records(tmp_path, capsys):
+    import gzip
+    import json
+
+    from bench import significance
+
+    exs, better = examples(), ["Alpha came out in 2001 on the first label.", "Beta came out in 2004.",
+                               "Gamma was the last album.", "Delta won the award in 2011."]
+    scored = compute_metrics(better, exs)[1]
+    rows = [{"id": ex["id"], "prediction": p, "references": ex["references"], "parent": s}
+            for ex, p, s in zip(exs, better, scored)]
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as fh:  # an evaluate stage's predictions
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    worse = ["Alpha.", "Beta.", "Gamma.", "Delta."]
+    peer = {"per_example": per_example(worse, exs, compute_metrics(worse, exs)[1])}
+    (tmp_path / "peer.json").write_text(json.dumps(peer), encoding="utf-8")  # bench/score_peers.py's record
+    result = significance.main([str(tmp_path / "a.jsonl.gz"), str(tmp_path / "peer.json"), "--rounds", "50"])
+    assert result["examples"] == 4 and result["parent_f"]["mean"] > 0 and result["bleu"]["mean"] > 0
+    assert "a.jsonl.gz - peer.json on 4 examples" in capsys.readouterr().out

@@ -112,7 +112,7 @@ class LoRARecipe:
 
     # ------------------------------------------------------------------------------------ setup phases
     def setup(self) -> None:
-        phases.detail("device, CUDA context")  # before: the stage's settings and records, unnamed
+        phases.detail("model folder, target modules")  # before: the stage's settings and records
         self._setup_device()
         self._setup_data()
         self._setup_model()
@@ -134,6 +134,7 @@ class LoRARecipe:
             # lora.target_modules against the model's module names (read from its config, no weights): a
             # name that matches nothing would otherwise leave that layer silently unadapted
             check_target_modules(params["lora"]["target_modules"], self.model_dir, params["model"]["name"])
+        phases.detail("device, CUDA context")
         self.device = model_sources.pick_device(cfg["device"])
         # the weights' dtype; a full run keeps fp32 master weights and computes under autocast (on CUDA)
         self.dtype = torch.float32 if self.full else model_sources.pick_dtype(self.device)
