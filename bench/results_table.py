@@ -118,7 +118,8 @@ def markdown(rows: list[dict], described: dict) -> str:
         if r.get("peer"):  # published FeTaQA predictions only
             continue
         if r["totto"] is None:
-            lines.append(f"| {r['name']} | not measured | | |")
+            why = "not run: ToTTo's examples hold no question" if r.get("totto_run") is False else "not measured"
+            lines.append(f"| {r['name']} | {why} | | |")
             continue
         cells = [f"{s['bleu']:.1f} · {s['parent_precision']:.3f} / {s['parent_recall']:.3f} / {s['parent_f']:.3f}"
                  for s in (r["totto"][k] for k in SUBSETS)]
@@ -134,6 +135,8 @@ def collect(folder: Path) -> tuple[list[dict], list[str], dict]:
     rows, missing = [zero_shot()], []
     for entry in plan:
         row = read_row(folder, entry["name"])
+        if row:
+            row["totto_run"] = entry.get("totto", True)  # false: a task ToTTo has no input for
         (rows.append(row) if row else missing.append(entry["name"]))
     for entry in peers:
         row = read_peer(entry["name"])

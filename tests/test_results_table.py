@@ -54,3 +54,10 @@ def test_the_published_t5_rows_hold_the_peers_readme_numbers():
     for name, (bleu, parent_f) in published.items():
         assert peers[name]["count"] == 500
         assert round(peers[name]["bleu"], 2) == bleu and round(peers[name]["parent_f"], 3) == parent_f
+
+
+def test_a_row_without_a_totto_run_says_why():
+    rows, _, described = collect(ROWS)
+    table = markdown(rows, described)
+    assert "| full-q-3ep-beam4 | not run: ToTTo's examples hold no question | | |" in table
+    assert "| full-nq-3ep-beam4 | 30.1 · " in table  # its ToTTo run exists
