@@ -22,16 +22,15 @@ from table2text.model import merging
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A project folder where `python -m stages.train` and `python -m stages.merge` have run (tiny model)."""
-    folder = tmp_path_factory.mktemp("project")
+def trained_and_merged(folder: Path, tiny_model_dir: Path, train: dict, merge: dict) -> Path:
+    """`folder` made a project where `python -m stages.train` and `python -m stages.merge` have run on the
+    tiny model, with these train and merge settings over params.yaml's."""
     write_processed(folder / "data" / "processed", n_train=8, n_validation=4)
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["model"]["name"] = str(tiny_model_dir)
-    params["train"].update(quantization="none", effective_batch=4, max_steps=3, save_steps=2, learning_rate=1e-2,
-                           warmup_ratio=0.0, device="cpu")
-    params["merge"].update(device="cpu", verify_prompts=4)
+    params["train"].update(quantization="none", effective_batch=4, max_steps=3, save_steps=2, warmup_ratio=0.0,
+                           device="cpu", **train)
+    params["merge"].update(device="cpu", verify_prompts=4, **merge)
     (folder / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     torch.set_num_threads(2)
     cwd = os.getcwd()
@@ -42,6 +41,12 @@ def pipeline_dir(tmp_path_factory, tiny_model_dir) -> Path:
     finally:
         os.chdir(cwd)
     return folder
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A project folder where the LoRA train stage and the merge stage have run (tiny model)."""
+    return trained_and_merged(tmp_path_factory.mktemp("project"), tiny_model_dir, {"learning_rate": 1e-2}, {})
 
 
 def test_merged_model_reproduces_the_trained_model(pipeline_dir):
@@ -183,23 +188,8 @@ def test_float32_merge_is_exact(pipeline_dir, tmp_path):
 @pytest.fixture(scope="module")
 def full_pipeline_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A project folder where the train stage ran with train.method full and the merge stage after it."""
-    folder = tmp_path_factory.mktemp("project-full")
-    write_processed(folder / "data" / "processed", n_train=8, n_validation=4)
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    params["model"]["name"] = str(tiny_model_dir)
-    params["train"].update(method="full", quantization="none", effective_batch=4, max_steps=3, save_steps=2,
-                           learning_rate=1e-3, warmup_ratio=0.0, device="cpu")
-    params["merge"].update(device="cpu", verify_prompts=4, dtype="float32")
-    (folder / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    torch.set_num_threads(2)
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        train_stage.main(["--params", "params.yaml"])
-        merge_stage.main(["--params", "params.yaml"])
-    finally:
-        os.chdir(cwd)
-    return folder
+    return trained_and_merged(tmp_path_factory.mktemp("project-full"), tiny_model_dir,
+                              {"method": "full", "learning_rate": 1e-3}, {"dtype": "float32"})
 
 
 @torch.no_grad()
