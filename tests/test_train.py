@@ -89,13 +89,12 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tiny_model
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
 
 
-def test_an_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_model_dir, real_tokenizer, processed_dir, tmp_path):
-    records = read_processed(processed_dir / "train.jsonl")  # 12 records, effective batch 4: 3 steps an epoch
-    params = small_params(max_steps=5, save_steps=2)  # crosses an epoch; dropout on (RNG state restored)
-
+def whole_and_resumed(params, records, tmp_path, out, model_dir, tokenizer, crashed):
+    """Stats of a run straight through (tmp_path/whole) and of one (tmp_path/resumed) that crashes after
+    step 3, is checked by crashed(folder), and is run again: it resumes from the checkpoint of step 2."""
     def run(folder, on_step=None):
-        return train(params, records, folder / "adapter", checkpoint_dir=folder / "ckpt",
-                     metrics_dir=folder / "metrics", model_dir=tiny_model_dir, tokenizer=real_tokenizer, on_step=on_step, progress=False)
+        return train(params, records, folder / out, checkpoint_dir=folder / "ckpt", metrics_dir=folder / "metrics",
+                     model_dir=model_dir, tokenizer=tokenizer, on_step=on_step, progress=False)
 
     whole = run(tmp_path / "whole")
 
@@ -105,9 +104,19 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_model_di
 
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed", on_step=crash)
-    assert not (tmp_path / "resumed" / "adapter").exists()
+    crashed(tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "metrics")  # as `dvc repro` deletes outputs before a rerun
-    resumed = run(tmp_path / "resumed")
+    return whole, run(tmp_path / "resumed")
+
+
+def test_an_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_model_dir, real_tokenizer, processed_dir, tmp_path):
+    records = read_processed(processed_dir / "train.jsonl")  # 12 records, effective batch 4: 3 steps an epoch
+    params = small_params(max_steps=5, save_steps=2)  # crosses an epoch; dropout on (RNG state restored)
+
+    def crashed(folder):
+        assert not (folder / "adapter").exists()
+
+    whole, resumed = whole_and_resumed(params, records, tmp_path, "adapter", tiny_model_dir, real_tokenizer, crashed)
 
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == whole["steps"] == 5
     assert resumed["samples"] == whole["samples"]
@@ -196,22 +205,11 @@ def test_an_interrupted_and_resumed_full_run_ends_with_the_same_weights(tiny_mod
     records = read_processed(processed_dir / "train.jsonl")  # 12 records, effective batch 4: 3 steps an epoch
     params = full_params(max_steps=5, save_steps=2)
 
-    def run(folder, on_step=None):
-        return train(params, records, folder / "out", checkpoint_dir=folder / "ckpt", metrics_dir=folder / "metrics",
-                     model_dir=tiny_model_dir, tokenizer=real_tokenizer, on_step=on_step, progress=False)
+    def crashed(folder):
+        assert sorted(p.name for p in (folder / "ckpt").iterdir()) == ["step-000002"]
+        assert (folder / "ckpt" / "step-000002" / "weights.safetensors").is_file()
 
-    whole = run(tmp_path / "whole")
-
-    def crash(step):
-        if step == 3:  # after the checkpoint of step 2 and one more (lost) step
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "resumed", on_step=crash)
-    assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").iterdir()) == ["step-000002"]
-    assert (tmp_path / "resumed" / "ckpt" / "step-000002" / "weights.safetensors").is_file()
-    shutil.rmtree(tmp_path / "resumed" / "metrics")  # as `dvc repro` deletes outputs before a rerun
-    resumed = run(tmp_path / "resumed")
+    whole, resumed = whole_and_resumed(params, records, tmp_path, "out", tiny_model_dir, real_tokenizer, crashed)
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == whole["steps"] == 5
     assert [row["loss"] for row in resumed["history"]] == pytest.approx([row["loss"] for row in whole["history"]])
     a = load_file(tmp_path / "whole" / "out" / "model.safetensors")
