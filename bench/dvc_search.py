@@ -43,7 +43,7 @@ from pathlib import Path
 
 from bench.recipe_search import (GRID, PEER, SCORES, choose, environment, final_runs, load_grid, report_finals,
                                  selection_runs, split_training)
-from bench.significance import bleu_statistics
+from bench.significance import per_example_of_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "recipe-search"
@@ -179,11 +179,7 @@ def final_results(dvc: Dvc, jobs: list[dict], found: dict) -> list[dict]:
         else:
             final["rev"] = exp["rev"]
             final["validation"] = {k: exp["eval"]["finetuned"]["overall"][k] for k in SCORES}
-            rows = [json.loads(line) for line in dvc.git_show(exp["rev"], "metrics/predictions.jsonl").splitlines()
-                    if line.strip()]
-            stats = bleu_statistics([r["prediction"] for r in rows], [r["references"] for r in rows])
-            final["per_example"] = {str(r["id"]): {"parent_f": r["parent"]["parent_f"], "bleu_stats": s}
-                                    for r, s in zip(rows, stats)}
+            final["per_example"] = per_example_of_predictions(dvc.git_show(exp["rev"], "metrics/predictions.jsonl"))
         finals.append(final)
     return finals
 

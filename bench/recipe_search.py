@@ -46,7 +46,7 @@ import yaml
 from bench import common
 from bench.run_recipe import apply_override
 from bench.run_rows import COMMON, copy_project, recipe_cmd, write_history
-from bench.significance import bleu_statistics, paired_bootstrap
+from bench.significance import paired_bootstrap, per_example_of_predictions
 from table2text.io import readers
 from table2text.config import Config
 from table2text.params import load_params
@@ -243,10 +243,7 @@ def run_final(job: dict, slot: str, runner: Runner) -> dict:
     out["validation"] = eval_scores(workdir)
     merge = json.loads((workdir / "metrics" / "merge.json").read_text(encoding="utf-8"))
     out["merge"] = {k: merge.get(k) for k in ("base", "stored_dtype", "error_ratio", "passed") if k in merge}
-    rows = [json.loads(line) for line in (workdir / "metrics" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
-            if line.strip()]
-    stats = bleu_statistics([r["prediction"] for r in rows], [r["references"] for r in rows])
-    out["per_example"] = {str(r["id"]): {"parent_f": r["parent"]["parent_f"], "bleu_stats": s} for r, s in zip(rows, stats)}
+    out["per_example"] = per_example_of_predictions((workdir / "metrics" / "predictions.jsonl").read_text(encoding="utf-8"))
     keep = runner.workroot / "predictions"
     keep.mkdir(parents=True, exist_ok=True)
     with open(workdir / "metrics" / "predictions.jsonl", "rb") as src, gzip.open(keep / f"{job['name']}.jsonl.gz", "wb") as dst:

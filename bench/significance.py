@@ -78,10 +78,15 @@ def load_system(path: Path) -> dict:
     peer's per-example record (bench/score_peers.py's JSON, which holds "per_example")."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as fh:
-        if path.name.endswith((".jsonl", ".jsonl.gz")):
-            rows = [json.loads(line) for line in fh if line.strip()]
-        else:
+        if not path.name.endswith((".jsonl", ".jsonl.gz")):
             return json.load(fh)["per_example"]
+        return per_example_of_predictions(fh.read())
+
+
+def per_example_of_predictions(text: str) -> dict:
+    """id -> {"parent_f", "bleu_stats"} from the text of an evaluate stage's predictions file (a JSON line
+    an example: its prediction, references and PARENT scores)."""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     stats = bleu_statistics([r["prediction"] for r in rows], [r["references"] for r in rows])
     return {str(r["id"]): {"parent_f": r["parent"]["parent_f"], "bleu_stats": s} for r, s in zip(rows, stats)}
 
