@@ -534,10 +534,11 @@ def test_pickle_weights_are_never_loaded(tiny_model_dir, fresh_adapter, tmp_path
     assert not proof.exists()
 
 
-def test_loaders_ask_for_safetensors_and_no_remote_code(tiny_model_dir, monkeypatch):
+def test_loaders_ask_for_safetensors_and_no_remote_code(tiny_model_dir, monkeypatch, tmp_path):
     import huggingface_hub
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    monkeypatch.setenv("TOTTO_GEMMA_CACHE", str(tmp_path))  # an empty tokenizer cache: the tokenizer is built
     calls = {}
 
     def record(name):

@@ -29,6 +29,7 @@ from table2text.devices import gpu_slots
 from table2text.devices import nvidia
 from table2text.io.atomic import clean_leftovers, fix_permissions, temp_prefix, write_json
 from table2text.errors import UserError
+from table2text.paths import cache_root
 
 PACKAGED = "packaged"
 PACKAGED_NAME = "gemma-3-270m (packaged Q4_K_M GGUF, dequantised to bf16)"
@@ -146,12 +147,6 @@ def check_adapter_files(adapter_dir: Path) -> dict:
                                f"{weights.as_posix()}, whose {name} has shape {shape} (rank {has}): the two files "
                                f"come from different runs; {fix}")
     return config
-
-
-def cache_root() -> Path:
-    """Cache for converted models; TOTTO_GEMMA_CACHE overrides the per-user default."""
-    env = os.environ.get("TOTTO_GEMMA_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "totto-gemma"
 
 
 def resolve_model(name: str) -> Path:
@@ -391,13 +386,14 @@ _SAID_FP32 = False
 
 
 def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
+    """AutoTokenizer's tokenizer for the folder, its built backend cached (table2text.model.tokenizer)."""
+    from table2text.model import tokenizer
 
     config = Path(model_dir) / "tokenizer_config.json"
     if config.exists():  # a truncated one is named, not a JSONDecodeError from inside transformers
         _config_file(config, "the tokenizer's tokenizer_config.json", "fetch the model again, or rerun the stage "
                      "that wrote the folder")
-    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    return tokenizer.load_tokenizer(model_dir)
 
 
 def load_model(
