@@ -122,8 +122,10 @@ def run_hf_trainer(name, model_dir, tokenizer, records, *, steps, warmup, batch,
     return result
 
 
-def run_trl_liger(name, model_dir, tokenizer, records, *, steps, warmup, batch, quant, lora, lr, out_dir):
-    """TRL SFTTrainer with Liger kernels, completion-only loss: the strongest offline peer."""
+def run_trl_liger(name, model_dir, tokenizer, records, *, steps, warmup, batch, quant, lora, lr, out_dir,
+                  effective_batch=16):
+    """TRL SFTTrainer with Liger kernels, completion-only loss: the strongest offline peer. effective_batch:
+    examples per optimiser step (batch x accumulation); 16 is the recipe's."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -134,7 +136,8 @@ def run_trl_liger(name, model_dir, tokenizer, records, *, steps, warmup, batch, 
     model = load_model(model_dir, quantization=quant, dtype=torch.bfloat16, device=torch.device("cuda"))
     total = steps + warmup + 1
     config = SFTConfig(
-        output_dir=str(out_dir), per_device_train_batch_size=batch, gradient_accumulation_steps=16 // batch,
+        output_dir=str(out_dir), per_device_train_batch_size=batch,
+        gradient_accumulation_steps=max(1, effective_batch // batch),
         bf16=True, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, round(0.06 * total)),
         max_steps=total, logging_steps=1, save_strategy="no", report_to="none", use_liger_kernel=True,
         completion_only_loss=True, max_length=1024, packing=False, seed=42, dataset_num_proc=None,
@@ -149,8 +152,8 @@ def run_trl_liger(name, model_dir, tokenizer, records, *, steps, warmup, batch, 
     lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
     mean_tokens = sum(lengths) / len(lengths)
     trainer.train()
-    per_step_samples = [16] * total
-    per_step_tokens = [16 * mean_tokens] * total  # TRL shuffles internally; the mean over the data set is used
+    per_step_samples = [effective_batch] * total
+    per_step_tokens = [effective_batch * mean_tokens] * total  # TRL shuffles internally; the mean over the data set is used
     result = _summary(name, timer, per_step_tokens, per_step_samples, warmup)
     result["tokens_note"] = "tokens/s from the data set's mean length x samples (TRL shuffles internally)"
     del trainer, model

@@ -4,12 +4,12 @@
 # and the full fine-tuning and ToTTo dev55 rows. Results go to $1 (default bench/results/session), one
 # folder per bench; a bench that fails is reported and the next one still runs.
 #
-#     bash bench/gpu_session.sh OUT [SECTION ...]     # sections: phases decode train compile fullft fullpipe
-#                                                   (default: all but fullpipe)
+#     bash bench/gpu_session.sh OUT [SECTION ...]     # sections: phases startup decode train unsloth compile
+#                                                   fullft fullpipe (default: phases startup decode train)
 set -u
 out=${1:-bench/results/session}
 shift || true
-sections=${*:-phases decode train compile fullft}
+sections=${*:-phases startup decode train}
 data=.gpu/data
 logs=$(mktemp -d)  # the side-by-side rows' logs, outside $out: a GPU call brings back few files
 mkdir -p "$out"
@@ -30,10 +30,18 @@ for section in $sections; do
       run decode python -m bench.decode_bench --data data/processed/validation.jsonl \
         --decoders generate graph --sequential 80 --prefill-chunks 2048 4096 --out "$out/decode"
       run decode-profile python -m bench.decode_profile --data data/processed/validation.jsonl --out "$out/decode" ;;
-    train)
+    startup)  # what a stage's fixed costs are made of, each probe in a new process
+      run startup python -m bench.startup_probe --out "$out/startup" ;;
+    train)  # the defaults (fused bf16 adapters, CUDA graphs), compiled layers, and the peers at batch 16 and 64
       run train python -m bench.train_bench --data data/processed/train.jsonl --steps 8 \
-        --only project_nf4 project_nf4_fused_bf16lora project_nf4_compiled project_nf4_fused_compiled \
-        trl_liger_b16 --out "$out/train" ;;
+        --only project_nf4 project_nf4_compiled project_nf4_5gb original_recipe trl_liger_b16 \
+        trl_liger_bf16_b16 trl_liger_b64 --out "$out/train" ;;
+    unsloth)  # its own package folder and process: it pins transformers <= 5.17 and trl <= 1.15
+      mkdir -p /root/unsloth-pkgs
+      python3 -m pip install -q --no-deps --target /root/unsloth-pkgs .gpu/unsloth/*.whl
+      model=$(python3 -c "from table2text.model.sources import resolve_model; print(resolve_model('packaged'))")
+      run unsloth timeout 500 env PYTHONPATH=/root/unsloth-pkgs python3 -m bench.unsloth_baseline \
+        --model-dir "$model" --data data/processed/train.jsonl --steps 6 --warmup 2 --out "$out/train" ;;
     compile)  # compiled layers twice, each a new process: into an empty compile cache, then from it
       run compile-cache python -m bench.compile_cache_bench --data data/processed/train.jsonl --steps 12 \
         --out "$out/train" ;;

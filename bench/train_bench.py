@@ -128,6 +128,13 @@ def main(argv=None):
         "trl_liger_b16": lambda: run_trl_liger(
             "trl_liger_b16", model_dir, tokenizer, records, steps=args.steps, warmup=2, batch=16, quant="nf4",
             lora=lora, lr=lr, out_dir=work / "c"),
+        "trl_liger_bf16_b16": lambda: run_trl_liger(
+            "trl_liger_bf16_b16", model_dir, tokenizer, records, steps=args.steps, warmup=2, batch=16, quant="none",
+            lora=lora, lr=lr, out_dir=work / "d"),
+        # not the recipe's effective batch: the peer's best throughput at any batch
+        "trl_liger_b64": lambda: run_trl_liger(
+            "trl_liger_b64", model_dir, tokenizer, records, steps=args.steps, warmup=2, batch=64, quant="nf4",
+            lora=lora, lr=lr, out_dir=work / "e", effective_batch=64),
     }
     checks = {}
     if args.check_graphs:

@@ -99,6 +99,8 @@ def main(argv=None) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter())
+            # as it goes: a run cut short by its time limit still shows how far it got
+            print(f"unsloth: step {len(self.times)} done at {self.times[-1] - started:.1f} s", flush=True)
 
         def on_log(self, targs, state, control, logs=None, **kw):
             if logs and "loss" in logs:
