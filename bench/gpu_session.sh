@@ -30,11 +30,17 @@ for section in $sections; do
       run decode python -m bench.decode_bench --data data/processed/validation.jsonl \
         --decoders generate graph --sequential 80 --prefill-chunks 2048 4096 --out "$out/decode"
       run decode-profile python -m bench.decode_profile --data data/processed/validation.jsonl --out "$out/decode" ;;
+    imports)  # where the model code's import time goes on this host, and which optional packages it pulls in
+      python3 -X importtime -c "from transformers.models.gemma3 import modeling_gemma3" 2> "$out/importtime.txt"
+      sort -t'|' -k2 -n "$out/importtime.txt" | tail -n 30
+      python3 -c "import sys, time; t = time.perf_counter(); from transformers.models.gemma3 import modeling_gemma3; \
+print(round(time.perf_counter() - t, 2), 's;', sorted(m for m in ('sklearn', 'scipy', 'torchvision', 'torchaudio', \
+'PIL', 'pandas', 'kernels', 'timm', 'jax', 'cv2', 'matplotlib', 'numba', 'torch._dynamo', 'triton') if m in sys.modules))" ;;
     startup)  # what a stage's fixed costs are made of, each probe in a new process
       run startup python -m bench.startup_probe --out "$out/startup" ;;
     train)  # the defaults (fused bf16 adapters, CUDA graphs), compiled layers, and the peers at batch 16 and 64
-      run train python -m bench.train_bench --data data/processed/train.jsonl --steps 8 \
-        --only project_nf4 project_nf4_compiled project_nf4_5gb original_recipe trl_liger_b16 \
+      run train python -m bench.train_bench --data data/processed/train.jsonl --steps 6 \
+        --only project_nf4 project_nf4_compiled original_recipe trl_liger_b16 \
         trl_liger_bf16_b16 trl_liger_b64 --out "$out/train" ;;
     unsloth)  # its own package folder and process: it pins transformers <= 5.17 and trl <= 1.15
       mkdir -p /root/unsloth-pkgs
