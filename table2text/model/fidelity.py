@@ -49,6 +49,6 @@ def compare_logits(reference, candidate, prompts: list[list[int]], device: torch
     distance = LogitDistance()
     for i, ids in enumerate(prompts):
         x = torch.tensor([ids], device=device)
-        ref = reference[i] if isinstance(reference, list) else reference(input_ids=x).logits[0].float()
+        ref = reference[i].to(device) if isinstance(reference, list) else reference(input_ids=x).logits[0].float()
         distance.add(ref, candidate(input_ids=x).logits[0].float())
     return distance.result()
