@@ -13,7 +13,6 @@ Security: weights are only ever read from safetensors and remote code is never t
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import os
@@ -21,7 +20,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -298,34 +296,10 @@ def pick_device(requested: str = "auto", *, find_driver=nvidia.find_driver) -> t
         name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
         why = " (device auto: no NVIDIA GPU on this machine)" if device.type == "cpu" and requested == "auto" else ""
         print(f"device: {device}{name}{why}", file=sys.stderr, flush=True)  # stderr: stdout is stages.infer's output
-    if device.type == "cuda":
-        start_cuda_context(device)
     return device
 
 
 _SAID_DEVICE: set[str] = set()
-_CONTEXTS: dict[str, threading.Thread] = {}
-
-
-def start_cuda_context(device: torch.device) -> None:
-    """Create the device's CUDA context (its first allocation: seconds on a GPU host, BENCHMARKS.md) in a
-    thread, while the stage goes on hashing, reading the tokenizer and the weights on the CPU; the main
-    thread's first CUDA call waits for it. Once per device and process; joined at exit, so the process
-    never ends in the middle of it."""
-    key = str(device)
-    if key in _CONTEXTS:
-        return
-    thread = threading.Thread(target=_touch, args=(device,), name=f"context {key}", daemon=True)
-    _CONTEXTS[key] = thread
-    thread.start()
-    atexit.register(thread.join)
-
-
-def _touch(device: torch.device) -> None:
-    try:
-        torch.empty(1, device=device)
-    except Exception:  # noqa: BLE001 - the main thread's own first CUDA call raises it, with its context
-        pass
 
 
 def _cuda_missing(requested: str, driver) -> str:
