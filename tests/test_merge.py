@@ -239,3 +239,27 @@ def test_merge_base_original_is_refused_for_a_full_run(full_pipeline_dir, tmp_pa
     with pytest.raises(merging.MergeError, match="holds a fully fine-tuned model .* set merge.base: trained"):
         merging.merge(params, full_pipeline_dir / "models" / "adapter", tmp_path / "merged",
                       prompts_of(full_pipeline_dir), metrics_file=None)
+
+
+def test_the_stated_reference_is_computed_once_for_every_candidate():
+    """dtype auto checks bf16, then float32: both against one StatedReference, so the stated model and the
+    base run once a prompt, and each candidate once a prompt."""
+    import types
+
+    class Counting(torch.nn.Module):  # logits: the ids' one-hot times a scale, enough for the distances
+        def __init__(self, scale):
+            super().__init__()
+            self.scale, self.calls = scale, 0
+
+        def forward(self, input_ids):
+            self.calls += 1
+            return types.SimpleNamespace(logits=torch.nn.functional.one_hot(input_ids, 11).float() * self.scale)
+
+    prompts, cpu = [[1, 2, 3], [4, 5]], torch.device("cpu")
+    stated, base = Counting(2.0), Counting(1.0)
+    reference = merging.StatedReference(stated, prompts, cpu, base_model=base)
+    same, closer = Counting(2.0), Counting(1.5)
+    assert reference.measure(same)["error_ratio"] == 0
+    assert 0 < reference.measure(closer)["error_ratio"] < 1  # nearer the stated model than the base is
+    assert (stated.calls, base.calls, same.calls, closer.calls) == (2, 2, 2, 2)
+    assert reference.measure(closer) == merging.measure_fidelity(stated, closer, prompts, cpu, base_model=base)
