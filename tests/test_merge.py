@@ -86,7 +86,7 @@ def test_the_plain_base_fails_the_check(pipeline_dir):
     # What the old gate (max logit diff / top-1 agreement) passed: a "merged" model without the adapter.
     stated = stated_model(pipeline_dir)
     base = copy.deepcopy(stated).unload()  # the base weights, LoRA layers removed unmerged
-    check = merging.measure_fidelity(stated, base, check_prompts(pipeline_dir), torch.device("cpu"))
+    check = merging.StatedReference(stated, check_prompts(pipeline_dir), torch.device("cpu")).measure(base)
     assert check["error_ratio"] == pytest.approx(1.0)
     assert "do not hold the adapter" in merging.fidelity_problem(check, 0.01)
 
@@ -98,7 +98,7 @@ def test_a_half_applied_adapter_fails_the_check(pipeline_dir):
         if "lora_B" in name:
             weight.data.mul_(0.5)
     half = half.merge_and_unload()
-    check = merging.measure_fidelity(stated, half, check_prompts(pipeline_dir), torch.device("cpu"))
+    check = merging.StatedReference(stated, check_prompts(pipeline_dir), torch.device("cpu")).measure(half)
     # KL grows about with the square of the missing half (0.25); this adapter's large effect measured 0.09
     assert 0.05 < check["error_ratio"] < 0.5
     assert merging.fidelity_problem(check, 0.01) is not None
@@ -107,7 +107,7 @@ def test_a_half_applied_adapter_fails_the_check(pipeline_dir):
 def test_the_full_merge_passes_the_check(pipeline_dir):
     stated = stated_model(pipeline_dir)
     merged = copy.deepcopy(stated).merge_and_unload()
-    check = merging.measure_fidelity(stated, merged, check_prompts(pipeline_dir), torch.device("cpu"))
+    check = merging.StatedReference(stated, check_prompts(pipeline_dir), torch.device("cpu")).measure(merged)
     assert check["error_ratio"] < 1e-6 and merging.fidelity_problem(check, 0.01) is None
 
 
@@ -262,4 +262,4 @@ def test_the_stated_reference_is_computed_once_for_every_candidate():
     assert reference.measure(same)["error_ratio"] == 0
     assert 0 < reference.measure(closer)["error_ratio"] < 1  # nearer the stated model than the base is
     assert (stated.calls, base.calls, same.calls, closer.calls) == (2, 2, 2, 2)
-    assert reference.measure(closer) == merging.measure_fidelity(stated, closer, prompts, cpu, base_model=base)
+    assert reference.measure(closer) == merging.StatedReference(stated, prompts, cpu, base_model=base).measure(closer)

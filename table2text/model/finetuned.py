@@ -113,6 +113,11 @@ def load_base(base_dir: Path, info: dict | None, base: str, device: torch.device
     return model
 
 
+def is_peft(model) -> bool:
+    """A PeftModel (an adapter on a base), else a plain model (a full run's, trained whole)."""
+    return hasattr(model, "peft_config")
+
+
 def training_method(info: dict | None) -> str:
     """What a train folder holds, from its training_info.json: lora (an adapter) | full (the trained model).
     A folder whose info predates the field, or an adapter made elsewhere, is lora."""

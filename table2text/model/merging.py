@@ -31,7 +31,7 @@ from table2text.model import sources as model_sources
 from table2text.io.atomic import check_free_space, check_writable, staged_dir, write_json
 from table2text.config import group_settings
 from table2text.errors import UserError
-from table2text.model.fidelity import LogitDistance, compare_logits
+from table2text.model.fidelity import compare_logits
 from table2text.generation import end_token_ids
 from table2text import phases
 from table2text.paths import METRICS_DIR
@@ -72,18 +72,13 @@ class StatedReference:
     @torch.no_grad()
     def __init__(self, stated, prompts: list[list[int]], device: torch.device, base_model=None):
         self.prompts, self.device = prompts, device
-        effect, self.logits = LogitDistance(), []
-        for ids in prompts:
-            x = torch.tensor([ids], device=device)
-            reference = stated(input_ids=x).logits[0].float()
-            if base_model is not None:
-                base = base_model(input_ids=x).logits[0].float()
-            else:
-                with stated.disable_adapter():
-                    base = stated(input_ids=x).logits[0].float()
-            effect.add(reference, base)
-            self.logits.append(reference.cpu())
-        self.effect = effect.result()
+        self.logits = [stated(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
+                       for ids in prompts]
+        if base_model is not None:
+            self.effect = compare_logits(self.logits, base_model, prompts, device)
+        else:
+            with stated.disable_adapter():
+                self.effect = compare_logits(self.logits, stated, prompts, device)
 
     def measure(self, candidate) -> dict:
         """adapter_effect, merge_error (candidate against the stated model, same positions, fp32) and
@@ -92,12 +87,6 @@ class StatedReference:
         effect_kl = self.effect["mean_kl"]
         ratio = error["mean_kl"] / effect_kl if effect_kl > 0 else float("inf")
         return {"adapter_effect": dict(self.effect), "merge_error": error, "error_ratio": ratio}
-
-
-@torch.no_grad()
-def measure_fidelity(stated, candidate, prompts: list[list[int]], device: torch.device, base_model=None) -> dict:
-    """StatedReference(...).measure(candidate), for one candidate."""
-    return StatedReference(stated, prompts, device, base_model).measure(candidate)
 
 
 def fidelity_problem(check: dict, max_error_ratio: float) -> str | None:
@@ -126,7 +115,7 @@ class Unfaithful(Exception):
 def plain_copy(stated):
     """A plain model equal to the stated one, in its fp32 weights: the adapter folded in (PEFT's
     merge_and_unload on a copy), or a copy of a fully fine-tuned model, which has nothing to fold."""
-    if hasattr(stated, "peft_config"):
+    if finetuned.is_peft(stated):
         return copy.deepcopy(stated).merge_and_unload()
     return copy.deepcopy(stated)
 
@@ -140,12 +129,12 @@ def save_checked(stated, tokenizer, merged_dir: Path, dtype: torch.dtype, name: 
     with staged_dir(merged_dir) as tmp:
         merged = plain_copy(stated).to(dtype)
         merged.config.name_or_path = name
-        merged.config.use_cache = True  # a full run's weights were saved from training, which had it off
+        merged.config.use_cache = True  # the merged model decodes with a KV cache, whatever the loaded config says
         phases.enter("save")
         merged.save_pretrained(tmp, safe_serialization=True)
         del merged
         tokenizer.save_pretrained(tmp)
-        config = stated.get_base_model().config if hasattr(stated, "peft_config") else stated.config
+        config = stated.get_base_model().config if finetuned.is_peft(stated) else stated.config
         generation = GenerationConfig.from_model_config(config)
         generation.eos_token_id = end_token_ids(tokenizer)
         generation.pad_token_id = tokenizer.pad_token_id

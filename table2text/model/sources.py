@@ -149,8 +149,6 @@ def check_adapter_files(adapter_dir: Path) -> dict:
     return config
 
 
-
-
 def resolve_model(name: str) -> Path:
     """Return a local Hugging Face folder for `name` (see the module docstring)."""
     if name == PACKAGED:

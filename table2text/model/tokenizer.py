@@ -12,6 +12,7 @@ used (the same tokenizer, only slower), with a note on stderr.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -72,10 +73,12 @@ def load_tokenizer(model_dir: Path, *, cache: bool = True, cache_dir: Path | Non
     return built
 
 
+@functools.lru_cache(maxsize=None)
 def fast_class(cls):
     """cls (e.g. GemmaTokenizer) with TokenizersBackend's __init__, which takes a serialised backend
     (tokenizer_file=) instead of rebuilding it from the vocabulary: the class's own attributes (padding
-    side, input names, the name save_pretrained records) stay, so the tokenizer is still a cls."""
+    side, input names, the name save_pretrained records) stay, so the tokenizer is still a cls. One class
+    per cls, however often a process loads."""
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
     if cls is TokenizersBackend:

@@ -16,6 +16,7 @@ import torch
 from table2text.config import math_keys
 from table2text.io.atomic import write_json
 from table2text.model import full
+from table2text.model.finetuned import is_peft
 
 KEEP_CHECKPOINTS = 2
 ADAPTER_FILE = "adapter.safetensors"  # LoRA: the adapter's weights (PEFT's state dict)
@@ -129,7 +130,3 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, device: torch.devic
         set_rng_state(torch.load(ckpt / rng_file(rank), weights_only=True), device)
     return state
 
-
-def is_peft(model) -> bool:
-    """A PeftModel (LoRA: the checkpoint holds the adapter), else a plain model trained whole."""
-    return hasattr(model, "peft_config")
