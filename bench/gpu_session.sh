@@ -22,10 +22,14 @@ run() {  # run NAME CMD...: time one bench, keep going if it fails
 }
 for section in $sections; do
   case $section in
-    phases)  # the recipe (NF4 r=8, lr 2e-4, 1 epoch), base comparison on, eval batch 500
-      run phases python -m bench.run_recipe --name fetaqa-phases-session --set data.source=fetaqa \
-        --set data.path=$data/fetaqa --set train.learning_rate=2e-4 --set eval.batch_size=500 \
-        --set merge.device=cuda --out "$out/phases" ;;
+    phases)  # the recipe (NF4 r=8, lr 2e-4, 1 epoch), base comparison on, eval batch 500:
+      # each stage in its own process (TOTTO_WARM_START=0), then with the warm-start helper (the default)
+      for mode in cold warm; do
+        run phases-$mode env TOTTO_WARM_START=$([ $mode = cold ] && echo 0 || echo 1) python -m bench.run_recipe \
+          --name fetaqa-phases-$mode --set data.source=fetaqa --set data.path=$data/fetaqa \
+          --set train.learning_rate=2e-4 --set eval.batch_size=500 --set merge.device=cuda --out "$out/phases"
+      done
+      cat /tmp/totto-warm-$(id -u)/*.log 2>/dev/null | tail -n 20 ;;
     decode)  # needs data/processed/validation.jsonl (the phases section writes it)
       run decode python -m bench.decode_bench --data data/processed/validation.jsonl \
         --decoders generate graph --sequential 80 --prefill-chunks 2048 4096 --out "$out/decode"

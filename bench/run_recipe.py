@@ -26,6 +26,7 @@ from bench import common
 from table2text.params import load_params
 from table2text.phases import PHASES
 from table2text.runtime import read_runtime
+from table2text import warm_start
 
 STAGES = ("preprocess", "train", "merge", "evaluate")
 OUTPUTS = {"preprocess": "metrics/preprocess.json", "train": "metrics/train.json", "merge": "metrics/merge.json",
@@ -86,7 +87,8 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     params_file.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
-    row = {"name": args.name, "overrides": args.set, "stages": {}}
+    # warm start (table2text.warm_start): the stages after the first run in forks of a helper process
+    row = {"name": args.name, "overrides": args.set, "warm_start": warm_start.enabled(), "stages": {}}
     for stage in args.stages:
         cmd = [sys.executable, "-m", f"stages.{stage}", "--params", str(params_file)]
         if stage == "train":

@@ -36,7 +36,7 @@ from table2text.params import default_params_file, load_params
 from table2text.paths import ADAPTER_DIR, CHECKPOINT_DIR, METRICS_DIR, RUNTIME_DIR, TRAIN_FILE
 from table2text.training import distributed
 from table2text.training.loop import train
-from table2text.training.throughput import process_seconds
+from table2text.phases import process_age
 
 RUNTIME_FILE = RUNTIME_DIR / "train.json"
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"train: warning: every one of the {stats['steps']} optimiser steps ran at learning rate 0 (warm-up "
                   "or schedule): the trained weights are their initialisation and the model equals the base; train longer "
                   "(train.epochs / train.max_steps) or lower train.warmup_ratio")
-        total = process_seconds()
+        total = process_age()
         if total is not None:
             print(f"train: process wall {total:.1f} s: start-up {stats['startup_seconds']:.1f} s, train() "
                   f"{stats['wall_seconds']:.1f} s, saving and the rest {total - stats['startup_seconds'] - stats['wall_seconds']:.1f} s")

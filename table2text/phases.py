@@ -22,17 +22,16 @@ from pathlib import Path
 from typing import NoReturn
 
 from table2text.runtime import read_runtime, write_runtime
+from table2text.warm_start import process_started
 
 PHASES = ("startup", "load", "prepare", "work", "save")
 
 
 def process_age() -> float | None:
-    """Seconds since this process started (interpreter start-up and imports), None where psutil is missing."""
-    try:
-        import psutil
-    except ImportError:  # a bare GPU host: the other phases still report; start-up then reads None
-        return None
-    return time.time() - psutil.Process().create_time()
+    """Seconds since this stage's process started (interpreter start-up and imports; under warm start the
+    stage's own process, not its forked child), None where psutil is missing."""
+    started = process_started()
+    return None if started is None else time.time() - started
 
 
 class PhaseTimer:

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Stages the tests start run in their own processes: a warm-start helper per test folder would keep ~1 GB
+# each for minutes (tests/test_warm_start.py turns it on for its own runs).
+os.environ["TOTTO_WARM_START"] = "0"
 SHARED_DATA = Path(os.environ.get("TOTTO_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 # The tiny model's shape: the real Gemma 3 architecture and vocabulary, everything else small.

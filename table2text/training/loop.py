@@ -59,7 +59,7 @@ from table2text.training.schedule import (
     steps_with_nonzero_lr,
     total_steps,
 )
-from table2text.training.throughput import peak_flops, process_seconds, train_flops
+from table2text.training.throughput import peak_flops, train_flops
 
 # The curves dvclive logs (DVC-tracked, plotted): what the optimisation did. Throughput and MFU vary from
 # run to run, so they stay in the runtime file's history.
@@ -108,7 +108,7 @@ class LoRARecipe:
         self.dvclive, self.on_step, self.progress = dvclive, on_step, progress
         self.model_dir, self.data_sha256, self.tokenizer = model_dir, data_sha256, tokenizer
         self.start_time = time.perf_counter()
-        self.startup = process_seconds()  # what the process spent before: Python, imports, reading
+        self.startup = phases.process_age()  # what the process spent before: Python, imports, reading
 
     # ------------------------------------------------------------------------------------ setup phases
     def setup(self) -> None:

@@ -1,23 +1,11 @@
-"""Throughput: model FLOPs of a step (for MFU, nanoGPT's measure), the GPU's peak, process start-up time."""
+"""Throughput: model FLOPs of a step (for MFU, nanoGPT's measure), the GPU's peak."""
 
 from __future__ import annotations
-
-import time
 
 import torch
 
 # Dense bf16 peak FLOP/s per device, for MFU (train.peak_flops overrides; unknown devices get no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
-
-
-def process_seconds() -> float | None:
-    """Seconds since this process started (interpreter start-up and imports included), None if unknown."""
-    try:
-        import psutil
-
-        return time.time() - psutil.Process().create_time()
-    except Exception:  # psutil missing (a bare GPU host): the stage's own timers still report
-        return None
 
 
 def linear_params(config) -> int:
