@@ -43,12 +43,11 @@ print(round(time.perf_counter() - t, 2), 's;', sorted(m for m in ('sklearn', 'sc
     startup)  # what a stage's fixed costs are made of, each probe in a new process
       run startup python -m bench.startup_probe --out "$out/startup" ;;
     train)  # the defaults (fused bf16 adapters, CUDA graphs), compiled layers, and the peers at batch 16 and 64
-      run train python -m bench.train_bench --data data/processed/train.jsonl --steps 6 \
+      run train python -m bench.train_bench --data data/processed/train.jsonl --steps 6 --check-graphs \
         --only project_nf4 project_nf4_compiled original_recipe trl_liger_b16 \
         trl_liger_bf16_b16 trl_liger_b64 --out "$out/train" ;;
     unsloth)  # its own package folder and process: it pins transformers <= 5.17 and trl <= 1.15
-      mkdir -p /root/unsloth-pkgs
-      python3 -m pip install -q --no-deps --target /root/unsloth-pkgs .gpu/unsloth/*.whl
+      [ -d /root/unsloth-pkgs/unsloth ] || python3 -m pip install -q --no-deps --target /root/unsloth-pkgs .gpu/unsloth/*.whl
       model=$(python3 -c "from table2text.model.sources import resolve_model; print(resolve_model('packaged'))")
       run unsloth timeout 500 env PYTHONPATH=/root/unsloth-pkgs python3 -m bench.unsloth_baseline \
         --model-dir "$model" --data data/processed/train.jsonl --steps 6 --warmup 2 --out "$out/train" ;;

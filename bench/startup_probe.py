@@ -1,7 +1,8 @@
 """What a stage's fixed costs are made of, each in a new process: Python with torch and transformers
 imported, the CUDA context, the tokenizer (transformers' build against the cached backend), the model's
-load to the GPU (transformers' from_pretrained, as the stages call it), and the CUDA context started in a
-thread while the main thread loads the tokenizer (the overlap a stage could have).
+load to the GPU (transformers' from_pretrained, as the stages call it), the CUDA context started in a
+thread while the main thread loads the tokenizer (the overlap a stage could have), and whether a process
+forked after importing peft and bitsandbytes can still use the GPU (for the warm-start helper).
 
     python -m bench.startup_probe [--model-dir DIR] [--out bench/results/startup]
 
@@ -16,6 +17,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+# Could the warm-start helper (table2text.warm_start) also import peft and bitsandbytes? Only if a child
+# forked after those imports can still use the GPU: measured here, with the helper's NVML-based CUDA check.
+FORK_AFTER_PEFT = """
+import os, torch
+os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'] = '1'
+from transformers.models.gemma3 import modeling_gemma3
+t = time.perf_counter()
+import peft, bitsandbytes
+r['peft_bnb_import'] = time.perf_counter() - t
+r['cuda_initialized_in_parent'] = torch.cuda.is_initialized()
+pid = os.fork()
+if pid == 0:
+    try:
+        x = torch.randn(256, 256, device='cuda')
+        q, state = bitsandbytes.functional.quantize_4bit(x, quant_type='nf4')
+        y = bitsandbytes.functional.dequantize_4bit(q, state)
+        torch.cuda.synchronize()
+        os._exit(0 if float((y - x).abs().mean()) < 0.2 else 3)
+    except BaseException:
+        import traceback; traceback.print_exc(); os._exit(4)
+r['child_status'] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+"""
 
 PROBES = {
     "imports": "import torch, transformers; from transformers import AutoModelForCausalLM",
@@ -38,6 +62,7 @@ PROBES = {
     "model_bf16_cuda": "import torch; from table2text.model import sources as S; torch.zeros(1, device='cuda'); "
                        "t = time.perf_counter(); S.load_model(M, dtype=torch.bfloat16, device=torch.device('cuda')); "
                        "torch.cuda.synchronize(); r['model'] = time.perf_counter() - t",
+    "fork_after_peft_bnb": f"exec({FORK_AFTER_PEFT!r})",
 }
 
 

@@ -302,10 +302,12 @@ class LoRARecipe:
         shapes = micro_batch_shapes(self.examples, range(self.start_step, self.n_steps), self.effective_batch,
                                     int(self.cfg["seed"]), self.row_tokens, self.rows_per_micro_batch,
                                     self.rank, self.world)
+        each = {}
         for rows in sorted(shapes, reverse=True):  # the largest first: the shared memory pool is sized once
             self.forward.capture(rows, self.row_tokens)
-        self._say(f"captured CUDA graphs for micro-batches of {sorted(shapes)} rows in "
-                  f"{time.perf_counter() - start:.1f} s")
+            each[rows], start = time.perf_counter() - start, time.perf_counter()
+        self._say(f"captured CUDA graphs for micro-batches of {sorted(shapes)} rows in {sum(each.values()):.1f} s ("
+                  + ", ".join(f"{rows} rows {seconds:.1f} s" for rows, seconds in each.items()) + ")")
 
     # -------------------------------------------------------------------------------------- the loop
     def run(self) -> None:

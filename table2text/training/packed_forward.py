@@ -61,7 +61,7 @@ class GraphedDecoder:
     """PackedDecoder as CUDA graphs, one pair (forward, backward) per row count, captured on first use.
 
     All graphs share one memory pool: a micro-batch's backward always runs before the next forward, so
-    their working memory can be the same. Capturing runs three warm-up passes, whose dropout draws would
+    their working memory can be the same. Capturing runs warm-up passes, whose dropout draws would
     shift the random stream: the generator's state is put back afterwards, so a run draws the same masks
     whatever was captured when (a resumed run included)."""
 
@@ -80,9 +80,13 @@ class GraphedDecoder:
                   torch.arange(row_tokens, device=self.device).expand(shape).contiguous(),
                   torch.zeros(shape, dtype=torch.long, device=self.device))
         state = torch.cuda.get_rng_state(self.device)
+        # Warm-up passes let lazy initialisation (cuBLAS handles and workspaces, the autograd engine,
+        # compiled layers' first compile) happen outside the capture. Only the first shape needs
+        # torch's default of 3; each later shape runs its own kernels once before it is captured.
+        warmups = 1 if self.graphs else 3
         # a fresh wrapper per shape: make_graphed_callables replaces the forward of the module it gets
         self.graphs[rows] = torch.cuda.make_graphed_callables(
-            PackedDecoder(self.decoder), sample, num_warmup_iters=3, pool=self.pool)
+            PackedDecoder(self.decoder), sample, num_warmup_iters=warmups, pool=self.pool)
         torch.cuda.set_rng_state(state, self.device)
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
