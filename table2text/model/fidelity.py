@@ -21,11 +21,9 @@ class LogitDistance:
         self.finite &= bool(torch.isfinite(candidate).all())
         self.agree += int((reference.argmax(-1) == candidate.argmax(-1)).sum())
         self.positions += reference.shape[0]
-        self.per_position.append((reference - candidate).abs().amax(-1).cpu())
-        # in float64: a small adapter's effect (KL ~1e-10) is below fp32's rounding of a 262k-term sum
-        self.kl_sum += float(torch.nn.functional.kl_div(candidate.double().log_softmax(-1),
-                                                        reference.double().log_softmax(-1),
-                                                        log_target=True, reduction="sum"))
+        diff = candidate - reference
+        self.per_position.append(diff.abs().amax(-1).cpu())
+        self.kl_sum += float(kl_per_position(reference, diff).sum())
 
     def result(self) -> dict:
         spread = torch.cat(self.per_position)
@@ -33,6 +31,29 @@ class LogitDistance:
                 "max_logit_diff": float(spread.max()), "p99_logit_diff": float(spread.quantile(0.99)),
                 "p999_logit_diff": float(spread.quantile(0.999)), "positions": self.positions,
                 "finite": self.finite}
+
+
+def kl_per_position(reference: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """KL(reference || candidate) at each position (float64), from the reference's logits and the
+    difference diff = candidate - reference.
+
+    With p = softmax(reference) and u = diff - E_p[diff]: KL = log E_p[e^diff] - E_p[diff] = log E_p[e^u]
+    = log1p(E_p[expm1(u) - u]), since E_p[u] = 0. Every term expm1(u) - u is >= 0 and ~u^2/2, so no
+    cancellation is left for fp32 to lose: fp32 elements with float64 sums give a small adapter's effect
+    (KL ~1e-10) to ~1e-5 relative, where fp32 log-softmaxes would lose it in a 262k-term sum; and it
+    takes two exponentials in fp32 instead of three in float64 (tests/test_fidelity.py holds it to the
+    float64 log-softmax form). Positions where e^u overflows (a logit moved by more than ~88) take
+    that float64 form."""
+    p = reference.softmax(-1)
+    norm = p.sum(-1, keepdim=True, dtype=torch.float64)
+    u = diff - ((p * diff).sum(-1, keepdim=True, dtype=torch.float64) / norm).float()
+    kl = torch.log1p(((torch.expm1(u) - u) * p).sum(-1, dtype=torch.float64) / norm.squeeze(-1))
+    bad = ~torch.isfinite(kl)
+    if bad.any():
+        ref, cand = reference[bad].double(), (reference[bad] + diff[bad]).double()
+        kl[bad] = torch.nn.functional.kl_div(cand.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                             reduction="none").sum(-1)
+    return kl
 
 
 @torch.no_grad()

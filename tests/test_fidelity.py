@@ -1,0 +1,53 @@
+"""The logit distance behind the merge and export checks: its KL is the float64 log-softmax KL."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from table2text.model.fidelity import LogitDistance, kl_per_position
+
+VOCAB = 262144  # Gemma 3's: the sum the precision argument is about
+
+
+def float64_kl(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.kl_div(candidate.double().log_softmax(-1), reference.double().log_softmax(-1),
+                                      log_target=True, reduction="none").sum(-1)
+
+
+@pytest.mark.parametrize("scale, tolerance", [(1e-5, 1e-3), (1e-3, 1e-5), (0.3, 1e-6), (3.0, 1e-6)])
+def test_the_kl_equals_the_float64_log_softmax_kl_from_tiny_to_large_differences(scale, tolerance):
+    torch.manual_seed(0)
+    reference = torch.randn(6, VOCAB) * 3
+    candidate = reference + torch.randn_like(reference) * scale
+    ours = kl_per_position(reference, candidate - reference)
+    assert ours.dtype == torch.float64
+    assert torch.allclose(ours, float64_kl(reference, candidate), rtol=tolerance, atol=0)
+
+
+def test_equal_distributions_have_no_distance_and_a_shift_of_every_logit_is_none():
+    reference = torch.randn(3, VOCAB)
+    assert float(kl_per_position(reference, torch.zeros_like(reference)).abs().max()) == 0.0
+    assert float(kl_per_position(reference, torch.full_like(reference, 7.0)).abs().max()) < 1e-12
+
+
+def test_a_logit_moved_beyond_the_float32_exponent_range_takes_the_float64_form():
+    reference = torch.randn(2, VOCAB)
+    candidate = reference.clone()
+    candidate[1, 5] += 120.0  # e^120 overflows float32
+    ours = kl_per_position(reference, candidate - reference)
+    assert torch.isfinite(ours).all()
+    assert torch.allclose(ours, float64_kl(reference, candidate), rtol=1e-6)
+
+
+def test_the_distance_reports_agreement_kl_and_logit_spread_over_positions():
+    reference = torch.zeros(4, 10)
+    reference[:, 3] = 5.0
+    candidate = reference.clone()
+    candidate[0, 7] = 9.0  # position 0 now prefers token 7
+    distance = LogitDistance()
+    distance.add(reference, candidate)
+    result = distance.result()
+    assert result["positions"] == 4 and result["top1_agreement"] == 0.75
+    assert result["max_logit_diff"] == 9.0 and result["finite"]
+    assert result["mean_kl"] == pytest.approx(float(float64_kl(reference, candidate).sum()) / 4, rel=1e-6)
