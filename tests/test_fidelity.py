@@ -51,3 +51,15 @@ def test_the_distance_reports_agreement_kl_and_logit_spread_over_positions():
     assert result["positions"] == 4 and result["top1_agreement"] == 0.75
     assert result["max_logit_diff"] == 9.0 and result["finite"]
     assert result["mean_kl"] == pytest.approx(float(float64_kl(reference, candidate).sum()) / 4, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_candidate_logit_marks_the_distance_not_finite(bad):
+    reference = torch.randn(3, 50)
+    candidate = reference.clone()
+    distance = LogitDistance()
+    distance.add(reference, candidate)
+    assert distance.result()["finite"]
+    candidate[2, 17] = bad
+    distance.add(reference, candidate)
+    assert not distance.result()["finite"]
