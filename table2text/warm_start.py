@@ -43,6 +43,10 @@ ENV_PREFIXES = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "CUDA"
 DEFAULT_IDLE = 300.0
 STARTING_WAIT = 60.0  # seconds a stage waits for a helper that is still importing
 STARTED_ENV = "TOTTO_PROCESS_STARTED"  # the stage's own start, for phases' start-up time in a child
+CHILD_ENV = "TOTTO_WARM_CHILD"  # set in a stage the helper runs: its helper's socket path
+# Parsed tokenizer backends the helper holds for its children: file -> (its stat when read, Tokenizer).
+_PRELOADED: dict[str, tuple[tuple, object]] = {}
+_HELPER_STARTED: Path | None = None  # the socket of the helper this stage started (it runs here itself)
 
 
 def enabled() -> bool:
@@ -97,7 +101,7 @@ def handoff() -> None:
     """Called first by stages/__init__.py: run this stage in the warm helper and exit with its status; or,
     where there is none yet, start one for the next stages and return (this stage then runs here)."""
     module = stage_module(getattr(sys, "orig_argv", []))
-    if module is None or not enabled() or os.environ.get("TOTTO_WARM_CHILD"):
+    if module is None or not enabled() or os.environ.get(CHILD_ENV):
         return
     path = private_dir() / f"{key()}.sock"
     connection = _connect(path) or _wait_for_starting(path)
@@ -156,6 +160,8 @@ def _alive(pid: int) -> bool:
 def _start_helper(path: Path) -> None:
     import subprocess
 
+    global _HELPER_STARTED
+
     starting = path.with_suffix(".starting")
     for _ in range(2):  # one helper per key, also when two stages start together
         try:
@@ -172,6 +178,7 @@ def _start_helper(path: Path) -> None:
     os.close(log)
     os.write(fd, str(helper.pid).encode("ascii"))
     os.close(fd)
+    _HELPER_STARTED = path
     print(f"warm start: helper pid {helper.pid} imports torch and transformers once for the next stages; it exits "
           f"after {idle_seconds():.0f} s unused (TOTTO_WARM_START=0 turns this off)", file=sys.stderr)
 
@@ -220,6 +227,77 @@ def process_started() -> float | None:
     return psutil.Process().create_time()
 
 
+# ------------------------------------------------------------------------- parsed tokenizers, kept warm
+def note_tokenizer_backend(backend_file: Path) -> None:
+    """A stage loaded this serialised tokenizer backend (table2text.model.tokenizer's cache): tell its
+    helper, which parses it once and holds it for the stages it forks after (parsing Gemma's 262k-token
+    backend costs about a second a stage). Only a hint, in a file beside the socket: nothing without a
+    helper, and a failure to write it changes nothing but speed."""
+    helper = os.environ.get(CHILD_ENV) or _HELPER_STARTED
+    if not helper or not enabled():
+        return
+    hint = Path(helper).with_suffix(".preload")
+    text = json.dumps([str(Path(backend_file).resolve())])
+    from table2text.io.atomic import write_atomic
+
+    try:
+        if not (hint.is_file() and hint.read_text(encoding="utf-8") == text):
+            write_atomic(hint, text)  # the helper never reads half a hint
+    except OSError:
+        pass
+
+
+def take_tokenizer_backend(backend_file: Path):
+    """In a stage the helper forked: the helper's parsed tokenizers.Tokenizer of backend_file, if it holds
+    one and the file is the one it read (same size, mtime, inode); else None (parse the file). Each is
+    given out once, so two tokenizers of one stage never share a backend's padding and truncation state."""
+    held = _PRELOADED.pop(str(Path(backend_file).resolve()), None)
+    if held is None:
+        return None
+    signature, backend = held
+    try:
+        if _signature(Path(backend_file)) != signature:
+            return None
+    except OSError:
+        return None
+    helper = os.environ.get(CHILD_ENV)
+    if helper:  # one line in the helper's log (appended to, not an output), so a run can be checked
+        try:
+            log = os.open(Path(helper).with_suffix(".log"), os.O_WRONLY | os.O_APPEND)
+            os.write(log, f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: tokenizer backend from "
+                          f"the helper\n".encode("utf-8"))
+            os.close(log)
+        except OSError:
+            pass
+    return backend
+
+
+def _signature(file: Path) -> tuple:
+    info = os.stat(file)
+    return info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev
+
+
+def _preload(hint: Path) -> None:
+    """In the helper, between stages: parse the tokenizer backend the last stage named, once."""
+    try:
+        names = json.loads(hint.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no hint yet (or a damaged one): the stages parse their own
+    wanted = [n for n in names if isinstance(n, str)][:1]
+    if all(n in _PRELOADED for n in wanted):
+        return
+    from tokenizers import Tokenizer
+
+    _PRELOADED.clear()  # one model's tokenizer at a time: the one this project's stages load now
+    for name in wanted:
+        try:
+            signature = _signature(Path(name))  # before reading: a file replaced meanwhile will not match
+            _PRELOADED[name] = (signature, Tokenizer.from_file(name))
+            _log(f"tokenizer backend {name} parsed for the next stages")
+        except Exception as error:  # a hint only: the stages parse the file themselves
+            _log(f"tokenizer backend {name} not parsed ({type(error).__name__}: {error})")
+
+
 # ------------------------------------------------------------------------------------------ the helper's side
 def serve(path: Path) -> None:
     """The helper: import PRELOAD, listen on `path`, fork a child per stage, exit when idle."""
@@ -239,13 +317,14 @@ def serve(path: Path) -> None:
     _log(f"ready: pid {os.getpid()}, {', '.join(PRELOAD)} imported, threads {threading.active_count()}")
     last = time.monotonic()
     while time.monotonic() - last < idle_seconds() and _still_ours(path, inode):
+        _preload(path.with_suffix(".preload"))  # while no stage waits: a stage in flight runs in its child
         ready, _, _ = select.select([listener], [], [], min(5.0, idle_seconds()))
         if not ready:
             continue
         connection, _ = listener.accept()
         if _peer_uid(connection) == os.getuid() and os.fork() == 0:
             listener.close()
-            _watch(connection)  # never returns
+            _watch(connection, path)  # never returns
         connection.close()
         last = time.monotonic()
     if _still_ours(path, inode):
@@ -280,14 +359,14 @@ def _peer_uid(connection: socket.socket) -> int | None:
     return os.getuid()  # macOS: the 0700 folder is the check (getpeereid is not in Python's socket)
 
 
-def _watch(connection: socket.socket) -> None:
+def _watch(connection: socket.socket, path: Path) -> None:
     """Per stage: receive the request, fork the child that runs it, relay signals, send its wait status."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     header, fds, _, _ = socket.recv_fds(connection, 8, 3)
     size, request = int.from_bytes(header, "big"), b""
     while len(request) < size:
         request += connection.recv(size - len(request))
-    request = json.loads(request.decode("utf-8"))
+    request = {**json.loads(request.decode("utf-8")), "socket": str(path)}
     child = os.fork()
     if child == 0:
         connection.close()
@@ -356,12 +435,18 @@ def _become(request: dict, fds: list[int]) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    os.environ["TOTTO_WARM_CHILD"] = "1"
+    os.environ[CHILD_ENV] = request["socket"]
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=stream.isatty())
+    held = dict(_PRELOADED)
     for name in [m for m in sys.modules if m.split(".")[0] in ("table2text", "stages")]:
         del sys.modules[name]  # the project's code comes from disk, as in a new process
     sys.path[0] = request["path0"]
+    import importlib
+
+    # The stage imports this module first anyway (stages/__init__.py); from disk, it receives what the
+    # helper parsed.
+    importlib.import_module("table2text.warm_start")._PRELOADED.update(held)
     sys.argv = [request["module"], *request["argv"]]
     sys.orig_argv = request["orig_argv"]
     signal.signal(signal.SIGINT, signal.default_int_handler)

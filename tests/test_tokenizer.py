@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import shutil
 
 import pytest
 from transformers import AutoTokenizer
 
+from table2text import warm_start
 from table2text.model import tokenizer as tokenizers_cache
 
 
@@ -93,3 +95,59 @@ def test_difference_names_what_differs(folder):
 def test_a_folder_without_tokenizer_json_is_not_cached(folder, tmp_path):
     shutil.move(folder / "tokenizer.json", tmp_path / "elsewhere.json")
     assert tokenizers_cache.cache_key(folder) is None
+
+
+# ------------------------------------------------------------------ a backend the warm-start helper parsed
+def helper_parsed(backend_file, tmp_path, monkeypatch):
+    """What the warm-start helper does between stages: read the hint a stage left, parse the backend."""
+    monkeypatch.setattr(warm_start, "_PRELOADED", {})
+    hint = tmp_path / "helper.preload"
+    hint.write_text(json.dumps([str(backend_file.resolve())]), encoding="utf-8")
+    warm_start._preload(hint)
+    assert str(backend_file.resolve()) in warm_start._PRELOADED
+
+
+def test_a_backend_the_helper_parsed_gives_the_tokenizer_the_file_gives(folder, tmp_path, monkeypatch):
+    from tokenizers import Tokenizer
+
+    tokenizers_cache.load_tokenizer(folder, cache_dir=tmp_path / "cache")  # builds and writes the entry
+    from_file = tokenizers_cache.load_tokenizer(folder, cache_dir=tmp_path / "cache")  # parses its backend
+    backend_file = tmp_path / "cache" / tokenizers_cache.cache_key(folder) / "backend.json"
+    helper_parsed(backend_file, tmp_path, monkeypatch)
+    with monkeypatch.context() as patched:
+        patched.setattr(Tokenizer, "from_file", lambda *a: pytest.fail("parsed again"))
+        handed = tokenizers_cache.load_tokenizer(folder, cache_dir=tmp_path / "cache")
+    assert tokenizers_cache.difference(from_file, handed) is None
+    assert type(handed) is type(from_file) and handed.name_or_path == from_file.name_or_path
+    from_file.save_pretrained(tmp_path / "from_file")
+    handed.save_pretrained(tmp_path / "handed")
+    names = sorted(p.name for p in (tmp_path / "from_file").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "handed").iterdir())
+    assert all(filecmp.cmp(tmp_path / "from_file" / n, tmp_path / "handed" / n, shallow=False) for n in names)
+    assert warm_start._PRELOADED == {}  # given out once: a second tokenizer parses its own
+    assert tokenizers_cache.difference(from_file, tokenizers_cache.load_tokenizer(
+        folder, cache_dir=tmp_path / "cache")) is None
+
+
+def test_a_backend_file_changed_since_the_helper_read_it_is_parsed_again(folder, tmp_path, monkeypatch):
+    tokenizers_cache.load_tokenizer(folder, cache_dir=tmp_path / "cache")
+    backend_file = tmp_path / "cache" / tokenizers_cache.cache_key(folder) / "backend.json"
+    helper_parsed(backend_file, tmp_path, monkeypatch)
+    held = warm_start._PRELOADED[str(backend_file.resolve())][1]
+    info = backend_file.stat()
+    os.utime(backend_file, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+    loaded = tokenizers_cache.load_tokenizer(folder, cache_dir=tmp_path / "cache")
+    assert loaded.backend_tokenizer is not held
+    assert tokenizers_cache.difference(AutoTokenizer.from_pretrained(folder), loaded) is None
+
+
+def test_a_stage_of_a_helper_names_the_backend_it_parsed_and_others_name_nothing(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(warm_start, "_PRELOADED", {})
+    monkeypatch.delenv(warm_start.CHILD_ENV, raising=False)
+    tokenizers_cache.load_tokenizer(folder, cache_dir=tmp_path / "cache")
+    assert not list(tmp_path.glob("*.preload"))  # no helper: no hint
+    monkeypatch.setenv("TOTTO_WARM_START", "1")
+    monkeypatch.setenv(warm_start.CHILD_ENV, str(tmp_path / "helper.sock"))
+    tokenizers_cache.load_tokenizer(folder, cache_dir=tmp_path / "cache")
+    backend_file = tmp_path / "cache" / tokenizers_cache.cache_key(folder) / "backend.json"
+    assert json.loads((tmp_path / "helper.preload").read_text(encoding="utf-8")) == [str(backend_file.resolve())]

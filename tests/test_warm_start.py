@@ -103,6 +103,16 @@ def test_a_stage_run_by_the_helper_writes_what_its_own_process_writes(project):
     assert "warm start" not in second.stderr
     assert second.stdout == first.stdout
     assert {p: p.read_bytes() for p in outputs} == outputs
+    # The stages named the tokenizer they load; the helper parses it once, and the next stage takes it.
+    deadline = time.monotonic() + 30
+    while "parsed for the next stages" not in helper_log(env):
+        assert time.monotonic() < deadline, helper_log(env)
+        time.sleep(0.2)
+    third = stage(root, env, "preprocess")
+    assert third.returncode == 0, third.stderr
+    assert "tokenizer backend from the helper" in helper_log(env)
+    assert third.stdout == first.stdout
+    assert {p: p.read_bytes() for p in outputs} == outputs
 
 
 @posix_only

@@ -19,6 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from table2text import warm_start
 from table2text.paths import cache_root
 
 # what a tokenizer folder may hold besides the model (the files transformers' save_pretrained writes)
@@ -105,12 +106,21 @@ def _init_kwargs(tokenizer) -> dict:
     return kwargs
 
 
-def _build(entry: Path, model_dir: Path, meta: dict):
+def _build(entry: Path, model_dir: Path, meta: dict, backend=None):
+    """The tokenizer of a cache entry; backend: its backend.json already parsed (table2text.warm_start)."""
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
     cls = fast_class(_class_named(meta["module"], meta["class"]))
     kwargs = PreTrainedTokenizerBase.convert_added_tokens(meta["init_kwargs"], save=False)
-    tokenizer = cls(tokenizer_file=str(entry / "backend.json"), name_or_path=str(model_dir), **kwargs)
+    if backend is None:
+        tokenizer = cls(tokenizer_file=str(entry / "backend.json"), name_or_path=str(model_dir), **kwargs)
+    else:
+        # TokenizersBackend.__init__ keeps a backend already set on the instance (its `self._tokenizer is
+        # None` branches), as it keeps one it parsed from tokenizer_file; tokenizer_object= would deep-copy
+        # it, which costs as much as parsing the file (tests/test_tokenizer.py compares both ways).
+        tokenizer = cls.__new__(cls)
+        tokenizer._tokenizer = backend
+        tokenizer.__init__(name_or_path=str(model_dir), **kwargs)
     if meta.get("chat_template") is not None:
         tokenizer.chat_template = meta["chat_template"]
     tokenizer.init_kwargs.pop("tokenizer_file", None)  # as a from_pretrained load's: saves the same config
@@ -122,7 +132,12 @@ def _read_entry(entry: Path, model_dir: Path):
         meta = json.loads((entry / "init.json").read_text(encoding="utf-8"))
         if meta.get("format") != FORMAT:
             return None
-        return _build(entry, model_dir, meta)
+        backend_file = entry / "backend.json"
+        backend = warm_start.take_tokenizer_backend(backend_file)
+        tokenizer = _build(entry, model_dir, meta, backend)
+        if backend is None:
+            warm_start.note_tokenizer_backend(backend_file)  # the next stages may get it parsed
+        return tokenizer
     except FileNotFoundError:
         return None  # not cached yet
     except Exception as err:  # a damaged entry: rebuilt and rewritten below
