@@ -63,8 +63,10 @@ def kl_per_position(reference: torch.Tensor, diff: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def prompt_logits(model, prompts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
-    """The model's fp32 logits at every position of each prompt (token id lists), one tensor a prompt."""
-    return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float() for ids in prompts]
+    """The model's fp32 logits at every position of each prompt (token id lists), one tensor a prompt, on
+    the CPU: a reference held for several candidates (8 FeTaQA prompts x 262k vocabulary: ~2 GB in fp32)
+    must not take a 6 GB GPU's memory; compare_logits moves one prompt's at a time back."""
+    return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in prompts]
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from table2text.model import sources as model_sources
 from table2text.io.atomic import check_free_space, check_writable, staged_dir, write_json
 from table2text.config import group_settings
 from table2text.errors import UserError
-from table2text.model.fidelity import compare_logits
+from table2text.model.fidelity import compare_logits, prompt_logits
 from table2text.generation import end_token_ids
 from table2text import phases
 from table2text.paths import METRICS_DIR
@@ -66,14 +66,12 @@ class StatedReference:
     the stated model: a PeftModel with its adapter disabled, or `base_model` when given, for a fully
     fine-tuned stated model), computed once and held to every saved candidate: dtype auto checks bf16,
     then float32, against the same reference, so the second check pays one forward pass a prompt, not
-    three. The logits wait on the CPU (8 FeTaQA prompts x 262k vocabulary: ~2 GB in fp32), not on a
-    6 GB GPU."""
+    three. The logits wait on the CPU (fidelity.prompt_logits)."""
 
     @torch.no_grad()
     def __init__(self, stated, prompts: list[list[int]], device: torch.device, base_model=None):
         self.prompts, self.device = prompts, device
-        self.logits = [stated(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
-                       for ids in prompts]
+        self.logits = prompt_logits(stated, prompts, device)
         if base_model is not None:
             self.effect = compare_logits(self.logits, base_model, prompts, device)
         else:
