@@ -237,7 +237,7 @@ def note_tokenizer_backend(backend_file: Path) -> None:
     if not helper or not enabled():
         return
     hint = Path(helper).with_suffix(".preload")
-    text = json.dumps([str(Path(backend_file).resolve())])
+    text = str(Path(backend_file).resolve())
     from table2text.io.atomic import write_atomic
 
     try:
@@ -264,8 +264,7 @@ def take_tokenizer_backend(backend_file: Path):
     if helper:  # one line in the helper's log (appended to, not an output), so a run can be checked
         try:
             log = os.open(Path(helper).with_suffix(".log"), os.O_WRONLY | os.O_APPEND)
-            os.write(log, f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: tokenizer backend from "
-                          f"the helper\n".encode("utf-8"))
+            os.write(log, _stamped(f"pid {os.getpid()}: tokenizer backend from the helper\n").encode("utf-8"))
             os.close(log)
         except OSError:
             pass
@@ -278,24 +277,24 @@ def _signature(file: Path) -> tuple:
 
 
 def _preload(hint: Path) -> None:
-    """In the helper, between stages: parse the tokenizer backend the last stage named, once."""
+    """In the helper, between stages: parse the tokenizer backend the last stage named, once (a file that
+    cannot be parsed is not tried again: its stages parse it themselves)."""
     try:
-        names = json.loads(hint.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # no hint yet (or a damaged one): the stages parse their own
-    wanted = [n for n in names if isinstance(n, str)][:1]
-    if all(n in _PRELOADED for n in wanted):
+        name = hint.read_text(encoding="utf-8").strip()
+    except OSError:
+        return  # no hint yet
+    if not name or name in _PRELOADED:
         return
     from tokenizers import Tokenizer
 
     _PRELOADED.clear()  # one model's tokenizer at a time: the one this project's stages load now
-    for name in wanted:
-        try:
-            signature = _signature(Path(name))  # before reading: a file replaced meanwhile will not match
-            _PRELOADED[name] = (signature, Tokenizer.from_file(name))
-            _log(f"tokenizer backend {name} parsed for the next stages")
-        except Exception as error:  # a hint only: the stages parse the file themselves
-            _log(f"tokenizer backend {name} not parsed ({type(error).__name__}: {error})")
+    try:
+        signature = _signature(Path(name))  # before reading: a file replaced meanwhile will not match
+        _PRELOADED[name] = (signature, Tokenizer.from_file(name))
+        _log(f"tokenizer backend {name} parsed for the next stages")
+    except Exception as error:  # a hint only
+        _PRELOADED[name] = (None, None)  # matches no file: take_tokenizer_backend gives nothing
+        _log(f"tokenizer backend {name} not parsed ({type(error).__name__}: {error})")
 
 
 # ------------------------------------------------------------------------------------------ the helper's side
@@ -396,7 +395,11 @@ def _watch(connection: socket.socket, path: Path) -> None:
 
 def _log(message: str) -> None:
     """The helper's log (<key>.log beside its socket): which stages it ran and how they ended."""
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", flush=True)
+    print(_stamped(message), flush=True)
+
+
+def _stamped(message: str) -> str:
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
 
 
 def _run_stage(request: dict, fds: list[int]) -> None:

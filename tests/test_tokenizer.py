@@ -102,7 +102,7 @@ def helper_parsed(backend_file, tmp_path, monkeypatch):
     """What the warm-start helper does between stages: read the hint a stage left, parse the backend."""
     monkeypatch.setattr(warm_start, "_PRELOADED", {})
     hint = tmp_path / "helper.preload"
-    hint.write_text(json.dumps([str(backend_file.resolve())]), encoding="utf-8")
+    hint.write_text(str(backend_file.resolve()), encoding="utf-8")
     warm_start._preload(hint)
     assert str(backend_file.resolve()) in warm_start._PRELOADED
 
@@ -150,4 +150,4 @@ def test_a_stage_of_a_helper_names_the_backend_it_parsed_and_others_name_nothing
     monkeypatch.setenv(warm_start.CHILD_ENV, str(tmp_path / "helper.sock"))
     tokenizers_cache.load_tokenizer(folder, cache_dir=tmp_path / "cache")
     backend_file = tmp_path / "cache" / tokenizers_cache.cache_key(folder) / "backend.json"
-    assert json.loads((tmp_path / "helper.preload").read_text(encoding="utf-8")) == [str(backend_file.resolve())]
+    assert (tmp_path / "helper.preload").read_text(encoding="utf-8") == str(backend_file.resolve())
