@@ -25,6 +25,7 @@ from table2text.runtime import read_runtime, write_runtime
 from table2text.warm_start import process_started
 
 PHASES = ("startup", "load", "prepare", "work", "save")
+_clock = time.perf_counter  # a module attribute, so that tests can step a fake clock instead of sleeping
 
 
 def process_age() -> float | None:
@@ -42,12 +43,12 @@ class PhaseTimer:
         self.current = "prepare"  # reading the settings and inputs, until the stage says otherwise
         self.label: str | None = None
         self.details: dict[str, float] = {}
-        self.since = time.perf_counter()
+        self.since = _clock()
 
     def enter(self, phase: str, detail: str | None = None) -> None:
         if phase not in PHASES[1:]:
             raise ValueError(f"unknown phase {phase!r} (one of {', '.join(PHASES[1:])})")
-        now = time.perf_counter()
+        now = _clock()
         self.seconds[self.current] += now - self.since
         if self.label is not None:
             key = f"{self.current}/{self.label}"
