@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from table2text.model.fidelity import LogitDistance, kl_per_position
+from table2text.model.fidelity import LogitDistance, chunk_rows, kl_per_position
 
 VOCAB = 262144  # Gemma 3's: the sum the precision argument is about
 
@@ -63,3 +63,28 @@ def test_a_non_finite_candidate_logit_marks_the_distance_not_finite(bad):
     candidate[2, 17] = bad
     distance.add(reference, candidate)
     assert not distance.result()["finite"]
+
+
+@pytest.mark.parametrize("chunk_bytes", [VOCAB * 4, 3 * VOCAB * 4, None])  # one row, three, the default
+def test_the_distance_in_chunks_of_rows_is_the_distance_of_the_whole_block(chunk_bytes):
+    torch.manual_seed(1)
+    reference = torch.randn(7, VOCAB) * 3
+    candidate = reference + torch.randn_like(reference) * 0.1
+    candidate[4, 11] += 30.0  # one far position, so the spread's maximum and a top-1 miss are in a late chunk
+    whole, chunked = LogitDistance(chunk_bytes=0), LogitDistance(chunk_bytes=chunk_bytes)
+    whole.add(reference, candidate)
+    chunked.add(reference, candidate)
+    a, b = whole.result(), chunked.result()
+    assert a["top1_agreement"] == b["top1_agreement"] < 1.0
+    assert {k: a[k] for k in ("max_logit_diff", "p99_logit_diff", "positions", "finite")} == \
+        {k: b[k] for k in ("max_logit_diff", "p99_logit_diff", "positions", "finite")}
+    # a one-row chunk's sums split between threads in another order: the same KL to float32 rounding
+    assert b["mean_kl"] == pytest.approx(a["mean_kl"], rel=1e-9)
+
+
+def test_chunks_hold_about_a_mebibyte_of_rows_a_thread_on_the_cpu_and_everything_elsewhere():
+    threads = torch.get_num_threads()
+    assert chunk_rows(torch.empty(300, VOCAB)) == threads  # a 262k-wide fp32 row is 1 MiB
+    assert chunk_rows(torch.empty(300, 1024)) == threads * 256
+    assert chunk_rows(torch.empty(300, VOCAB), chunk_bytes=0) == 300
+    assert chunk_rows(torch.empty(300, VOCAB, device="meta")) == 300  # not the CPU: one pass over the block

@@ -5,19 +5,43 @@ from __future__ import annotations
 
 import torch
 
+# On the CPU the distance's dozen elementwise passes run over chunks of rows, about 1 MiB a thread (one
+# 262k-wide fp32 row each), which stay in the cores' caches, instead of over a prompt's whole [positions,
+# vocabulary] block, which streams from memory at each pass (bench/logit_distance_bench.py, BENCHMARKS.md
+# "Logit distance on the CPU"). Every operation is row-wise, so the values are the same up to the order
+# of float32 sums within a row. On a GPU one kernel per operation over the whole block is faster.
+CPU_CHUNK_BYTES_PER_THREAD = 1 << 20
+
+
+def chunk_rows(logits: torch.Tensor, chunk_bytes: int | None = None) -> int:
+    """Rows of `logits` ([positions, vocabulary]) per chunk: all of them off the CPU or when chunk_bytes is
+    0; None: CPU_CHUNK_BYTES_PER_THREAD for each of torch's threads."""
+    if logits.device.type != "cpu" or chunk_bytes == 0:
+        return max(1, logits.shape[0])
+    if chunk_bytes is None:
+        chunk_bytes = CPU_CHUNK_BYTES_PER_THREAD * torch.get_num_threads()
+    return max(1, chunk_bytes // (logits.shape[-1] * logits.element_size()))
+
 
 class LogitDistance:
     """How far a candidate's next-token distributions are from a reference's, accumulated over prompts:
     top-1 agreement, mean KL(reference || candidate), the largest |logit difference| and its 99th / 99.9th
     percentile over positions (one bad position or many)."""
 
-    def __init__(self):
+    def __init__(self, chunk_bytes: int | None = None):
         self.agree = self.positions = 0
         self.kl_sum = 0.0
         self.finite = True
         self.per_position: list[torch.Tensor] = []
+        self.chunk_bytes = chunk_bytes
 
     def add(self, reference: torch.Tensor, candidate: torch.Tensor) -> None:
+        """One prompt's logits, [positions, vocabulary] each, in chunks of chunk_rows(reference, chunk_bytes)."""
+        step = chunk_rows(reference, self.chunk_bytes)
+        for start in range(0, reference.shape[0], step):
+            self._add_rows(reference[start:start + step], candidate[start:start + step])
+
+    def _add_rows(self, reference: torch.Tensor, candidate: torch.Tensor) -> None:
         self.agree += int((reference.argmax(-1) == candidate.argmax(-1)).sum())
         self.positions += reference.shape[0]
         diff = candidate - reference
