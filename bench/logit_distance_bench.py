@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
                                      and r["max_logit_diff"] == whole["max_logit_diff"])
 
     doc = {"date": dt.date.today().isoformat(), "kind": "logit-distance",
-           "command": "python -m bench.logit_distance_bench " + " ".join(argv or []),
+           "command": " ".join(["python -m bench.logit_distance_bench", *(sys.argv[1:] if argv is None else argv)]),
+           "repeats": args.repeats,
            "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
            "shape": [args.positions, args.vocab], "default_chunk_bytes": default, "results": rows}

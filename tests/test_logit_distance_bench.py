@@ -17,4 +17,5 @@ def test_the_bench_measures_each_chunk_size_and_finds_the_same_distance(tmp_path
     assert sum(r["default"] for r in doc["results"]) == 1
     assert all(r["same_top1_and_spread"] and r["mean_kl_rel_diff_vs_whole"] < 1e-9 for r in doc["results"])
     assert all(r["positions"] == 16 and r["seconds"] > 0 for r in doc["results"])
+    assert doc["command"].endswith("--chunk-mib 0 0.0625") and doc["repeats"] == 2
     assert "| whole block |" in capsys.readouterr().out
