@@ -4,8 +4,8 @@
 # and the full fine-tuning and ToTTo dev55 rows. Results go to $1 (default bench/results/session), one
 # folder per bench; a bench that fails is reported and the next one still runs.
 #
-#     bash bench/gpu_session.sh OUT [SECTION ...]     # sections: phases startup decode train unsloth compile
-#                                                   fullft fullpipe (default: phases startup decode train)
+#     bash bench/gpu_session.sh OUT [SECTION ...]     # sections: phases reference startup decode train unsloth
+#                                                   compile fullft fullpipe (default: phases startup decode train)
 set -u
 out=${1:-bench/results/session}
 shift || true
@@ -30,6 +30,10 @@ for section in $sections; do
           --set train.learning_rate=2e-4 --set eval.batch_size=500 --set merge.device=cuda --out "$out/phases"
       done
       cat /tmp/totto-warm-$(id -u)/*.log 2>/dev/null | tail -n 20 ;;
+    reference)  # the 504-step reference recipe's train stage (lr 5e-5, warm-up 6%, 4 epochs of FeTaQA train)
+      run reference python -m bench.run_recipe --name fetaqa-reference-504 --stages preprocess train \
+        --set data.source=fetaqa --set data.path=$data/fetaqa --set train.learning_rate=5e-5 \
+        --set train.warmup_ratio=0.06 --set train.epochs=4 --out "$out/phases" ;;
     decode)  # needs data/processed/validation.jsonl (the phases section writes it)
       run decode python -m bench.decode_bench --data data/processed/validation.jsonl \
         --decoders generate graph --sequential 80 --prefill-chunks 2048 4096 --out "$out/decode"
@@ -49,7 +53,7 @@ print(round(time.perf_counter() - t, 2), 's;', sorted(m for m in ('sklearn', 'sc
     unsloth)  # its own package folder and process: it pins transformers <= 5.17 and trl <= 1.15
       [ -d /root/unsloth-pkgs/unsloth ] || python3 -m pip install -q --no-deps --target /root/unsloth-pkgs .gpu/unsloth/*.whl
       model=$(python3 -c "from table2text.model.sources import resolve_model; print(resolve_model('packaged'))")
-      run unsloth timeout 500 env PYTHONPATH=/root/unsloth-pkgs python3 -m bench.unsloth_baseline \
+      run unsloth timeout "${UNSLOTH_TIMEOUT:-500}" env PYTHONPATH=/root/unsloth-pkgs python3 -m bench.unsloth_baseline \
         --model-dir "$model" --data data/processed/train.jsonl --steps 6 --warmup 2 --out "$out/train" ;;
     compile)  # compiled layers twice, each a new process: into an empty compile cache, then from it
       run compile-cache python -m bench.compile_cache_bench --data data/processed/train.jsonl --steps 12 \
